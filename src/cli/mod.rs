@@ -1,0 +1,54 @@
+//! The `mobile_vla` command line. Each subcommand family lives in its own file.
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+pub mod dataset;
+pub mod model;
+
+#[derive(Debug, Parser)]
+#[command(name = "mobile_vla", version, about = "Mobile VLA: record, fine-tune and serve a VLA policy")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Inspect, validate and import episodes.
+    #[command(subcommand)]
+    Dataset(dataset::DatasetCommand),
+    /// Import, export and inspect model directories.
+    #[command(subcommand)]
+    Model(model::ModelCommand),
+    /// Run frames through a policy and print the predicted action chunks as JSON.
+    Infer(model::InferArgs),
+}
+
+/// Entry point shared by the binary: parses arguments, sets up logging, maps errors to exit codes.
+pub fn main() -> ExitCode {
+    init_logging();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Dataset(cmd) => dataset::run(cmd),
+        Command::Model(cmd) => model::run(cmd),
+        Command::Infer(args) => model::infer(args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `tracing` to stderr, filtered by `RUST_LOG` (default `info`).
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}

@@ -1,0 +1,2 @@
+//! Typed configuration: node parameters (YAML defaults in `config/`), and later
+//! training and model configs.

@@ -1,0 +1,3 @@
+//! Data on its way in: the image bridge, episodes (HDF5), datasets and bag import.
+
+pub mod image;

@@ -1,0 +1,1 @@
+//! The VLA model: Kosmos-2 backbone, action token, LSTM policy head.

@@ -31,7 +31,6 @@ use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{Init, VarBuilder};
-use serde::Deserialize;
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::Write;
@@ -178,45 +177,48 @@ fn read(path: &Path) -> Result<Vec<u8>> {
 // ---------------------------------------------------------------------------------------------
 // RoboVLMs config
 
-/// The fields of a RoboVLMs JSON config the import needs; the rest of the (large) file is ignored.
-#[derive(Debug, Deserialize)]
-struct RoboVlmsConfig {
-    window_size: usize,
-    fwd_pred_next_n: usize,
-    #[serde(default)]
-    image_size: Option<usize>,
-    #[serde(default)]
-    norm_action: bool,
-    #[serde(default)]
-    norm_min: Option<f32>,
-    #[serde(default)]
-    norm_max: Option<f32>,
-    #[serde(default)]
-    use_hand_rgb: bool,
-    #[serde(default)]
-    use_state: bool,
-    #[serde(default)]
-    model: Option<String>,
-    act_head: RoboVlmsActHead,
-}
+/// Typed access to a RoboVLMs JSON config; errors name the field (`act_head.hidden_size`).
+struct Fields<'a>(&'a Value);
 
-#[derive(Debug, Deserialize)]
-struct RoboVlmsActHead {
-    #[serde(rename = "type")]
-    kind: String,
-    action_dim: usize,
-    #[serde(default)]
-    hidden_size: Option<usize>,
-    #[serde(default)]
-    num_layers: Option<usize>,
-    #[serde(default)]
-    latent: Option<usize>,
-    #[serde(default)]
-    down_sample: Option<String>,
-    #[serde(default)]
-    action_space: Option<String>,
-    #[serde(default)]
-    history_type: Option<String>,
+impl Fields<'_> {
+    fn get(&self, path: &str) -> Option<&Value> {
+        path.split('.')
+            .try_fold(self.0, |v, k| v.get(k))
+            .filter(|v| !v.is_null())
+    }
+
+    fn usize(&self, path: &str) -> std::result::Result<Option<usize>, String> {
+        self.get(path)
+            .map(|v| {
+                v.as_u64()
+                    .map(|n| n as usize)
+                    .ok_or_else(|| format!("`{path}` must be a non-negative integer, got {v}"))
+            })
+            .transpose()
+    }
+
+    fn required_usize(&self, path: &str) -> std::result::Result<usize, String> {
+        self.usize(path)?.ok_or_else(|| format!("`{path}` is missing"))
+    }
+
+    fn f32(&self, path: &str) -> std::result::Result<Option<f32>, String> {
+        self.get(path)
+            .map(|v| v.as_f64().map(|n| n as f32).ok_or_else(|| format!("`{path}` must be a number, got {v}")))
+            .transpose()
+    }
+
+    fn bool(&self, path: &str) -> std::result::Result<bool, String> {
+        self.get(path)
+            .map(|v| v.as_bool().ok_or_else(|| format!("`{path}` must be true or false, got {v}")))
+            .transpose()
+            .map(|b| b.unwrap_or(false))
+    }
+
+    fn str(&self, path: &str) -> std::result::Result<Option<&str>, String> {
+        self.get(path)
+            .map(|v| v.as_str().ok_or_else(|| format!("`{path}` must be a string, got {v}")))
+            .transpose()
+    }
 }
 
 /// Where the RoboVLMs config came from, for the report.
@@ -330,80 +332,77 @@ fn head_sizes(ckpt: &Path, tensors: &HashMap<String, Tensor>) -> Result<LstmSpec
 }
 
 fn policy_config_from_robovlms(raw: &Value, src: &Path, opts: &ImportOptions, head: LstmSpec) -> Result<PolicyConfig> {
-    let bad = |msg: String| ModelError::config(src, msg);
-    let rc: RoboVlmsConfig = serde_json::from_value(raw.clone()).map_err(|e| bad(format!("RoboVLMs config: {e}")))?;
-    let h = &rc.act_head;
-    if h.kind != "LSTMDecoder" {
-        return Err(bad(format!("`act_head.type` is `{}`; only `LSTMDecoder` is supported", h.kind)));
+    robovlms_policy(&Fields(raw), opts, head).map_err(|msg| ModelError::config(src, msg))
+}
+
+/// RoboVLMs config + checkpoint head sizes → `policy.json`; rejects what this policy cannot run.
+fn robovlms_policy(f: &Fields, opts: &ImportOptions, head: LstmSpec) -> std::result::Result<PolicyConfig, String> {
+    let kind = f.str("act_head.type")?.ok_or("`act_head.type` is missing")?;
+    if kind != "LSTMDecoder" {
+        return Err(format!("`act_head.type` is `{kind}`; only `LSTMDecoder` is supported"));
     }
-    if let Some(s) = h.action_space.as_deref().filter(|s| *s != "continuous") {
-        return Err(bad(format!("`act_head.action_space` is `{s}`; only `continuous` is supported")));
-    }
-    if let Some(s) = h.history_type.as_deref().filter(|s| *s != "post") {
-        return Err(bad(format!("`act_head.history_type` is `{s}`; only `post` is supported")));
-    }
-    if let Some(l) = h.latent.filter(|&l| l != 1) {
-        return Err(bad(format!("`act_head.latent` is {l}; only 1 is supported")));
-    }
-    if let Some(s) = h.down_sample.as_deref().filter(|s| !matches!(*s, "none" | "pooling")) {
-        return Err(bad(format!("`act_head.down_sample` is `{s}`; only `none`/`pooling` are supported")));
-    }
-    if rc.use_hand_rgb {
-        return Err(bad("`use_hand_rgb` is true; a second (wrist) camera is not supported".into()));
-    }
-    if rc.use_state {
-        return Err(bad("`use_state` is true; proprioceptive state tokens are not supported".into()));
-    }
-    if let Some(m) = rc.model.as_deref().filter(|m| *m != "kosmos") {
-        return Err(bad(format!("`model` is `{m}`; only the Kosmos-2 backbone (`kosmos`) is supported")));
-    }
-    if let Some(n) = h.num_layers.filter(|&n| n != head.num_layers) {
-        return Err(bad(format!(
-            "`act_head.num_layers` is {n} but the checkpoint holds {} LSTM layers",
-            head.num_layers
-        )));
-    }
-    if let Some(n) = h.hidden_size.filter(|&n| n != head.hidden_size) {
-        return Err(bad(format!(
-            "`act_head.hidden_size` is {n} but the checkpoint's LSTM is {} wide",
-            head.hidden_size
-        )));
-    }
-    if h.action_dim < 2 {
-        return Err(bad(format!("`act_head.action_dim` is {}; RoboVLMs heads need ≥ 2 (gripper included)", h.action_dim)));
-    }
-    let robot_indices = match opts.robot_indices.or_else(|| default_robot_indices(h.action_dim)) {
-        Some(i) => i,
-        None => {
-            return Err(bad(format!(
-                "`act_head.action_dim` is {}; say which dims are (vx, vy, wz) with --robot-dims",
-                h.action_dim
-            )))
+    let expect_str = |path: &str, allowed: &[&str]| -> std::result::Result<(), String> {
+        match f.str(path)? {
+            Some(v) if !allowed.contains(&v) => Err(format!("`{path}` is `{v}`; supported: {allowed:?}")),
+            _ => Ok(()),
         }
     };
-    let norm = if rc.norm_action {
+    expect_str("act_head.action_space", &["continuous"])?;
+    expect_str("act_head.history_type", &["post"])?;
+    expect_str("act_head.down_sample", &["none", "pooling"])?;
+    expect_str("model", &["kosmos"])?;
+    if let Some(l) = f.usize("act_head.latent")?.filter(|&l| l != 1) {
+        return Err(format!("`act_head.latent` is {l}; only 1 is supported"));
+    }
+    if f.bool("use_hand_rgb")? {
+        return Err("`use_hand_rgb` is true; a second (wrist) camera is not supported".into());
+    }
+    if f.bool("use_state")? {
+        return Err("`use_state` is true; proprioceptive state tokens are not supported".into());
+    }
+    if let Some(n) = f.usize("act_head.num_layers")?.filter(|&n| n != head.num_layers) {
+        return Err(format!(
+            "`act_head.num_layers` is {n} but the checkpoint holds {} LSTM layers",
+            head.num_layers
+        ));
+    }
+    if let Some(n) = f.usize("act_head.hidden_size")?.filter(|&n| n != head.hidden_size) {
+        return Err(format!(
+            "`act_head.hidden_size` is {n} but the checkpoint's LSTM is {} wide",
+            head.hidden_size
+        ));
+    }
+    let action_dim = f.required_usize("act_head.action_dim")?;
+    if action_dim < 2 {
+        return Err(format!("`act_head.action_dim` is {action_dim}; RoboVLMs heads need ≥ 2 (gripper included)"));
+    }
+    let robot_indices = opts
+        .robot_indices
+        .or_else(|| default_robot_indices(action_dim))
+        .ok_or_else(|| format!("`act_head.action_dim` is {action_dim}; say which dims are (vx, vy, wz) with --robot-dims"))?;
+    let norm = if f.bool("norm_action")? {
         Some(NormRange {
-            min: rc.norm_min.unwrap_or(-1.0),
-            max: rc.norm_max.unwrap_or(1.0),
+            min: f.f32("norm_min")?.unwrap_or(-1.0),
+            max: f.f32("norm_max")?.unwrap_or(1.0),
         })
     } else {
         None
     };
     let cfg = PolicyConfig {
-        window_size: rc.window_size,
-        fwd_pred_next_n: rc.fwd_pred_next_n,
+        window_size: f.required_usize("window_size")?,
+        fwd_pred_next_n: f.required_usize("fwd_pred_next_n")?,
         head,
         action: ActionSpec {
-            dim: h.action_dim,
+            dim: action_dim,
             gripper: true,
             robot_indices,
             norm,
         },
-        image_size: rc.image_size,
+        image_size: f.usize("image_size")?,
         model_channel_order: opts.model_channel_order,
         dt: opts.dt,
     };
-    cfg.validate().map_err(bad)?;
+    cfg.validate()?;
     Ok(cfg)
 }
 
@@ -657,6 +656,18 @@ pub fn import_robovlms(ckpt: &Path, hf_model: &Path, out: &Path, opts: &ImportOp
     })
 }
 
+/// The RoboVLMs checkpoint key of a model-directory tensor name (inverse of [`map_ckpt_key`]).
+pub fn robovlms_key(name: &str) -> String {
+    let is_policy = POLICY_PREFIXES
+        .iter()
+        .any(|p| name == *p || (p.ends_with('.') && name.starts_with(p)));
+    if is_policy {
+        format!("model.{name}")
+    } else {
+        format!("model.{BACKBONE_PREFIX}{name}")
+    }
+}
+
 /// Writes the model directory's weights as one safetensors file with RoboVLMs checkpoint names
 /// (`model.backbone.<HF name>`, `model.action_token`, `model.act_head.*`).
 pub fn export_robovlms(dir: &Path, out: &Path) -> Result<usize> {
@@ -665,20 +676,7 @@ pub fn export_robovlms(dir: &Path, out: &Path) -> Result<usize> {
         path: weights.clone(),
         source,
     })?;
-    let renamed: HashMap<String, Tensor> = tensors
-        .into_iter()
-        .map(|(name, t)| {
-            let is_policy = POLICY_PREFIXES
-                .iter()
-                .any(|p| name == *p || (p.ends_with('.') && name.starts_with(p)));
-            let key = if is_policy {
-                format!("model.{name}")
-            } else {
-                format!("model.{BACKBONE_PREFIX}{name}")
-            };
-            (key, t)
-        })
-        .collect();
+    let renamed: HashMap<String, Tensor> = tensors.into_iter().map(|(name, t)| (robovlms_key(&name), t)).collect();
     let n = renamed.len();
     write_safetensors(out, &renamed)?;
     Ok(n)

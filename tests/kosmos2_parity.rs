@@ -4,7 +4,8 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, IndexOp, Tensor};
+use candle_core::{DType, Device, IndexOp, Tensor, Var};
+use candle_nn::VarBuilder;
 use mobile_vla::model::kosmos2::{Kosmos2, Kosmos2Config, Kosmos2Error};
 
 const TOL: f32 = 1e-4;
@@ -52,15 +53,20 @@ fn max_abs(t: &Tensor) -> f32 {
 }
 
 /// RoboVLMs' per-frame sequence: `[<s>] + image_embeds + embed(prompt) + [ACT] + [</s>]`.
-fn robo_sequence(model: &Kosmos2, image_embeds: &Tensor, exp: &HashMap<String, Tensor>) -> Tensor {
+fn robo_sequence(
+    model: &Kosmos2,
+    image_embeds: &Tensor,
+    prompt_ids: &Tensor,
+    act: &Tensor,
+) -> Tensor {
     let text = &model.config().text_config;
     let b = image_embeds.dim(0).unwrap();
     let ids = |id: usize| Tensor::full(id as i64, (b, 1), &Device::Cpu).unwrap();
     let bos = model.embed_tokens(&ids(text.bos_token_id)).unwrap();
     let eos = model.embed_tokens(&ids(text.eos_token_id)).unwrap();
-    let prompt = model.embed_tokens(&exp["prompt_ids"]).unwrap();
+    let prompt = model.embed_tokens(prompt_ids).unwrap();
     let d = text.embed_dim;
-    let act = exp["act_embed"]
+    let act = act
         .to_dtype(image_embeds.dtype())
         .unwrap()
         .reshape((1, 1, d))
@@ -77,7 +83,7 @@ fn outputs(model: &Kosmos2, exp: &HashMap<String, Tensor>) -> Vec<(&'static str,
     let image_embeds = model.image_embeds(pixels).unwrap();
     let plain_embeds = model.embed_tokens(&exp["plain_input_ids"]).unwrap();
     let plain_hidden = model.text_hidden_states(&plain_embeds).unwrap();
-    let robo_embeds = robo_sequence(model, &image_embeds, exp);
+    let robo_embeds = robo_sequence(model, &image_embeds, &exp["prompt_ids"], &exp["act_embed"]);
     let robo_hidden = model.text_hidden_states(&robo_embeds).unwrap();
     let len = robo_hidden.dim(1).unwrap();
     let act_feature = robo_hidden.i((.., len - 2)).unwrap();
@@ -119,6 +125,83 @@ fn parity_tiny_even() {
 #[test]
 fn parity_tiny_odd_width_noscale() {
     check_parity("tiny_odd_width_noscale");
+}
+
+/// Gradients of `sum(act_feature * loss_weight)` w.r.t. every weight and the
+/// [ACT] embedding, against torch autograd: the fine-tuning path.
+fn check_grads(name: &str) {
+    let dir = fixture(name);
+    let cfg = Kosmos2Config::from_file(dir.join("config.json")).unwrap();
+    let dev = Device::Cpu;
+    let vars: HashMap<String, Var> =
+        candle_core::safetensors::load(dir.join("model.safetensors"), &dev)
+            .unwrap()
+            .into_iter()
+            .map(|(k, t)| (k, Var::from_tensor(&t).unwrap()))
+            .collect();
+    let tensors = vars
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+        .collect();
+    let model = Kosmos2::new(&cfg, VarBuilder::from_tensors(tensors, DType::F32, &dev)).unwrap();
+    let exp = candle_core::safetensors::load(dir.join("expected.safetensors"), &dev).unwrap();
+    let want = candle_core::safetensors::load(dir.join("grads.safetensors"), &dev).unwrap();
+
+    let act = Var::from_tensor(&exp["act_embed"]).unwrap();
+    let image_embeds = model.image_embeds(&exp["pixel_values"]).unwrap();
+    let seq = robo_sequence(&model, &image_embeds, &exp["prompt_ids"], act.as_tensor());
+    let hidden = model.text_hidden_states(&seq).unwrap();
+    let len = hidden.dim(1).unwrap();
+    let loss = (hidden.i((.., len - 2)).unwrap() * &want["loss_weight"])
+        .unwrap()
+        .sum_all()
+        .unwrap();
+    let grads = loss.backward().unwrap();
+
+    let mut worst = (0f32, String::new());
+    let mut checked = 0;
+    for (key, reference) in &want {
+        let Some(param) = key.strip_prefix("grad.") else {
+            continue;
+        };
+        let var = if param == "act_embed" {
+            &act
+        } else {
+            &vars[param]
+        };
+        let got = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("{name}: no gradient for {param}"));
+        let err = max_abs_err(got, reference) / max_abs(reference).max(1.0);
+        assert!(
+            err <= TOL,
+            "{name} grad {param}: scaled max abs err {err} > {TOL}"
+        );
+        if err > worst.0 {
+            worst = (err, param.to_string());
+        }
+        checked += 1;
+    }
+    // Every checkpoint tensor plus [ACT] gets a gradient from the feature.
+    assert_eq!(
+        checked,
+        vars.len() + 1,
+        "{name}: reference grads vs weights"
+    );
+    println!(
+        "{name}: {checked} gradients, worst scaled max abs err {:.3e} ({})",
+        worst.0, worst.1
+    );
+}
+
+#[test]
+fn gradients_match_torch_tiny_odd_heads() {
+    check_grads("tiny_odd_heads");
+}
+
+#[test]
+fn gradients_match_torch_tiny_odd_width_noscale() {
+    check_grads("tiny_odd_width_noscale");
 }
 
 #[test]
@@ -334,4 +417,38 @@ fn wrong_input_shapes_are_errors() {
         .unwrap_err()
         .to_string();
     assert!(msg.contains("inputs_embeds"), "{msg}");
+}
+
+#[test]
+fn pretrained_dir_loads_config_and_weights() {
+    let model =
+        Kosmos2::from_pretrained_dir(fixture("tiny_even"), DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(model.config().latent_query_num, 8);
+    let exp = candle_core::safetensors::load(
+        fixture("tiny_even").join("expected.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let got = model.image_embeds(&exp["pixel_values"]).unwrap();
+    assert!(max_abs_err(&got, &exp["image_embeds"]) <= TOL);
+
+    // Sharded folders go through the index; a shard it names must exist.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        fixture("tiny_even").join("config.json"),
+        dir.path().join("config.json"),
+    )
+    .unwrap();
+    let err = Kosmos2::from_pretrained_dir(dir.path(), DType::F32, &Device::Cpu).unwrap_err();
+    assert!(matches!(err, Kosmos2Error::NoWeights { .. }), "{err}");
+    std::fs::write(
+        dir.path().join("model.safetensors.index.json"),
+        r#"{"weight_map": {"text_model.model.layer_norm.weight": "model-00001-of-00002.safetensors"}}"#,
+    )
+    .unwrap();
+    let err = Kosmos2::from_pretrained_dir(dir.path(), DType::F32, &Device::Cpu).unwrap_err();
+    assert!(
+        err.to_string().contains("model-00001-of-00002.safetensors"),
+        "{err}"
+    );
 }

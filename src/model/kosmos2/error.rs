@@ -35,4 +35,10 @@ pub enum Kosmos2Error {
         #[source]
         source: candle_core::Error,
     },
+    #[error(
+        "no Kosmos-2 weights in {dir}: expected model.safetensors or model.safetensors.index.json"
+    )]
+    NoWeights { dir: PathBuf },
+    #[error("bad safetensors index {path}: {message}")]
+    WeightIndex { path: PathBuf, message: String },
 }

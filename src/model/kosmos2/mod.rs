@@ -13,7 +13,7 @@ mod projection;
 mod text;
 mod vision;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Result, Tensor, D};
 use candle_nn::VarBuilder;
@@ -71,6 +71,18 @@ impl Kosmos2 {
         Self::new(cfg, vb).map_err(wrap)
     }
 
+    /// Loads a Hugging Face model folder: `config.json` plus `model.safetensors`
+    /// or the shards listed in `model.safetensors.index.json`.
+    pub fn from_pretrained_dir(
+        dir: impl AsRef<Path>,
+        dtype: DType,
+        device: &Device,
+    ) -> std::result::Result<Self, Kosmos2Error> {
+        let dir = dir.as_ref();
+        let cfg = Kosmos2Config::from_file(dir.join("config.json"))?;
+        Self::load(&cfg, &safetensors_files(dir)?, dtype, device)
+    }
+
     pub fn config(&self) -> &Kosmos2Config {
         &self.cfg
     }
@@ -99,6 +111,38 @@ impl Kosmos2 {
     pub fn text_hidden_states(&self, inputs_embeds: &Tensor) -> Result<Tensor> {
         self.text.forward(&inputs_embeds.to_dtype(self.dtype)?)
     }
+}
+
+/// The weight files of an HF model folder: the single file, else the index's shards.
+fn safetensors_files(dir: &Path) -> std::result::Result<Vec<PathBuf>, Kosmos2Error> {
+    let single = dir.join("model.safetensors");
+    if single.is_file() {
+        return Ok(vec![single]);
+    }
+    let index = dir.join("model.safetensors.index.json");
+    if !index.is_file() {
+        return Err(Kosmos2Error::NoWeights {
+            dir: dir.to_path_buf(),
+        });
+    }
+    let bad = |message: String| Kosmos2Error::WeightIndex {
+        path: index.clone(),
+        message,
+    };
+    let text = std::fs::read_to_string(&index).map_err(|e| bad(e.to_string()))?;
+    let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+    let map = json
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| bad("no `weight_map` object".into()))?;
+    let mut shards = std::collections::BTreeSet::new();
+    for (tensor, file) in map {
+        let file = file
+            .as_str()
+            .ok_or_else(|| bad(format!("`weight_map.{tensor}` is not a file name")))?;
+        shards.insert(dir.join(file));
+    }
+    Ok(shards.into_iter().collect())
 }
 
 /// `torch.nn.functional.normalize(x, dim=-1)`: `x / max(‖x‖₂, 1e-12)`.

@@ -19,8 +19,17 @@ fn load(name: &str) -> Policy {
 fn tokenizer_matches_python_tokenizers() {
     for name in ["native", "robovlms7"] {
         let exp = expected(name);
-        let ids: Vec<u32> = exp["input_ids"].to_vec1::<i64>().unwrap().into_iter().map(|i| i as u32).collect();
-        assert_eq!(load(name).encode_instruction(INSTRUCTION).unwrap(), ids, "{name}");
+        let ids: Vec<u32> = exp["input_ids"]
+            .to_vec1::<i64>()
+            .unwrap()
+            .into_iter()
+            .map(|i| i as u32)
+            .collect();
+        assert_eq!(
+            load(name).encode_instruction(INSTRUCTION).unwrap(),
+            ids,
+            "{name}"
+        );
     }
 }
 
@@ -34,14 +43,27 @@ fn bicubic_resize_is_pil_exact_and_pixels_match() {
         for t in 0..FRAMES {
             let mut img = frame(t);
             let pv = policy.pixel_values(&img).unwrap();
-            let err = max_abs(&pv, &exp["pixel_values"].get(t).unwrap().unsqueeze(0).unwrap());
+            let err = max_abs(
+                &pv,
+                &exp["pixel_values"].get(t).unwrap().unsqueeze(0).unwrap(),
+            );
             assert!(err <= 1e-6, "{name} frame {t}: pixel_values err {err}");
             if bgr {
                 img.pixels_mut().for_each(|p| p.0.swap(0, 2));
             }
             let ours = preprocess::resize_bicubic(&img, s as u32, s as u32);
-            let theirs = exp["resized"].get(t).unwrap().flatten_all().unwrap().to_vec1::<u8>().unwrap();
-            assert_eq!(ours.as_raw(), &theirs, "{name} frame {t}: resize differs from PIL");
+            let theirs = exp["resized"]
+                .get(t)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<u8>()
+                .unwrap();
+            assert_eq!(
+                ours.as_raw(),
+                &theirs,
+                "{name} frame {t}: resize differs from PIL"
+            );
         }
     }
 }
@@ -57,7 +79,10 @@ fn rollout(name: &str) -> (f32, f32, f32) {
     for t in 0..FRAMES {
         let pv = exp["pixel_values"].get(t).unwrap().unsqueeze(0).unwrap();
         let f = policy.frame_features(&pv, &ids).unwrap();
-        feat_err = feat_err.max(max_abs(&f.squeeze(0).unwrap(), &exp["features"].get(t).unwrap()));
+        feat_err = feat_err.max(max_abs(
+            &f.squeeze(0).unwrap(),
+            &exp["features"].get(t).unwrap(),
+        ));
     }
 
     // Head on the reference features, through both history regimes.
@@ -66,9 +91,15 @@ fn rollout(name: &str) -> (f32, f32, f32) {
     for t in 0..FRAMES {
         let f = exp["features"].get(t).unwrap().unsqueeze(0).unwrap();
         let out = policy.head().step(&mut history, &f).unwrap();
-        head_err = head_err.max(max_abs(&out.actions.squeeze(0).unwrap().squeeze(0).unwrap(), &exp["head_actions"].get(t).unwrap()));
+        head_err = head_err.max(max_abs(
+            &out.actions.squeeze(0).unwrap().squeeze(0).unwrap(),
+            &exp["head_actions"].get(t).unwrap(),
+        ));
         if let Some(g) = &out.gripper {
-            head_err = head_err.max(max_abs(&g.flatten_all().unwrap(), &exp["head_gripper"].get(t).unwrap()));
+            head_err = head_err.max(max_abs(
+                &g.flatten_all().unwrap(),
+                &exp["head_gripper"].get(t).unwrap(),
+            ));
         }
         assert_eq!(history.len(), (t + 1).min(policy.config().window_size));
     }
@@ -83,7 +114,10 @@ fn rollout(name: &str) -> (f32, f32, f32) {
         for (got, want) in chunk.actions.iter().zip(&want) {
             act_err = act_err.max(max_abs_slice(got, want));
         }
-        act_err = act_err.max(max_abs_slice(&chunk.raw, &exp["raw"].get(t).unwrap().to_vec1::<f32>().unwrap()));
+        act_err = act_err.max(max_abs_slice(
+            &chunk.raw,
+            &exp["raw"].get(t).unwrap().to_vec1::<f32>().unwrap(),
+        ));
         assert_eq!(chunk.dt, 0.4);
     }
     // reset() really forgets: the first step again gives the first step's actions.
@@ -92,7 +126,9 @@ fn rollout(name: &str) -> (f32, f32, f32) {
     let first = exp["actions"].get(0).unwrap().to_vec2::<f32>().unwrap();
     assert!(max_abs_slice(&again.actions[0], &first[0]) <= TOL);
 
-    eprintln!("{name}: max abs err features {feat_err:.2e}, head {head_err:.2e}, actions {act_err:.2e}");
+    eprintln!(
+        "{name}: max abs err features {feat_err:.2e}, head {head_err:.2e}, actions {act_err:.2e}"
+    );
     assert!(feat_err <= TOL, "{name}: features err {feat_err}");
     assert!(head_err <= TOL, "{name}: head err {head_err}");
     assert!(act_err <= TOL, "{name}: actions err {act_err}");
@@ -116,7 +152,11 @@ fn training_window_forward_matches_reference() {
         let policy = load(name);
         let w = policy.config().window_size;
         let ids = policy.encode_instruction(INSTRUCTION).unwrap();
-        let pv = exp["pixel_values"].narrow(0, 0, w).unwrap().unsqueeze(0).unwrap();
+        let pv = exp["pixel_values"]
+            .narrow(0, 0, w)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
         let out = policy.forward_window(&pv, &[ids]).unwrap();
         let err = max_abs(&out.actions, &exp["window_actions"]);
         assert!(err <= TOL, "{name}: window actions err {err}");

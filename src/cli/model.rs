@@ -109,7 +109,11 @@ fn import(args: ImportArgs) -> anyhow::Result<ExitCode> {
     println!("  config: {source}");
     print_policy(&report.policy);
     println!("  tensors from checkpoint: {}", report.from_checkpoint);
-    println!("  backbone tensors from {}: {}", args.hf_model.display(), report.from_hf.len());
+    println!(
+        "  backbone tensors from {}: {}",
+        args.hf_model.display(),
+        report.from_hf.len()
+    );
     for (what, names) in [
         ("checkpoint keys ignored (no mapping)", &report.unmatched),
         ("tensors dropped (not used by the model)", &report.unused),
@@ -144,7 +148,10 @@ fn info(dir: &std::path::Path) -> anyhow::Result<ExitCode> {
     let policy = PolicyConfig::from_file(&dir.join(checkpoint::POLICY_FILE))?;
     println!("{}", dir.display());
     print_policy(&policy);
-    println!("  {:<14} {:>14} {:>12}  dtype", "component", "params", "MiB on disk");
+    println!(
+        "  {:<14} {:>14} {:>12}  dtype",
+        "component", "params", "MiB on disk"
+    );
     let (mut params, mut bytes) = (0, 0);
     for (name, c) in &components {
         let dtypes: Vec<&str> = c.dtypes.iter().map(String::as_str).collect();
@@ -158,7 +165,12 @@ fn info(dir: &std::path::Path) -> anyhow::Result<ExitCode> {
         params += c.params;
         bytes += c.bytes;
     }
-    println!("  {:<14} {:>14} {:>12.1}", "total", params, bytes as f64 / 1048576.0);
+    println!(
+        "  {:<14} {:>14} {:>12.1}",
+        "total",
+        params,
+        bytes as f64 / 1048576.0
+    );
     let gib = |b: usize| b as f64 / 1073741824.0;
     println!(
         "  weights in memory: {:.2} GiB as f32, {:.2} GiB as bf16/f16",
@@ -183,7 +195,8 @@ pub fn infer(args: InferArgs) -> anyhow::Result<ExitCode> {
         dtype,
         device: candle_core::Device::Cpu,
     };
-    let mut policy = Policy::load_with(&args.model, &opts).with_context(|| format!("loading {}", args.model.display()))?;
+    let mut policy = Policy::load_with(&args.model, &opts)
+        .with_context(|| format!("loading {}", args.model.display()))?;
     let mut steps = Vec::with_capacity(args.images.len());
     for path in &args.images {
         let image = image::open(path)
@@ -191,7 +204,11 @@ pub fn infer(args: InferArgs) -> anyhow::Result<ExitCode> {
             .to_rgb8();
         let started = std::time::Instant::now();
         steps.push(policy.step(&image, &args.instruction)?);
-        tracing::info!("{}: step in {:.0} ms", path.display(), started.elapsed().as_secs_f64() * 1e3);
+        tracing::info!(
+            "{}: step in {:.0} ms",
+            path.display(),
+            started.elapsed().as_secs_f64() * 1e3
+        );
     }
     println!("{}", serde_json::to_string(&InferOutput { steps })?);
     Ok(ExitCode::SUCCESS)

@@ -24,7 +24,7 @@
 use crate::data::image::ChannelOrder;
 use crate::model::error::{ModelError, Result};
 use crate::model::kosmos2::{Kosmos2Config, Kosmos2Error};
-use crate::model::policy::{ActionSpec, LstmSpec, LoadOptions, NormRange, Policy, PolicyConfig};
+use crate::model::policy::{ActionSpec, LoadOptions, LstmSpec, NormRange, Policy, PolicyConfig};
 use crate::model::tokenizer::PromptTokenizer;
 use candle_core::pickle::{Object, PthTensors};
 use candle_core::safetensors::MmapedSafetensors;
@@ -47,7 +47,12 @@ const CKPT_PREFIXES: [&str; 2] = ["module.", "model."];
 /// Prefix of backbone tensors in RoboVLMs checkpoints.
 const BACKBONE_PREFIX: &str = "backbone.";
 /// Policy (non-backbone) tensor name prefixes, identical in checkpoints and model directories.
-const POLICY_PREFIXES: [&str; 4] = ["action_token", "act_head.rnn.", "act_head.actions.mlp.", "act_head.gripper.mlp."];
+const POLICY_PREFIXES: [&str; 4] = [
+    "action_token",
+    "act_head.rnn.",
+    "act_head.actions.mlp.",
+    "act_head.gripper.mlp.",
+];
 
 impl From<Kosmos2Error> for ModelError {
     fn from(e: Kosmos2Error) -> Self {
@@ -62,7 +67,14 @@ struct Recording<B> {
 }
 
 impl<B: SimpleBackend> SimpleBackend for Recording<B> {
-    fn get(&self, s: Shape, name: &str, h: Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        h: Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
         if let Ok(mut used) = self.used.lock() {
             used.insert(name.to_owned());
         }
@@ -111,15 +123,22 @@ pub fn load_policy(dir: &Path, opts: &LoadOptions) -> Result<Policy> {
         source,
     };
     if !weights.is_file() {
-        return Err(ModelError::io(&weights, std::io::ErrorKind::NotFound.into()));
+        return Err(ModelError::io(
+            &weights,
+            std::io::ErrorKind::NotFound.into(),
+        ));
     }
     // SAFETY: mapped read-only; model files are replaced by atomic rename, never rewritten in place.
     let st = unsafe { MmapedSafetensors::new(&weights) }.map_err(tensors_err)?;
     let names: BTreeSet<String> = st.tensors().into_iter().map(|(n, _)| n).collect();
-    let (policy, used) = build_policy(st, cfg, &backbone_cfg, tokenizer, opts).map_err(tensors_err)?;
+    let (policy, used) =
+        build_policy(st, cfg, &backbone_cfg, tokenizer, opts).map_err(tensors_err)?;
     let unused: Vec<String> = names.difference(&used).cloned().collect();
     if !unused.is_empty() {
-        return Err(ModelError::UnusedTensors { path: weights, names: unused });
+        return Err(ModelError::UnusedTensors {
+            path: weights,
+            names: unused,
+        });
     }
     Ok(policy)
 }
@@ -127,7 +146,10 @@ pub fn load_policy(dir: &Path, opts: &LoadOptions) -> Result<Policy> {
 /// Writes `bytes` to `path` atomically (temp file in the same folder, fsync, rename).
 pub fn write_atomic(path: &Path, write: impl FnOnce(&Path) -> std::io::Result<()>) -> Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
     let result = (|| {
         write(&tmp)?;
@@ -163,7 +185,8 @@ pub fn save_model_dir(
     tensors: &HashMap<String, Tensor>,
 ) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
-    let policy = serde_json::to_vec_pretty(cfg).map_err(|e| ModelError::config(dir.join(POLICY_FILE), e.to_string()))?;
+    let policy = serde_json::to_vec_pretty(cfg)
+        .map_err(|e| ModelError::config(dir.join(POLICY_FILE), e.to_string()))?;
     write_safetensors(&dir.join(WEIGHTS_FILE), tensors)?;
     write_bytes(&dir.join(CONFIG_FILE), backbone_config_json)?;
     write_bytes(&dir.join(TOKENIZER_FILE), tokenizer_json)?;
@@ -198,25 +221,36 @@ impl Fields<'_> {
     }
 
     fn required_usize(&self, path: &str) -> std::result::Result<usize, String> {
-        self.usize(path)?.ok_or_else(|| format!("`{path}` is missing"))
+        self.usize(path)?
+            .ok_or_else(|| format!("`{path}` is missing"))
     }
 
     fn f32(&self, path: &str) -> std::result::Result<Option<f32>, String> {
         self.get(path)
-            .map(|v| v.as_f64().map(|n| n as f32).ok_or_else(|| format!("`{path}` must be a number, got {v}")))
+            .map(|v| {
+                v.as_f64()
+                    .map(|n| n as f32)
+                    .ok_or_else(|| format!("`{path}` must be a number, got {v}"))
+            })
             .transpose()
     }
 
     fn bool(&self, path: &str) -> std::result::Result<bool, String> {
         self.get(path)
-            .map(|v| v.as_bool().ok_or_else(|| format!("`{path}` must be true or false, got {v}")))
+            .map(|v| {
+                v.as_bool()
+                    .ok_or_else(|| format!("`{path}` must be true or false, got {v}"))
+            })
             .transpose()
             .map(|b| b.unwrap_or(false))
     }
 
     fn str(&self, path: &str) -> std::result::Result<Option<&str>, String> {
         self.get(path)
-            .map(|v| v.as_str().ok_or_else(|| format!("`{path}` must be a string, got {v}")))
+            .map(|v| {
+                v.as_str()
+                    .ok_or_else(|| format!("`{path}` must be a string, got {v}"))
+            })
             .transpose()
     }
 }
@@ -232,7 +266,8 @@ pub enum ConfigSource {
 /// (a relative `parent` is resolved against the child's folder).
 pub fn read_robovlms_config(path: &Path) -> Result<Value> {
     let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
-    let child: Value = serde_json::from_str(&text).map_err(|e| ModelError::config(path, e.to_string()))?;
+    let child: Value =
+        serde_json::from_str(&text).map_err(|e| ModelError::config(path, e.to_string()))?;
     let mut merged = match child.get("parent").and_then(Value::as_str) {
         Some(parent) => {
             let p = Path::new(parent);
@@ -331,19 +366,34 @@ fn head_sizes(ckpt: &Path, tensors: &HashMap<String, Tensor>) -> Result<LstmSpec
     })
 }
 
-fn policy_config_from_robovlms(raw: &Value, src: &Path, opts: &ImportOptions, head: LstmSpec) -> Result<PolicyConfig> {
+fn policy_config_from_robovlms(
+    raw: &Value,
+    src: &Path,
+    opts: &ImportOptions,
+    head: LstmSpec,
+) -> Result<PolicyConfig> {
     robovlms_policy(&Fields(raw), opts, head).map_err(|msg| ModelError::config(src, msg))
 }
 
 /// RoboVLMs config + checkpoint head sizes → `policy.json`; rejects what this policy cannot run.
-fn robovlms_policy(f: &Fields, opts: &ImportOptions, head: LstmSpec) -> std::result::Result<PolicyConfig, String> {
-    let kind = f.str("act_head.type")?.ok_or("`act_head.type` is missing")?;
+fn robovlms_policy(
+    f: &Fields,
+    opts: &ImportOptions,
+    head: LstmSpec,
+) -> std::result::Result<PolicyConfig, String> {
+    let kind = f
+        .str("act_head.type")?
+        .ok_or("`act_head.type` is missing")?;
     if kind != "LSTMDecoder" {
-        return Err(format!("`act_head.type` is `{kind}`; only `LSTMDecoder` is supported"));
+        return Err(format!(
+            "`act_head.type` is `{kind}`; only `LSTMDecoder` is supported"
+        ));
     }
     let expect_str = |path: &str, allowed: &[&str]| -> std::result::Result<(), String> {
         match f.str(path)? {
-            Some(v) if !allowed.contains(&v) => Err(format!("`{path}` is `{v}`; supported: {allowed:?}")),
+            Some(v) if !allowed.contains(&v) => {
+                Err(format!("`{path}` is `{v}`; supported: {allowed:?}"))
+            }
             _ => Ok(()),
         }
     };
@@ -360,13 +410,19 @@ fn robovlms_policy(f: &Fields, opts: &ImportOptions, head: LstmSpec) -> std::res
     if f.bool("use_state")? {
         return Err("`use_state` is true; proprioceptive state tokens are not supported".into());
     }
-    if let Some(n) = f.usize("act_head.num_layers")?.filter(|&n| n != head.num_layers) {
+    if let Some(n) = f
+        .usize("act_head.num_layers")?
+        .filter(|&n| n != head.num_layers)
+    {
         return Err(format!(
             "`act_head.num_layers` is {n} but the checkpoint holds {} LSTM layers",
             head.num_layers
         ));
     }
-    if let Some(n) = f.usize("act_head.hidden_size")?.filter(|&n| n != head.hidden_size) {
+    if let Some(n) = f
+        .usize("act_head.hidden_size")?
+        .filter(|&n| n != head.hidden_size)
+    {
         return Err(format!(
             "`act_head.hidden_size` is {n} but the checkpoint's LSTM is {} wide",
             head.hidden_size
@@ -374,7 +430,9 @@ fn robovlms_policy(f: &Fields, opts: &ImportOptions, head: LstmSpec) -> std::res
     }
     let action_dim = f.required_usize("act_head.action_dim")?;
     if action_dim < 2 {
-        return Err(format!("`act_head.action_dim` is {action_dim}; RoboVLMs heads need ≥ 2 (gripper included)"));
+        return Err(format!(
+            "`act_head.action_dim` is {action_dim}; RoboVLMs heads need ≥ 2 (gripper included)"
+        ));
     }
     let robot_indices = opts
         .robot_indices
@@ -426,8 +484,12 @@ fn read_ckpt_pickle(path: &Path) -> Result<Object> {
     let entry = zip.by_name(&name).map_err(|e| bad(e.to_string()))?;
     let mut reader = std::io::BufReader::new(entry);
     let mut stack = candle_core::pickle::Stack::empty();
-    stack.read_loop(&mut reader).map_err(|e| bad(format!("cannot unpickle {name}: {e}")))?;
-    stack.finalize().map_err(|e| bad(format!("cannot unpickle {name}: {e}")))
+    stack
+        .read_loop(&mut reader)
+        .map_err(|e| bad(format!("cannot unpickle {name}: {e}")))?;
+    stack
+        .finalize()
+        .map_err(|e| bad(format!("cannot unpickle {name}: {e}")))
 }
 
 fn dict_get<'a>(obj: &'a Object, key: &str) -> Option<&'a Object> {
@@ -468,14 +530,19 @@ fn object_to_json(obj: &Object, at: &str) -> std::result::Result<Value, String> 
             }
             Value::Object(map)
         }
-        other => return Err(format!("`{at}` holds a Python object JSON cannot represent: {other:?}")),
+        other => {
+            return Err(format!(
+                "`{at}` holds a Python object JSON cannot represent: {other:?}"
+            ))
+        }
     })
 }
 
 /// `hyper_parameters.configs` of a Lightning checkpoint, if present.
 fn ckpt_configs(path: &Path) -> Result<Option<Value>> {
     let top = read_ckpt_pickle(path)?;
-    let Some(configs) = dict_get(&top, "hyper_parameters").and_then(|h| dict_get(h, "configs")) else {
+    let Some(configs) = dict_get(&top, "hyper_parameters").and_then(|h| dict_get(h, "configs"))
+    else {
         return Ok(None);
     };
     object_to_json(configs, "hyper_parameters.configs")
@@ -512,7 +579,9 @@ fn open_ckpt_tensors(path: &Path) -> Result<PthTensors> {
     // Lightning nests the weights under `state_dict`; a bare `torch.save(state_dict)` has none.
     match PthTensors::new(path, Some("state_dict")) {
         Ok(t) => Ok(t),
-        Err(e) if e.to_string().contains("key state_dict not found") => PthTensors::new(path, None).map_err(bad),
+        Err(e) if e.to_string().contains("key state_dict not found") => {
+            PthTensors::new(path, None).map_err(bad)
+        }
         Err(e) => Err(bad(e)),
     }
 }
@@ -528,7 +597,8 @@ fn hf_weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
         return Ok(vec![]);
     }
     let text = std::fs::read_to_string(&index).map_err(|e| ModelError::io(&index, e))?;
-    let v: Value = serde_json::from_str(&text).map_err(|e| ModelError::config(&index, e.to_string()))?;
+    let v: Value =
+        serde_json::from_str(&text).map_err(|e| ModelError::config(&index, e.to_string()))?;
     let files: BTreeSet<String> = v
         .get("weight_map")
         .and_then(Value::as_object)
@@ -541,9 +611,22 @@ fn hf_weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
 
 /// Imports a RoboVLMs / Mobile VLA checkpoint into a new model directory `out` (which must not exist
 /// or be empty). Nothing is left at `out` on error.
-pub fn import_robovlms(ckpt: &Path, hf_model: &Path, out: &Path, opts: &ImportOptions) -> Result<ImportReport> {
-    if out.exists() && std::fs::read_dir(out).map_err(|e| ModelError::io(out, e))?.next().is_some() {
-        return Err(ModelError::config(out, "output folder exists and is not empty"));
+pub fn import_robovlms(
+    ckpt: &Path,
+    hf_model: &Path,
+    out: &Path,
+    opts: &ImportOptions,
+) -> Result<ImportReport> {
+    if out.exists()
+        && std::fs::read_dir(out)
+            .map_err(|e| ModelError::io(out, e))?
+            .next()
+            .is_some()
+    {
+        return Err(ModelError::config(
+            out,
+            "output folder exists and is not empty",
+        ));
     }
     let hf_config = hf_model.join(CONFIG_FILE);
     let backbone_cfg = Kosmos2Config::from_file(&hf_config)?;
@@ -603,18 +686,22 @@ pub fn import_robovlms(ckpt: &Path, hf_model: &Path, out: &Path, opts: &ImportOp
     let hf_files = hf_weight_files(hf_model)?;
     if !hf_files.is_empty() {
         // SAFETY: read-only mapping of files nobody rewrites during the import.
-        let st = unsafe { MmapedSafetensors::multi(&hf_files) }.map_err(|source| ModelError::Tensors {
-            path: hf_model.to_owned(),
-            source,
+        let st = unsafe { MmapedSafetensors::multi(&hf_files) }.map_err(|source| {
+            ModelError::Tensors {
+                path: hf_model.to_owned(),
+                source,
+            }
         })?;
         for (name, _) in st.tensors() {
-            if !tensors.contains_key(&name) {
-                let t = st.load(&name, &Device::Cpu).map_err(|source| ModelError::Tensors {
-                    path: hf_model.to_owned(),
-                    source,
-                })?;
-                from_hf.push(name.clone());
-                tensors.insert(name, t);
+            if let std::collections::hash_map::Entry::Vacant(slot) = tensors.entry(name) {
+                let t = st
+                    .load(slot.key(), &Device::Cpu)
+                    .map_err(|source| ModelError::Tensors {
+                        path: hf_model.to_owned(),
+                        source,
+                    })?;
+                from_hf.push(slot.key().clone());
+                slot.insert(t);
             }
         }
         from_hf.sort();
@@ -622,26 +709,43 @@ pub fn import_robovlms(ckpt: &Path, hf_model: &Path, out: &Path, opts: &ImportOp
 
     // Build the policy once: checks every tensor's presence and shape, and tells which are used.
     let load = LoadOptions::default();
-    let (_, used) = build_policy(tensors.clone(), policy_cfg.clone(), &backbone_cfg, tokenizer, &load)
-        .map_err(|source| ModelError::Tensors {
-            path: ckpt.to_owned(),
-            source,
-        })?;
-    let mut unused: Vec<String> = tensors.keys().filter(|k| !used.contains(*k)).cloned().collect();
+    let (_, used) = build_policy(
+        tensors.clone(),
+        policy_cfg.clone(),
+        &backbone_cfg,
+        tokenizer,
+        &load,
+    )
+    .map_err(|source| ModelError::Tensors {
+        path: ckpt.to_owned(),
+        source,
+    })?;
+    let mut unused: Vec<String> = tensors
+        .keys()
+        .filter(|k| !used.contains(*k))
+        .cloned()
+        .collect();
     unused.sort();
     tensors.retain(|k, _| used.contains(k));
     from_hf.retain(|k| used.contains(k));
 
     // Write into a sibling temp folder, then rename it into place.
-    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let leaf = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let parent = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let leaf = out
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp = parent.join(format!(".{leaf}.import-{}", std::process::id()));
-    let written = save_model_dir(&tmp, &config_json, &tokenizer_json, &policy_cfg, &tensors).and_then(|_| {
-        if out.exists() {
-            std::fs::remove_dir(out).map_err(|e| ModelError::io(out, e))?;
-        }
-        std::fs::rename(&tmp, out).map_err(|e| ModelError::io(out, e))
-    });
+    let written = save_model_dir(&tmp, &config_json, &tokenizer_json, &policy_cfg, &tensors)
+        .and_then(|_| {
+            if out.exists() {
+                std::fs::remove_dir(out).map_err(|e| ModelError::io(out, e))?;
+            }
+            std::fs::rename(&tmp, out).map_err(|e| ModelError::io(out, e))
+        });
     if written.is_err() {
         let _ = std::fs::remove_dir_all(&tmp);
     }
@@ -672,11 +776,16 @@ pub fn robovlms_key(name: &str) -> String {
 /// (`model.backbone.<HF name>`, `model.action_token`, `model.act_head.*`).
 pub fn export_robovlms(dir: &Path, out: &Path) -> Result<usize> {
     let weights = dir.join(WEIGHTS_FILE);
-    let tensors = candle_core::safetensors::load(&weights, &Device::Cpu).map_err(|source| ModelError::Tensors {
-        path: weights.clone(),
-        source,
+    let tensors = candle_core::safetensors::load(&weights, &Device::Cpu).map_err(|source| {
+        ModelError::Tensors {
+            path: weights.clone(),
+            source,
+        }
     })?;
-    let renamed: HashMap<String, Tensor> = tensors.into_iter().map(|(name, t)| (robovlms_key(&name), t)).collect();
+    let renamed: HashMap<String, Tensor> = tensors
+        .into_iter()
+        .map(|(name, t)| (robovlms_key(&name), t))
+        .collect();
     let n = renamed.len();
     write_safetensors(out, &renamed)?;
     Ok(n)
@@ -708,7 +817,9 @@ pub fn model_info(dir: &Path) -> Result<BTreeMap<&'static str, ComponentInfo>> {
         let n: usize = view.shape().iter().product();
         entry.params += n;
         entry.bytes += view.data().len();
-        entry.dtypes.insert(format!("{:?}", view.dtype()).to_lowercase());
+        entry
+            .dtypes
+            .insert(format!("{:?}", view.dtype()).to_lowercase());
     }
     Ok(out)
 }
@@ -739,8 +850,14 @@ mod tests {
             map_ckpt_key("model.backbone.text_model.model.layer_norm.weight").as_deref(),
             Some("text_model.model.layer_norm.weight")
         );
-        assert_eq!(map_ckpt_key("module.model.action_token").as_deref(), Some("action_token"));
-        assert_eq!(map_ckpt_key("act_head.rnn.weight_hh_l3").as_deref(), Some("act_head.rnn.weight_hh_l3"));
+        assert_eq!(
+            map_ckpt_key("module.model.action_token").as_deref(),
+            Some("action_token")
+        );
+        assert_eq!(
+            map_ckpt_key("act_head.rnn.weight_hh_l3").as_deref(),
+            Some("act_head.rnn.weight_hh_l3")
+        );
         assert_eq!(
             map_ckpt_key("model.act_head.gripper.mlp.6.bias").as_deref(),
             Some("act_head.gripper.mlp.6.bias")
@@ -754,6 +871,9 @@ mod tests {
     fn parent_configs_merge_deeply() {
         let mut base = serde_json::json!({"a": {"x": 1, "y": 2}, "b": 3});
         deep_update(&mut base, serde_json::json!({"a": {"y": 5}, "c": 4}));
-        assert_eq!(base, serde_json::json!({"a": {"x": 1, "y": 5}, "b": 3, "c": 4}));
+        assert_eq!(
+            base,
+            serde_json::json!({"a": {"x": 1, "y": 5}, "b": 3, "c": 4})
+        );
     }
 }

@@ -30,7 +30,13 @@ struct Mlp {
 }
 
 impl Mlp {
-    fn new(in_dim: usize, widths: [usize; 3], out_dim: usize, tanh: bool, vb: VarBuilder) -> Result<Self> {
+    fn new(
+        in_dim: usize,
+        widths: [usize; 3],
+        out_dim: usize,
+        tanh: bool,
+        vb: VarBuilder,
+    ) -> Result<Self> {
         let vb = vb.pp("mlp");
         let [w0, w1, w2] = widths;
         Ok(Self {
@@ -48,7 +54,14 @@ impl Mlp {
 impl Module for Mlp {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let [l0, l1, l2, l3] = &self.layers;
-        let xs = xs.apply(l0)?.relu()?.apply(l1)?.relu()?.apply(l2)?.relu()?.apply(l3)?;
+        let xs = xs
+            .apply(l0)?
+            .relu()?
+            .apply(l1)?
+            .relu()?
+            .apply(l2)?
+            .relu()?
+            .apply(l3)?;
         if self.tanh {
             xs.tanh()
         } else {
@@ -137,7 +150,11 @@ impl LstmDecoder {
         let vb_rnn = vb.pp("rnn");
         let rnn = (0..cfg.num_layers)
             .map(|k| {
-                let in_dim = if k == 0 { cfg.in_features } else { cfg.hidden_size };
+                let in_dim = if k == 0 {
+                    cfg.in_features
+                } else {
+                    cfg.hidden_size
+                };
                 LstmLayer::new(in_dim, cfg.hidden_size, k, &vb_rnn)
             })
             .collect::<Result<Vec<_>>>()?;
@@ -163,14 +180,22 @@ impl LstmDecoder {
 
     /// Runs the LSTM over `features` (B, T, in) from `state` (zeros when `None`) and applies the MLPs
     /// at every position. This is the training forward over a window.
-    pub fn forward(&self, features: &Tensor, state: Option<&LstmState>) -> Result<(HeadOutput, LstmState)> {
+    pub fn forward(
+        &self,
+        features: &Tensor,
+        state: Option<&LstmState>,
+    ) -> Result<(HeadOutput, LstmState)> {
         let (rnn_out, state) = self.run_rnn(features, state)?;
         Ok((self.mlp_heads(&rnn_out)?, state))
     }
 
     fn run_rnn(&self, features: &Tensor, state: Option<&LstmState>) -> Result<(Tensor, LstmState)> {
         let b = features.dim(0)?;
-        let zeros = Tensor::zeros((b, self.cfg.hidden_size), features.dtype(), features.device())?;
+        let zeros = Tensor::zeros(
+            (b, self.cfg.hidden_size),
+            features.dtype(),
+            features.device(),
+        )?;
         let mut xs = features.clone();
         let (mut hs, mut cs) = (Vec::new(), Vec::new());
         for (k, layer) in self.rnn.iter().enumerate() {
@@ -194,7 +219,10 @@ impl LstmDecoder {
     fn mlp_heads(&self, rnn_out: &Tensor) -> Result<HeadOutput> {
         let (b, t, _) = rnn_out.dims3()?;
         let n = self.cfg.fwd_pred_next_n;
-        let actions = self.actions.forward(rnn_out)?.reshape((b, t, n, self.cfg.arm_dim))?;
+        let actions = self
+            .actions
+            .forward(rnn_out)?
+            .reshape((b, t, n, self.cfg.arm_dim))?;
         let gripper = match &self.gripper {
             Some(g) => Some(g.forward(rnn_out)?.reshape((b, t, n))?),
             None => None,

@@ -115,7 +115,10 @@ impl PolicyConfig {
                 dim: 3,
                 gripper: false,
                 robot_indices: [0, 1, 2],
-                norm: Some(NormRange { min: -norm, max: norm }),
+                norm: Some(NormRange {
+                    min: -norm,
+                    max: norm,
+                }),
             },
             image_size: None,
             model_channel_order: ChannelOrder::Rgb,
@@ -125,8 +128,10 @@ impl PolicyConfig {
 
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
-        let cfg: Self = serde_json::from_str(&text).map_err(|e| ModelError::config(path, e.to_string()))?;
-        cfg.validate().map_err(|msg| ModelError::config(path, msg))?;
+        let cfg: Self =
+            serde_json::from_str(&text).map_err(|e| ModelError::config(path, e.to_string()))?;
+        cfg.validate()
+            .map_err(|msg| ModelError::config(path, msg))?;
         Ok(cfg)
     }
 
@@ -139,8 +144,13 @@ impl PolicyConfig {
         if self.fwd_pred_next_n == 0 {
             return Err("`fwd_pred_next_n` must be ≥ 1".into());
         }
-        if self.head.hidden_size == 0 || self.head.num_layers == 0 || self.head.mlp_hidden.contains(&0) {
-            return Err("`head.hidden_size`, `head.num_layers` and `head.mlp_hidden` must be ≥ 1".into());
+        if self.head.hidden_size == 0
+            || self.head.num_layers == 0
+            || self.head.mlp_hidden.contains(&0)
+        {
+            return Err(
+                "`head.hidden_size`, `head.num_layers` and `head.mlp_hidden` must be ≥ 1".into(),
+            );
         }
         if a.dim < 1 + usize::from(a.gripper) {
             return Err(format!("`action.dim` {} leaves no continuous dims", a.dim));
@@ -153,14 +163,20 @@ impl PolicyConfig {
         }
         if let Some(n) = a.norm {
             if !(n.min.is_finite() && n.max.is_finite() && n.min < n.max) {
-                return Err(format!("`action.norm` needs finite min < max, got {} / {}", n.min, n.max));
+                return Err(format!(
+                    "`action.norm` needs finite min < max, got {} / {}",
+                    n.min, n.max
+                ));
             }
         }
         if self.image_size == Some(0) {
             return Err("`image_size` must be ≥ 1".into());
         }
         if !(self.dt.is_finite() && self.dt > 0.0) {
-            return Err(format!("`dt` must be a positive number of seconds, got {}", self.dt));
+            return Err(format!(
+                "`dt` must be a positive number of seconds, got {}",
+                self.dt
+            ));
         }
         Ok(())
     }
@@ -233,7 +249,9 @@ impl Policy {
         let d = backbone_cfg.text_config.embed_dim;
         let action_token = vb.get(d, "action_token")?;
         let head = LstmDecoder::new(cfg.head_config(d), vb.pp("act_head"))?;
-        let image_size = cfg.image_size.unwrap_or(backbone_cfg.vision_config.image_size);
+        let image_size = cfg
+            .image_size
+            .unwrap_or(backbone_cfg.vision_config.image_size);
         Ok(Self {
             cfg,
             backbone,
@@ -300,12 +318,20 @@ impl Policy {
                 std::borrow::Cow::Owned(swapped)
             }
         };
-        Ok(preprocess::pixel_values(&frame, self.image_size, self.device())?)
+        Ok(preprocess::pixel_values(
+            &frame,
+            self.image_size,
+            self.device(),
+        )?)
     }
 
     /// `[ACT]` features of `N` frames sharing one prompt: pixel_values (N, 3, S, S), `token_ids` =
     /// the prompt with `<s>`/`</s>` → (N, D).
-    pub fn frame_features(&self, pixel_values: &Tensor, token_ids: &[u32]) -> candle_core::Result<Tensor> {
+    pub fn frame_features(
+        &self,
+        pixel_values: &Tensor,
+        token_ids: &[u32],
+    ) -> candle_core::Result<Tensor> {
         let n = pixel_values.dim(0)?;
         let l = token_ids.len();
         if l < 2 {
@@ -315,7 +341,10 @@ impl Policy {
         let d = image.dim(2)?;
         let ids = Tensor::new(token_ids, self.device())?.unsqueeze(0)?;
         let words = self.backbone.embed_tokens(&ids)?.to_dtype(image.dtype())?; // (1, L, D)
-        let act = self.action_token.to_dtype(image.dtype())?.reshape((1, 1, d))?;
+        let act = self
+            .action_token
+            .to_dtype(image.dtype())?
+            .reshape((1, 1, d))?;
         let text = |t: Tensor| t.broadcast_as((n, t.dim(1)?, d))?.contiguous();
         let seq = Tensor::cat(
             &[
@@ -334,10 +363,17 @@ impl Policy {
 
     /// Training forward: pixel_values (B, W, 3, S, S) with one prompt per sample → normalised head
     /// outputs at every window position (actions (B, W, n, arm_dim), gripper logits (B, W, n)).
-    pub fn forward_window(&self, pixel_values: &Tensor, token_ids: &[Vec<u32>]) -> candle_core::Result<HeadOutput> {
+    pub fn forward_window(
+        &self,
+        pixel_values: &Tensor,
+        token_ids: &[Vec<u32>],
+    ) -> candle_core::Result<HeadOutput> {
         let (b, w, c, h, wd) = pixel_values.dims5()?;
         if token_ids.len() != b {
-            candle_core::bail!("forward_window: {b} samples but {} prompts", token_ids.len());
+            candle_core::bail!(
+                "forward_window: {b} samples but {} prompts",
+                token_ids.len()
+            );
         }
         // Each sample's frames share its prompt, so they batch through the VLM without padding.
         let features = token_ids

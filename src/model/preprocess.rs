@@ -12,7 +12,7 @@ use image::RgbImage;
 
 /// CLIP normalisation, hard-coded in RoboVLMs (the HF processor config's values are not used).
 pub const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
-pub const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_1];
+pub const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_6, 0.275_777_1];
 
 /// Fixed-point precision of Pillow's 8-bit resampler (`32 - 8 - 2`).
 const PRECISION_BITS: u32 = 22;
@@ -147,7 +147,10 @@ mod tests {
         for (i, o) in [(1280, 224), (720, 224), (100, 224), (7, 3)] {
             for t in taps(i, o) {
                 let s: i64 = t.weights.iter().map(|&w| i64::from(w)).sum();
-                assert!((s - (1i64 << PRECISION_BITS)).abs() <= t.weights.len() as i64, "{i}->{o}: {s}");
+                assert!(
+                    (s - (1i64 << PRECISION_BITS)).abs() <= t.weights.len() as i64,
+                    "{i}->{o}: {s}"
+                );
             }
         }
     }

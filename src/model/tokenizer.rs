@@ -30,13 +30,13 @@ impl PromptTokenizer {
 
     /// Token ids of the RoboVLMs prompt for `instruction`, including `<s>` and `</s>`.
     pub fn encode_instruction(&self, instruction: &str) -> Result<Vec<u32>> {
-        let enc = self
-            .inner
-            .encode(prompt(instruction), true)
-            .map_err(|e| ModelError::Tokenizer {
-                path: self.path.clone(),
-                msg: e.to_string(),
-            })?;
+        let enc =
+            self.inner
+                .encode(prompt(instruction), true)
+                .map_err(|e| ModelError::Tokenizer {
+                    path: self.path.clone(),
+                    msg: e.to_string(),
+                })?;
         let ids = enc.get_ids().to_vec();
         // The embedding sequence splices the image after `<s>` and the action token before `</s>`,
         // so both must be there.

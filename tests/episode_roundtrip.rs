@@ -4,8 +4,8 @@ mod common;
 
 use common::*;
 use mobile_vla::data::episode::{
-    recover_partials, CollectionInfo, EpisodeError, EpisodeReader, EpisodeWriter, EventType, ReadOptions,
-    WriteOptions,
+    recover_partials, CollectionInfo, EpisodeError, EpisodeReader, EpisodeWriter, EventType,
+    ReadOptions, WriteOptions,
 };
 use mobile_vla::data::image::ChannelOrder;
 
@@ -19,9 +19,21 @@ fn round_trip_keeps_every_value() {
         collection_hour: Some(12),
         collection_minute: Some(25),
     };
-    let opts = WriteOptions::default().instruction(Some("go left".into())).collection(collection.clone());
-    let path = write_episode(dir.path(), "episode_20251203_122510_1box_hori_left", 5, 16, 12, opts);
-    assert_eq!(path, dir.path().join("episode_20251203_122510_1box_hori_left.h5"));
+    let opts = WriteOptions::default()
+        .instruction(Some("go left".into()))
+        .collection(collection.clone());
+    let path = write_episode(
+        dir.path(),
+        "episode_20251203_122510_1box_hori_left",
+        5,
+        16,
+        12,
+        opts,
+    );
+    assert_eq!(
+        path,
+        dir.path().join("episode_20251203_122510_1box_hori_left.h5")
+    );
     let r = EpisodeReader::open(&path).unwrap();
     let m = r.meta();
     assert_eq!(m.episode_name, "episode_20251203_122510_1box_hori_left");
@@ -39,22 +51,42 @@ fn round_trip_keeps_every_value() {
         assert_eq!(r.read_frame_stored(t).unwrap(), frame(t, 16, 12));
     }
     // No partial left behind.
-    let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    let names: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
     assert_eq!(names.len(), 1, "{names:?}");
 }
 
 #[test]
 fn stored_bgr_is_returned_as_rgb() {
     let dir = tempfile::tempdir().unwrap();
-    let path = write_episode(dir.path(), "bgr", 1, 4, 3, WriteOptions::default().channel_order(ChannelOrder::Bgr));
+    let path = write_episode(
+        dir.path(),
+        "bgr",
+        1,
+        4,
+        3,
+        WriteOptions::default().channel_order(ChannelOrder::Bgr),
+    );
     let r = EpisodeReader::open(&path).unwrap();
     let stored = frame(0, 4, 3);
     let rgb = r.read_frame(0).unwrap();
     for (s, o) in stored.pixels().zip(rgb.pixels()) {
         assert_eq!([s[2], s[1], s[0]], o.0);
     }
-    let path = write_episode(dir.path(), "rgb", 1, 4, 3, WriteOptions::default().channel_order(ChannelOrder::Rgb));
-    assert_eq!(EpisodeReader::open(&path).unwrap().read_frame(0).unwrap(), stored);
+    let path = write_episode(
+        dir.path(),
+        "rgb",
+        1,
+        4,
+        3,
+        WriteOptions::default().channel_order(ChannelOrder::Rgb),
+    );
+    assert_eq!(
+        EpisodeReader::open(&path).unwrap().read_frame(0).unwrap(),
+        stored
+    );
 }
 
 #[test]
@@ -65,7 +97,13 @@ fn missing_channel_order_uses_the_documented_default() {
     let r = EpisodeReader::open(&path).unwrap();
     assert_eq!(r.meta().channel_order, ChannelOrder::Bgr);
     assert!(!r.meta().channel_order_recorded);
-    let r = EpisodeReader::open_with(&path, ReadOptions { default_channel_order: ChannelOrder::Rgb }).unwrap();
+    let r = EpisodeReader::open_with(
+        &path,
+        ReadOptions {
+            default_channel_order: ChannelOrder::Rgb,
+        },
+    )
+    .unwrap();
     assert_eq!(r.meta().channel_order, ChannelOrder::Rgb);
     assert_eq!(r.read_frame(0).unwrap(), r.read_frame_stored(0).unwrap());
 }
@@ -73,24 +111,43 @@ fn missing_channel_order_uses_the_documented_default() {
 #[test]
 fn instruction_falls_back_to_the_scenario_in_the_name() {
     let dir = tempfile::tempdir().unwrap();
-    let path = write_episode(dir.path(), "episode_20251203_2box_vert_right_x", 2, 4, 4, WriteOptions::default());
+    let path = write_episode(
+        dir.path(),
+        "episode_20251203_2box_vert_right_x",
+        2,
+        4,
+        4,
+        WriteOptions::default(),
+    );
     let r = EpisodeReader::open(&path).unwrap();
     assert_eq!(r.meta().stored_instruction, None);
-    assert_eq!(r.instruction().as_deref(), Some("Navigate around the obstacle on the right side and reach the cup"));
+    assert_eq!(
+        r.instruction().as_deref(),
+        Some("Navigate around the obstacle on the right side and reach the cup")
+    );
 }
 
 #[test]
 fn writer_rejects_bad_input() {
     let dir = tempfile::tempdir().unwrap();
     let mut w = EpisodeWriter::create(dir.path(), "bad", WriteOptions::default()).unwrap();
-    w.push(&frame(0, 4, 4), action(0), EventType::EpisodeStart).unwrap();
+    w.push(&frame(0, 4, 4), action(0), EventType::EpisodeStart)
+        .unwrap();
     assert!(matches!(
-        w.push(&frame(1, 4, 4), [f32::NAN, 0.0, 0.0], EventType::StartAction),
+        w.push(
+            &frame(1, 4, 4),
+            [f32::NAN, 0.0, 0.0],
+            EventType::StartAction
+        ),
         Err(EpisodeError::NonFiniteAction { index: 1, .. })
     ));
     assert!(matches!(
         w.push(&frame(1, 5, 4), action(1), EventType::StartAction),
-        Err(EpisodeError::FrameSize { index: 1, got_w: 5, .. })
+        Err(EpisodeError::FrameSize {
+            index: 1,
+            got_w: 5,
+            ..
+        })
     ));
     assert_eq!(w.len(), 1);
     w.finish(0.4).unwrap();
@@ -116,7 +173,9 @@ fn unfinished_writer_leaves_only_a_partial_that_recovers() {
     let mut w = EpisodeWriter::create(
         dir.path(),
         "crashed",
-        WriteOptions::default().channel_order(ChannelOrder::Rgb).instruction(Some("reach the cup".into())),
+        WriteOptions::default()
+            .channel_order(ChannelOrder::Rgb)
+            .instruction(Some("reach the cup".into())),
     )
     .unwrap();
     for t in 0..3 {
@@ -144,7 +203,11 @@ fn unfinished_writer_leaves_only_a_partial_that_recovers() {
 #[test]
 fn unreadable_partials_are_discarded() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join(".junk.h5.partial"), b"\x89HDF\r\n\x1a\ntruncated").unwrap();
+    std::fs::write(
+        dir.path().join(".junk.h5.partial"),
+        b"\x89HDF\r\n\x1a\ntruncated",
+    )
+    .unwrap();
     let report = recover_partials(dir.path()).unwrap();
     assert!(report.recovered.is_empty());
     assert_eq!(report.discarded.len(), 1);

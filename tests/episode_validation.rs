@@ -13,7 +13,9 @@ fn defects(raw: &RawEpisode) -> Vec<Defect> {
 }
 
 fn has(defects: &[Defect], field: &str, needle: &str) -> bool {
-    defects.iter().any(|d| d.field == field && d.problem.contains(needle))
+    defects
+        .iter()
+        .any(|d| d.field == field && d.problem.contains(needle))
 }
 
 #[test]
@@ -50,7 +52,14 @@ fn step_count_mismatch() {
     let mut raw = RawEpisode::valid();
     raw.actions = Some((vec![3, 3], vec![0.0; 9]));
     let d = defects(&raw);
-    assert!(has(&d, "images/actions/action_event_types", "images 4, actions 3, action_event_types 4"), "{d:?}");
+    assert!(
+        has(
+            &d,
+            "images/actions/action_event_types",
+            "images 4, actions 3, action_event_types 4"
+        ),
+        "{d:?}"
+    );
 }
 
 #[test]
@@ -82,7 +91,12 @@ fn bad_attributes_and_labels() {
     raw.num_frames = Some(7);
     raw.chunk = Some(0);
     raw.order = Some("gbr".into());
-    raw.events = Some(vec!["episode_start".into(), "jump".into(), "start_action".into(), "stop_action".into()]);
+    raw.events = Some(vec![
+        "episode_start".into(),
+        "jump".into(),
+        "start_action".into(),
+        "stop_action".into(),
+    ]);
     let d = defects(&raw);
     assert!(has(&d, "episode_name", "missing attribute"), "{d:?}");
     assert!(has(&d, "total_duration", "not a duration"), "{d:?}");
@@ -103,11 +117,18 @@ fn reader_error_names_file_and_all_defects() {
     raw.chunk = None;
     raw.write(&path);
     let err = EpisodeReader::open(&path).unwrap_err();
-    let EpisodeError::Invalid { path: p, defects } = &err else { panic!("{err}") };
+    let EpisodeError::Invalid { path: p, defects } = &err else {
+        panic!("{err}")
+    };
     assert_eq!(p, &path);
     assert_eq!(defects.len(), 2, "{defects:?}");
     let msg = err.to_string();
-    assert!(msg.contains("broken.h5") && msg.contains("actions: missing dataset") && msg.contains("action_chunk_size"), "{msg}");
+    assert!(
+        msg.contains("broken.h5")
+            && msg.contains("actions: missing dataset")
+            && msg.contains("action_chunk_size"),
+        "{msg}"
+    );
 }
 
 #[test]

@@ -12,7 +12,9 @@
 //! Normalisation follows RoboVLMs' `normalize_action`: clip to `[min, max]`, then
 //! `2 (a - min) / (max - min) - 1`; the inverse is `0.5 (a + 1) (max - min) + min`.
 
-use crate::data::episode::{list_episodes, Action, EpisodeError, EpisodeReader, EventType, ReadOptions, ACTION_DIM};
+use crate::data::episode::{
+    list_episodes, Action, EpisodeError, EpisodeReader, EventType, ReadOptions, ACTION_DIM,
+};
 use image::RgbImage;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -25,7 +27,10 @@ pub enum DatasetError {
     #[error("{dir}: no episodes (*.h5) found")]
     NoEpisodes { dir: PathBuf },
     #[error("window_size and fwd_pred_next_n must be > 0 (got {window_size}, {fwd_pred_next_n})")]
-    BadWindow { window_size: usize, fwd_pred_next_n: usize },
+    BadWindow {
+        window_size: usize,
+        fwd_pred_next_n: usize,
+    },
     #[error("val_fraction {0} is outside [0, 1)")]
     BadValFraction(f64),
     #[error("sample {index} out of range ({len} samples)")]
@@ -52,7 +57,14 @@ pub struct DatasetConfig {
 
 impl Default for DatasetConfig {
     fn default() -> Self {
-        Self { window_size: 16, fwd_pred_next_n: 2, left_pad: false, val_fraction: 0.1, seed: 42, read: ReadOptions::default() }
+        Self {
+            window_size: 16,
+            fwd_pred_next_n: 2,
+            left_pad: false,
+            val_fraction: 0.1,
+            seed: 42,
+            read: ReadOptions::default(),
+        }
     }
 }
 
@@ -79,7 +91,12 @@ pub struct Sample {
 
 /// Step indices and masks of the sample anchored at `anchor` (RoboVLMs' `get_chunked_episode`):
 /// `W + N` entries, clamped into `0..len`, masked where they were outside.
-pub fn chunk_indices(anchor: usize, len: usize, window_size: usize, fwd_pred_next_n: usize) -> (Vec<usize>, Vec<bool>) {
+pub fn chunk_indices(
+    anchor: usize,
+    len: usize,
+    window_size: usize,
+    fwd_pred_next_n: usize,
+) -> (Vec<usize>, Vec<bool>) {
     let start = anchor as i64 - window_size as i64 + 1;
     (0..(window_size + fwd_pred_next_n) as i64)
         .map(|m| {
@@ -103,14 +120,19 @@ impl MobileVlaDataset {
     pub fn open(dir: &Path, cfg: DatasetConfig) -> Result<Self> {
         let paths = list_episodes(dir)?;
         if paths.is_empty() {
-            return Err(DatasetError::NoEpisodes { dir: dir.to_path_buf() });
+            return Err(DatasetError::NoEpisodes {
+                dir: dir.to_path_buf(),
+            });
         }
         Self::from_files(&paths, cfg)
     }
 
     pub fn from_files(paths: &[PathBuf], cfg: DatasetConfig) -> Result<Self> {
         if cfg.window_size == 0 || cfg.fwd_pred_next_n == 0 {
-            return Err(DatasetError::BadWindow { window_size: cfg.window_size, fwd_pred_next_n: cfg.fwd_pred_next_n });
+            return Err(DatasetError::BadWindow {
+                window_size: cfg.window_size,
+                fwd_pred_next_n: cfg.fwd_pred_next_n,
+            });
         }
         if !(0.0..1.0).contains(&cfg.val_fraction) {
             return Err(DatasetError::BadValFraction(cfg.val_fraction));
@@ -129,7 +151,11 @@ impl MobileVlaDataset {
             .enumerate()
             .flat_map(|(e, ep)| (first..ep.len()).map(move |i| (e, i)))
             .collect();
-        Self { cfg, episodes, samples }
+        Self {
+            cfg,
+            episodes,
+            samples,
+        }
     }
 
     /// Splits by episode (never a window across both sides): a seeded shuffle of the episodes,
@@ -149,9 +175,16 @@ impl MobileVlaDataset {
         }
         let (mut train, mut val) = (Vec::new(), Vec::new());
         for (e, ep) in self.episodes.into_iter().enumerate() {
-            if is_val[e] { val.push(ep) } else { train.push(ep) }
+            if is_val[e] {
+                val.push(ep)
+            } else {
+                train.push(ep)
+            }
         }
-        (Self::from_readers(train, self.cfg.clone()), Self::from_readers(val, self.cfg))
+        (
+            Self::from_readers(train, self.cfg.clone()),
+            Self::from_readers(val, self.cfg),
+        )
     }
 
     pub fn config(&self) -> &DatasetConfig {
@@ -169,14 +202,24 @@ impl MobileVlaDataset {
 
     /// Sample `index` with its frames read from disk.
     pub fn get(&self, index: usize) -> Result<Sample> {
-        let &(e, anchor) = self.samples.get(index).ok_or(DatasetError::Index { index, len: self.samples.len() })?;
+        let &(e, anchor) = self.samples.get(index).ok_or(DatasetError::Index {
+            index,
+            len: self.samples.len(),
+        })?;
         let ep = &self.episodes[e];
         let (w, n) = (self.cfg.window_size, self.cfg.fwd_pred_next_n);
         let (idx, mask) = chunk_indices(anchor, ep.len(), w, n);
-        let frames = idx[..w].iter().map(|&j| ep.read_frame(j)).collect::<std::result::Result<Vec<_>, _>>()?;
+        let frames = idx[..w]
+            .iter()
+            .map(|&j| ep.read_frame(j))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
         let actions = ep.actions();
-        let action_chunks = (0..w).map(|t| (0..n).map(|k| actions[idx[t + k]]).collect()).collect();
-        let chunk_mask = (0..w).map(|t| (0..n).map(|k| mask[t + k]).collect()).collect();
+        let action_chunks = (0..w)
+            .map(|t| (0..n).map(|k| actions[idx[t + k]]).collect())
+            .collect();
+        let chunk_mask = (0..w)
+            .map(|t| (0..n).map(|k| mask[t + k]).collect())
+            .collect();
         Ok(Sample {
             episode: e,
             path: ep.path().to_path_buf(),
@@ -208,10 +251,14 @@ impl ActionStats {
     pub fn from_actions<'a>(actions: impl IntoIterator<Item = &'a Action>) -> Option<Self> {
         let mut stats: Option<Self> = None;
         for a in actions {
-            let s = stats.get_or_insert(Self { min: *a, max: *a, count: 0 });
-            for d in 0..ACTION_DIM {
-                s.min[d] = s.min[d].min(a[d]);
-                s.max[d] = s.max[d].max(a[d]);
+            let s = stats.get_or_insert(Self {
+                min: *a,
+                max: *a,
+                count: 0,
+            });
+            for (d, v) in a.iter().enumerate() {
+                s.min[d] = s.min[d].min(*v);
+                s.max[d] = s.max[d].max(*v);
             }
             s.count += 1;
         }
@@ -234,7 +281,7 @@ impl ActionNormalizer {
 
     /// Per-dimension bounds, e.g. from [`ActionStats`].
     pub fn new(min: Action, max: Action) -> Result<Self> {
-        if (0..ACTION_DIM).any(|d| !(min[d] < max[d])) {
+        if !(0..ACTION_DIM).all(|d| min[d] < max[d]) {
             return Err(DatasetError::BadBounds { min, max });
         }
         Ok(Self { min, max })

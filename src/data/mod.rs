@@ -3,3 +3,4 @@
 pub mod image;
 pub mod episode;
 pub mod dataset;
+pub mod bag;

@@ -21,11 +21,24 @@ pub fn action(t: usize) -> Action {
 }
 
 pub fn event(t: usize) -> EventType {
-    if t == 0 { EventType::EpisodeStart } else if t % 3 == 0 { EventType::StopAction } else { EventType::StartAction }
+    if t == 0 {
+        EventType::EpisodeStart
+    } else if t % 3 == 0 {
+        EventType::StopAction
+    } else {
+        EventType::StartAction
+    }
 }
 
 /// Writes a valid `t`-frame episode with [`frame`]/[`action`]/[`event`] through [`EpisodeWriter`].
-pub fn write_episode(dir: &Path, name: &str, t: usize, w: u32, h: u32, opts: WriteOptions) -> PathBuf {
+pub fn write_episode(
+    dir: &Path,
+    name: &str,
+    t: usize,
+    w: u32,
+    h: u32,
+    opts: WriteOptions,
+) -> PathBuf {
     let mut writer = EpisodeWriter::create(dir, name, opts).unwrap();
     for i in 0..t {
         writer.push(&frame(i, w, h), action(i), event(i)).unwrap();
@@ -52,10 +65,18 @@ impl RawEpisode {
         let t = 4;
         let (h, w) = (6, 8);
         Self {
-            images: Some((vec![t, h, w, 3], (0..t * h * w * 3).map(|i| (i % 251) as u8).collect())),
+            images: Some((
+                vec![t, h, w, 3],
+                (0..t * h * w * 3).map(|i| (i % 251) as u8).collect(),
+            )),
             images_f32: false,
             actions: Some((vec![t, 3], (0..t * 3).map(|i| i as f32 * 0.25).collect())),
-            events: Some(vec!["episode_start".into(), "start_action".into(), "start_action".into(), "stop_action".into()]),
+            events: Some(vec![
+                "episode_start".into(),
+                "start_action".into(),
+                "start_action".into(),
+                "stop_action".into(),
+            ]),
             name_attr: Some("episode_raw".into()),
             duration: Some(1.6),
             num_frames: Some(t as i64),
@@ -69,33 +90,77 @@ impl RawEpisode {
         if let Some((shape, data)) = &self.images {
             if self.images_f32 {
                 let d: Vec<f32> = data.iter().map(|&v| v as f32).collect();
-                f.new_dataset::<f32>().shape(shape.clone()).create("images").unwrap().write_raw(&d).unwrap();
+                f.new_dataset::<f32>()
+                    .shape(shape.clone())
+                    .create("images")
+                    .unwrap()
+                    .write_raw(&d)
+                    .unwrap();
             } else {
-                f.new_dataset::<u8>().shape(shape.clone()).deflate(4).create("images").unwrap().write_raw(data).unwrap();
+                f.new_dataset::<u8>()
+                    .shape(shape.clone())
+                    .deflate(4)
+                    .create("images")
+                    .unwrap()
+                    .write_raw(data)
+                    .unwrap();
             }
         }
         if let Some((shape, data)) = &self.actions {
-            f.new_dataset::<f32>().shape(shape.clone()).create("actions").unwrap().write_raw(data).unwrap();
+            f.new_dataset::<f32>()
+                .shape(shape.clone())
+                .create("actions")
+                .unwrap()
+                .write_raw(data)
+                .unwrap();
         }
         if let Some(events) = &self.events {
-            let v: Vec<VarLenUnicode> = events.iter().map(|s| VarLenUnicode::from_str(s).unwrap()).collect();
-            f.new_dataset::<VarLenUnicode>().shape(v.len()).create("action_event_types").unwrap().write_raw(&v).unwrap();
+            let v: Vec<VarLenUnicode> = events
+                .iter()
+                .map(|s| VarLenUnicode::from_str(s).unwrap())
+                .collect();
+            f.new_dataset::<VarLenUnicode>()
+                .shape(v.len())
+                .create("action_event_types")
+                .unwrap()
+                .write_raw(&v)
+                .unwrap();
         }
         let s = |v: &str| VarLenUnicode::from_str(v).unwrap();
         if let Some(n) = &self.name_attr {
-            f.new_attr::<VarLenUnicode>().create("episode_name").unwrap().write_scalar(&s(n)).unwrap();
+            f.new_attr::<VarLenUnicode>()
+                .create("episode_name")
+                .unwrap()
+                .write_scalar(&s(n))
+                .unwrap();
         }
         if let Some(d) = self.duration {
-            f.new_attr::<f64>().create("total_duration").unwrap().write_scalar(&d).unwrap();
+            f.new_attr::<f64>()
+                .create("total_duration")
+                .unwrap()
+                .write_scalar(&d)
+                .unwrap();
         }
         if let Some(n) = self.num_frames {
-            f.new_attr::<i64>().create("num_frames").unwrap().write_scalar(&n).unwrap();
+            f.new_attr::<i64>()
+                .create("num_frames")
+                .unwrap()
+                .write_scalar(&n)
+                .unwrap();
         }
         if let Some(c) = self.chunk {
-            f.new_attr::<i64>().create("action_chunk_size").unwrap().write_scalar(&c).unwrap();
+            f.new_attr::<i64>()
+                .create("action_chunk_size")
+                .unwrap()
+                .write_scalar(&c)
+                .unwrap();
         }
         if let Some(o) = &self.order {
-            f.new_attr::<VarLenUnicode>().create("image_channel_order").unwrap().write_scalar(&s(o)).unwrap();
+            f.new_attr::<VarLenUnicode>()
+                .create("image_channel_order")
+                .unwrap()
+                .write_scalar(&s(o))
+                .unwrap();
         }
     }
 }

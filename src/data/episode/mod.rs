@@ -166,7 +166,10 @@ pub struct Defect {
 
 impl Defect {
     pub fn new(field: impl Into<String>, problem: impl Into<String>) -> Self {
-        Self { field: field.into(), problem: problem.into() }
+        Self {
+            field: field.into(),
+            problem: problem.into(),
+        }
     }
 }
 
@@ -177,7 +180,11 @@ impl fmt::Display for Defect {
 }
 
 fn join_defects(defects: &[Defect]) -> String {
-    defects.iter().map(Defect::to_string).collect::<Vec<_>>().join("; ")
+    defects
+        .iter()
+        .map(Defect::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -185,20 +192,46 @@ pub enum EpisodeError {
     #[error("{path}: {} defect(s): {}", defects.len(), join_defects(defects))]
     Invalid { path: PathBuf, defects: Vec<Defect> },
     #[error("{path}: HDF5 error on `{field}`: {source}")]
-    Hdf5 { path: PathBuf, field: String, source: hdf5::Error },
+    Hdf5 {
+        path: PathBuf,
+        field: String,
+        source: hdf5::Error,
+    },
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
-    #[error("{path}: frame {index} is {got_w}x{got_h}, but this episode's frames are {want_w}x{want_h}")]
-    FrameSize { path: PathBuf, index: usize, want_w: u32, want_h: u32, got_w: u32, got_h: u32 },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "{path}: frame {index} is {got_w}x{got_h}, but this episode's frames are {want_w}x{want_h}"
+    )]
+    FrameSize {
+        path: PathBuf,
+        index: usize,
+        want_w: u32,
+        want_h: u32,
+        got_w: u32,
+        got_h: u32,
+    },
     #[error("{path}: action {index} {action:?} is not finite; refusing to record NaN/Inf")]
-    NonFiniteAction { path: PathBuf, index: usize, action: Action },
+    NonFiniteAction {
+        path: PathBuf,
+        index: usize,
+        action: Action,
+    },
     #[error("{path}: frame index {index} out of range (episode has {len} frames)")]
-    FrameIndex { path: PathBuf, index: usize, len: usize },
+    FrameIndex {
+        path: PathBuf,
+        index: usize,
+        len: usize,
+    },
     #[error("{path}: episode has no frames; nothing written")]
     Empty { path: PathBuf },
     #[error("{path}: already exists; refusing to overwrite an episode")]
     Exists { path: PathBuf },
-    #[error("invalid episode name {name:?}: use a plain file stem (no `/`, not empty, no leading `.`)")]
+    #[error(
+        "invalid episode name {name:?}: use a plain file stem (no `/`, not empty, no leading `.`)"
+    )]
     BadName { name: String },
     #[error("language instruction is {len} bytes; the format stores at most {INSTRUCTION_LEN}")]
     InstructionTooLong { len: usize },
@@ -206,10 +239,17 @@ pub enum EpisodeError {
 
 impl EpisodeError {
     pub(crate) fn hdf5(path: &Path, field: &str, source: hdf5::Error) -> Self {
-        Self::Hdf5 { path: path.to_path_buf(), field: field.to_string(), source }
+        Self::Hdf5 {
+            path: path.to_path_buf(),
+            field: field.to_string(),
+            source,
+        }
     }
     pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
-        Self::Io { path: path.to_path_buf(), source }
+        Self::Io {
+            path: path.to_path_buf(),
+            source,
+        }
     }
 }
 
@@ -220,7 +260,10 @@ pub fn list_episodes(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir(dir).map_err(|e| EpisodeError::io(dir, e))? {
         let path = entry.map_err(|e| EpisodeError::io(dir, e))?.path();
-        let hidden = path.file_name().and_then(|n| n.to_str()).is_none_or(|n| n.starts_with('.'));
+        let hidden = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_none_or(|n| n.starts_with('.'));
         if !hidden && path.is_file() && path.extension().is_some_and(|e| e == "h5") {
             out.push(path);
         }
@@ -248,7 +291,11 @@ mod tests {
 
     #[test]
     fn event_names_round_trip() {
-        for e in [EventType::EpisodeStart, EventType::StartAction, EventType::StopAction] {
+        for e in [
+            EventType::EpisodeStart,
+            EventType::StartAction,
+            EventType::StopAction,
+        ] {
             assert_eq!(EventType::parse(e.as_str()), Some(e));
         }
         assert_eq!(EventType::parse("jump"), None);

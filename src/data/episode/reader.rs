@@ -25,7 +25,9 @@ pub struct ReadOptions {
 
 impl Default for ReadOptions {
     fn default() -> Self {
-        Self { default_channel_order: DEFAULT_CHANNEL_ORDER }
+        Self {
+            default_channel_order: DEFAULT_CHANNEL_ORDER,
+        }
     }
 }
 
@@ -42,7 +44,10 @@ pub struct EpisodeReader {
 
 impl std::fmt::Debug for EpisodeReader {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EpisodeReader").field("path", &self.path).field("meta", &self.meta).finish()
+        f.debug_struct("EpisodeReader")
+            .field("path", &self.path)
+            .field("meta", &self.meta)
+            .finish()
     }
 }
 
@@ -63,7 +68,10 @@ impl EpisodeReader {
                 events: p.events,
                 _file: p.file,
             }),
-            _ => Err(EpisodeError::Invalid { path: path.to_path_buf(), defects }),
+            _ => Err(EpisodeError::Invalid {
+                path: path.to_path_buf(),
+                defects,
+            }),
         }
     }
 
@@ -93,7 +101,11 @@ impl EpisodeReader {
     /// Frame `t` exactly as stored (channels in `meta().channel_order`).
     pub fn read_frame_stored(&self, t: usize) -> Result<RgbImage> {
         if t >= self.len() {
-            return Err(EpisodeError::FrameIndex { path: self.path.clone(), index: t, len: self.len() });
+            return Err(EpisodeError::FrameIndex {
+                path: self.path.clone(),
+                index: t,
+                len: self.len(),
+            });
         }
         let (h, w) = self.meta.frame_size;
         read_frame(&self.images, &self.path, t, h, w)
@@ -101,7 +113,10 @@ impl EpisodeReader {
 
     /// Frame `t` as true RGB, whatever the stored order.
     pub fn read_frame(&self, t: usize) -> Result<RgbImage> {
-        Ok(img::from_interleaved(self.read_frame_stored(t)?, self.meta.channel_order))
+        Ok(img::from_interleaved(
+            self.read_frame_stored(t)?,
+            self.meta.channel_order,
+        ))
     }
 }
 
@@ -139,19 +154,27 @@ fn list<T: std::fmt::Display>(items: &[T]) -> String {
 }
 
 fn descriptor(c: &hdf5::Container) -> std::result::Result<TypeDescriptor, String> {
-    c.dtype().and_then(|t| t.to_descriptor()).map_err(|e| format!("unreadable datatype: {e}"))
+    c.dtype()
+        .and_then(|t| t.to_descriptor())
+        .map_err(|e| format!("unreadable datatype: {e}"))
 }
 
 /// Strings of any HDF5 string flavour (h5py writes `str` as vlen UTF-8, numpy `S` as fixed ASCII).
 fn read_strings(c: &hdf5::Container) -> std::result::Result<Vec<String>, String> {
     let e = |e: hdf5::Error| format!("unreadable: {e}");
     Ok(match descriptor(c)? {
-        TypeDescriptor::VarLenUnicode => {
-            c.read_raw::<VarLenUnicode>().map_err(e)?.iter().map(|v| v.as_str().to_owned()).collect()
-        }
-        TypeDescriptor::VarLenAscii => {
-            c.read_raw::<VarLenAscii>().map_err(e)?.iter().map(|v| v.as_str().to_owned()).collect()
-        }
+        TypeDescriptor::VarLenUnicode => c
+            .read_raw::<VarLenUnicode>()
+            .map_err(e)?
+            .iter()
+            .map(|v| v.as_str().to_owned())
+            .collect(),
+        TypeDescriptor::VarLenAscii => c
+            .read_raw::<VarLenAscii>()
+            .map_err(e)?
+            .iter()
+            .map(|v| v.as_str().to_owned())
+            .collect(),
         TypeDescriptor::FixedAscii(_) => c
             .read_raw::<FixedAscii<MAX_FIXED_STR>>()
             .map_err(e)?
@@ -203,10 +226,14 @@ fn is_string(d: &TypeDescriptor) -> bool {
 }
 
 fn int_attr(c: &hdf5::Container) -> std::result::Result<i64, String> {
-    read_one(c, is_int, "an integer", |c| c.read_raw::<i64>().map_err(|e| format!("unreadable: {e}")))
+    read_one(c, is_int, "an integer", |c| {
+        c.read_raw::<i64>().map_err(|e| format!("unreadable: {e}"))
+    })
 }
 fn float_attr(c: &hdf5::Container) -> std::result::Result<f64, String> {
-    read_one(c, is_number, "a number", |c| c.read_raw::<f64>().map_err(|e| format!("unreadable: {e}")))
+    read_one(c, is_number, "a number", |c| {
+        c.read_raw::<f64>().map_err(|e| format!("unreadable: {e}"))
+    })
 }
 fn str_attr(c: &hdf5::Container) -> std::result::Result<String, String> {
     read_one(c, is_string, "a string", read_strings)
@@ -265,7 +292,10 @@ fn read_instruction(file: &hdf5::File, defects: &mut Vec<Defect>) -> Option<Stri
     match read_strings(&ds) {
         Ok(v) if v.len() == 1 => Some(v[0].trim_end_matches('\0').to_string()),
         Ok(v) => {
-            defects.push(Defect::new(keys::INSTRUCTION, format!("has {} strings, expected shape (1,)", v.len())));
+            defects.push(Defect::new(
+                keys::INSTRUCTION,
+                format!("has {} strings, expected shape (1,)", v.len()),
+            ));
             None
         }
         Err(problem) => {
@@ -279,7 +309,15 @@ fn read_instruction(file: &hdf5::File, defects: &mut Vec<Defect>) -> Option<Stri
 fn inspect(path: &Path, opts: ReadOptions) -> (Option<Parts>, Vec<Defect>) {
     let file = match hdf5::File::open(path) {
         Ok(f) => f,
-        Err(e) => return (None, vec![Defect::new("file", format!("not a readable HDF5 file: {e}"))]),
+        Err(e) => {
+            return (
+                None,
+                vec![Defect::new(
+                    "file",
+                    format!("not a readable HDF5 file: {e}"),
+                )],
+            )
+        }
     };
     let mut d = Vec::new();
 
@@ -291,7 +329,10 @@ fn inspect(path: &Path, opts: ReadOptions) -> (Option<Parts>, Vec<Defect>) {
             let dtype_ok = match descriptor(&ds) {
                 Ok(TypeDescriptor::Unsigned(IntSize::U1)) => true,
                 Ok(other) => {
-                    d.push(Defect::new(keys::IMAGES, format!("dtype {other}, expected uint8")));
+                    d.push(Defect::new(
+                        keys::IMAGES,
+                        format!("dtype {other}, expected uint8"),
+                    ));
                     false
                 }
                 Err(p) => {
@@ -302,7 +343,10 @@ fn inspect(path: &Path, opts: ReadOptions) -> (Option<Parts>, Vec<Defect>) {
             let shape = ds.shape();
             let shape_ok = shape.len() == 4 && shape[3] == 3 && shape[1] > 0 && shape[2] > 0;
             if !shape_ok {
-                d.push(Defect::new(keys::IMAGES, format!("shape {shape:?}, expected (T, H, W, 3)")));
+                d.push(Defect::new(
+                    keys::IMAGES,
+                    format!("shape {shape:?}, expected (T, H, W, 3)"),
+                ));
             }
             let fits = shape_ok && shape[1] <= u32::MAX as usize && shape[2] <= u32::MAX as usize;
             if dtype_ok && fits {
@@ -319,20 +363,33 @@ fn inspect(path: &Path, opts: ReadOptions) -> (Option<Parts>, Vec<Defect>) {
             let shape = ds.shape();
             match descriptor(&ds) {
                 Ok(TypeDescriptor::Float(_)) => {}
-                Ok(other) => d.push(Defect::new(keys::ACTIONS, format!("dtype {other}, expected float32"))),
+                Ok(other) => d.push(Defect::new(
+                    keys::ACTIONS,
+                    format!("dtype {other}, expected float32"),
+                )),
                 Err(p) => d.push(Defect::new(keys::ACTIONS, p)),
             }
             if shape.len() != 2 || shape[1] != ACTION_DIM {
-                d.push(Defect::new(keys::ACTIONS, format!("shape {shape:?}, expected (T, 3)")));
+                d.push(Defect::new(
+                    keys::ACTIONS,
+                    format!("shape {shape:?}, expected (T, 3)"),
+                ));
             } else if matches!(descriptor(&ds), Ok(TypeDescriptor::Float(_))) {
                 match ds.read_raw::<f32>() {
                     Err(e) => d.push(Defect::new(keys::ACTIONS, format!("unreadable: {e}"))),
                     Ok(flat) => {
-                        let rows: Vec<Action> = flat.chunks_exact(ACTION_DIM).map(|r| [r[0], r[1], r[2]]).collect();
-                        let bad: Vec<usize> =
-                            (0..rows.len()).filter(|&i| rows[i].iter().any(|v| !v.is_finite())).collect();
+                        let rows: Vec<Action> = flat
+                            .chunks_exact(ACTION_DIM)
+                            .map(|r| [r[0], r[1], r[2]])
+                            .collect();
+                        let bad: Vec<usize> = (0..rows.len())
+                            .filter(|&i| rows[i].iter().any(|v| !v.is_finite()))
+                            .collect();
                         if !bad.is_empty() {
-                            d.push(Defect::new(keys::ACTIONS, format!("NaN/Inf at steps {}", list(&bad))));
+                            d.push(Defect::new(
+                                keys::ACTIONS,
+                                format!("NaN/Inf at steps {}", list(&bad)),
+                            ));
                         }
                         actions = Some(rows);
                     }
@@ -348,12 +405,16 @@ fn inspect(path: &Path, opts: ReadOptions) -> (Option<Parts>, Vec<Defect>) {
         Ok(ds) => {
             let shape = ds.shape();
             if shape.len() != 1 {
-                d.push(Defect::new(keys::EVENTS, format!("shape {shape:?}, expected (T,)")));
+                d.push(Defect::new(
+                    keys::EVENTS,
+                    format!("shape {shape:?}, expected (T,)"),
+                ));
             } else {
                 match read_strings(&ds) {
                     Err(p) => d.push(Defect::new(keys::EVENTS, p)),
                     Ok(labels) => {
-                        let parsed: Vec<Option<EventType>> = labels.iter().map(|l| EventType::parse(l)).collect();
+                        let parsed: Vec<Option<EventType>> =
+                            labels.iter().map(|l| EventType::parse(l)).collect();
                         let bad: Vec<String> = labels
                             .iter()
                             .enumerate()
@@ -376,9 +437,18 @@ fn inspect(path: &Path, opts: ReadOptions) -> (Option<Parts>, Vec<Defect>) {
 
     // Lengths agree and are > 0.
     let t_images = images.as_ref().map(|i| i.1);
-    let t_actions = file.dataset(keys::ACTIONS).ok().and_then(|ds| ds.shape().first().copied());
-    let t_events = file.dataset(keys::EVENTS).ok().and_then(|ds| ds.shape().first().copied());
-    let lengths: Vec<usize> = [t_images, t_actions, t_events].into_iter().flatten().collect();
+    let t_actions = file
+        .dataset(keys::ACTIONS)
+        .ok()
+        .and_then(|ds| ds.shape().first().copied());
+    let t_events = file
+        .dataset(keys::EVENTS)
+        .ok()
+        .and_then(|ds| ds.shape().first().copied());
+    let lengths: Vec<usize> = [t_images, t_actions, t_events]
+        .into_iter()
+        .flatten()
+        .collect();
     if lengths.windows(2).any(|w| w[0] != w[1]) {
         let show = |t: Option<usize>| t.map_or("?".to_string(), |t| t.to_string());
         d.push(Defect::new(
@@ -396,7 +466,10 @@ fn inspect(path: &Path, opts: ReadOptions) -> (Option<Parts>, Vec<Defect>) {
     }
 
     // Attributes.
-    let mut attrs = Attrs { file: &file, defects: &mut d };
+    let mut attrs = Attrs {
+        file: &file,
+        defects: &mut d,
+    };
     let episode_name = attrs.get(keys::EPISODE_NAME, true, str_attr);
     let total_duration = attrs.get(keys::TOTAL_DURATION, true, float_attr);
     let num_frames = attrs.get(keys::NUM_FRAMES, true, int_attr);
@@ -404,50 +477,76 @@ fn inspect(path: &Path, opts: ReadOptions) -> (Option<Parts>, Vec<Defect>) {
     let order_text = attrs.get(keys::CHANNEL_ORDER, false, str_attr);
     let collection = collection_info(&mut attrs);
     if let Some(t) = total_duration.filter(|t| !t.is_finite() || *t < 0.0) {
-        d.push(Defect::new(keys::TOTAL_DURATION, format!("{t} is not a duration in seconds")));
+        d.push(Defect::new(
+            keys::TOTAL_DURATION,
+            format!("{t} is not a duration in seconds"),
+        ));
     }
     if let (Some(n), Some(t)) = (num_frames, t_images) {
         if n != t as i64 {
-            d.push(Defect::new(keys::NUM_FRAMES, format!("{n}, but images has {t} frames")));
+            d.push(Defect::new(
+                keys::NUM_FRAMES,
+                format!("{n}, but images has {t} frames"),
+            ));
         }
     }
     if let Some(c) = action_chunk_size.filter(|c| *c <= 0) {
-        d.push(Defect::new(keys::ACTION_CHUNK_SIZE, format!("{c}, expected > 0")));
+        d.push(Defect::new(
+            keys::ACTION_CHUNK_SIZE,
+            format!("{c}, expected > 0"),
+        ));
     }
     let channel_order = match &order_text {
         None => Some(opts.default_channel_order),
         Some(s) => {
             let o = parse_order(s);
             if o.is_none() {
-                d.push(Defect::new(keys::CHANNEL_ORDER, format!("{s:?}, expected \"bgr\" or \"rgb\"")));
+                d.push(Defect::new(
+                    keys::CHANNEL_ORDER,
+                    format!("{s:?}, expected \"bgr\" or \"rgb\""),
+                ));
             }
             o
         }
     };
     let stored_instruction = read_instruction(&file, &mut d);
 
-    let parts = match (images, actions, events, episode_name, total_duration, num_frames, action_chunk_size, channel_order) {
-        (Some((images, _, h, w)), Some(actions), Some(events), Some(name), Some(dur), Some(n), Some(acs), Some(order))
-            if d.is_empty() =>
-        {
-            Some(Parts {
-                meta: EpisodeMeta {
-                    episode_name: name,
-                    total_duration: dur,
-                    num_frames: n as usize,
-                    action_chunk_size: acs,
-                    channel_order: order,
-                    channel_order_recorded: order_text.is_some(),
-                    stored_instruction,
-                    collection,
-                    frame_size: (h, w),
-                },
-                file,
-                images,
-                actions,
-                events,
-            })
-        }
+    let parts = match (
+        images,
+        actions,
+        events,
+        episode_name,
+        total_duration,
+        num_frames,
+        action_chunk_size,
+        channel_order,
+    ) {
+        (
+            Some((images, _, h, w)),
+            Some(actions),
+            Some(events),
+            Some(name),
+            Some(dur),
+            Some(n),
+            Some(acs),
+            Some(order),
+        ) if d.is_empty() => Some(Parts {
+            meta: EpisodeMeta {
+                episode_name: name,
+                total_duration: dur,
+                num_frames: n as usize,
+                action_chunk_size: acs,
+                channel_order: order,
+                channel_order_recorded: order_text.is_some(),
+                stored_instruction,
+                collection,
+                frame_size: (h, w),
+            },
+            file,
+            images,
+            actions,
+            events,
+        }),
         _ => None,
     };
     (parts, d)
@@ -489,8 +588,18 @@ pub(crate) fn salvage_partial(path: &Path) -> Result<Salvaged> {
     let file = hdf5::File::open(path).map_err(h5("file"))?;
     let images = file.dataset(keys::IMAGES).map_err(h5(keys::IMAGES))?;
     let shape = images.shape();
-    if shape.len() != 4 || shape[3] != 3 || !matches!(descriptor(&images), Ok(TypeDescriptor::Unsigned(IntSize::U1))) {
-        return Err(EpisodeError::hdf5(path, keys::IMAGES, format!("unexpected layout {shape:?}").into()));
+    if shape.len() != 4
+        || shape[3] != 3
+        || !matches!(
+            descriptor(&images),
+            Ok(TypeDescriptor::Unsigned(IntSize::U1))
+        )
+    {
+        return Err(EpisodeError::hdf5(
+            path,
+            keys::IMAGES,
+            format!("unexpected layout {shape:?}").into(),
+        ));
     }
     let actions_ds = file.dataset(keys::ACTIONS).map_err(h5(keys::ACTIONS))?;
     let flat = actions_ds.read_raw::<f32>().map_err(h5(keys::ACTIONS))?;
@@ -500,28 +609,37 @@ pub(crate) fn salvage_partial(path: &Path) -> Result<Salvaged> {
         .take_while(|a| a.iter().all(|v| v.is_finite()))
         .collect();
     let events_ds = file.dataset(keys::EVENTS).map_err(h5(keys::EVENTS))?;
-    let labels = read_strings(&events_ds)
-        .map_err(|p| EpisodeError::hdf5(path, keys::EVENTS, p.into()))?;
+    let labels =
+        read_strings(&events_ds).map_err(|p| EpisodeError::hdf5(path, keys::EVENTS, p.into()))?;
     let events: Vec<EventType> = labels.iter().map_while(|l| EventType::parse(l)).collect();
     let mut frames = shape[0].min(actions.len()).min(events.len());
     // A frame whose chunk never reached the disk ends the usable prefix.
     let size = (shape[1] as u32, shape[2] as u32);
-    if let Some(bad) = (0..frames).find(|&t| read_frame(&images, path, t, size.0, size.1).is_err()) {
+    if let Some(bad) = (0..frames).find(|&t| read_frame(&images, path, t, size.0, size.1).is_err())
+    {
         frames = bad;
     }
     let mut scratch = Vec::new();
-    let mut attrs = Attrs { file: &file, defects: &mut scratch };
+    let mut attrs = Attrs {
+        file: &file,
+        defects: &mut scratch,
+    };
     let meta = SalvageSource {
         gzip_level: images.filters().iter().find_map(|f| match f {
             hdf5::filters::Filter::Deflate(l) => Some(*l),
             _ => None,
         }),
-        action_chunk_size: attrs.get(keys::ACTION_CHUNK_SIZE, false, int_attr).unwrap_or(super::DEFAULT_ACTION_CHUNK_SIZE),
+        action_chunk_size: attrs
+            .get(keys::ACTION_CHUNK_SIZE, false, int_attr)
+            .unwrap_or(super::DEFAULT_ACTION_CHUNK_SIZE),
         channel_order: attrs
             .get(keys::CHANNEL_ORDER, false, str_attr)
             .and_then(|s| parse_order(&s))
             .unwrap_or(DEFAULT_CHANNEL_ORDER),
-        total_duration: attrs.get(keys::TOTAL_DURATION, false, float_attr).filter(|t| t.is_finite() && *t >= 0.0).unwrap_or(0.0),
+        total_duration: attrs
+            .get(keys::TOTAL_DURATION, false, float_attr)
+            .filter(|t| t.is_finite() && *t >= 0.0)
+            .unwrap_or(0.0),
         collection: collection_info(&mut attrs),
         instruction: read_instruction(&file, &mut scratch),
         path: path.to_path_buf(),
@@ -529,5 +647,10 @@ pub(crate) fn salvage_partial(path: &Path) -> Result<Salvaged> {
         size,
         _file: file,
     };
-    Ok(Salvaged { meta, frames, actions, events })
+    Ok(Salvaged {
+        meta,
+        frames,
+        actions,
+        events,
+    })
 }

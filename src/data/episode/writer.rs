@@ -101,7 +101,9 @@ pub struct EpisodeWriter {
 
 fn validate_name(name: &str) -> Result<()> {
     if name.is_empty() || name.starts_with('.') || name.contains(['/', '\\', '\0']) {
-        return Err(EpisodeError::BadName { name: name.to_string() });
+        return Err(EpisodeError::BadName {
+            name: name.to_string(),
+        });
     }
     Ok(())
 }
@@ -122,7 +124,12 @@ impl EpisodeWriter {
         Self::create_at(partial, dir.join(format!("{name}.h5")), name, opts)
     }
 
-    fn create_at(partial: PathBuf, final_path: PathBuf, name: &str, opts: WriteOptions) -> Result<Self> {
+    fn create_at(
+        partial: PathBuf,
+        final_path: PathBuf,
+        name: &str,
+        opts: WriteOptions,
+    ) -> Result<Self> {
         if final_path.exists() {
             return Err(EpisodeError::Exists { path: final_path });
         }
@@ -131,7 +138,8 @@ impl EpisodeWriter {
                 return Err(EpisodeError::InstructionTooLong { len: text.len() });
             }
         }
-        let file = hdf5::File::create(&partial).map_err(|e| EpisodeError::hdf5(&partial, "file", e))?;
+        let file =
+            hdf5::File::create(&partial).map_err(|e| EpisodeError::hdf5(&partial, "file", e))?;
         let mut writer = Self {
             name: name.to_string(),
             partial,
@@ -154,7 +162,11 @@ impl EpisodeWriter {
         let h5 = |field: &str| {
             let path = path.clone();
             let field = field.to_string();
-            move |e| EpisodeError::Hdf5 { path, field, source: e }
+            move |e| EpisodeError::Hdf5 {
+                path,
+                field,
+                source: e,
+            }
         };
         write_str_attr(file, keys::EPISODE_NAME, &self.name).map_err(h5(keys::EPISODE_NAME))?;
         write_num_attr(file, keys::TOTAL_DURATION, 0.0f64).map_err(h5(keys::TOTAL_DURATION))?;
@@ -176,7 +188,10 @@ impl EpisodeWriter {
                 write_str_attr(file, key, v).map_err(h5(key))?;
             }
         }
-        for (key, value) in [(keys::COLLECTION_HOUR, c.collection_hour), (keys::COLLECTION_MINUTE, c.collection_minute)] {
+        for (key, value) in [
+            (keys::COLLECTION_HOUR, c.collection_hour),
+            (keys::COLLECTION_MINUTE, c.collection_minute),
+        ] {
             if let Some(v) = value {
                 write_num_attr(file, key, v).map_err(h5(key))?;
             }
@@ -195,12 +210,18 @@ impl EpisodeWriter {
             .shape(0..)
             .create(keys::EVENTS)
             .map_err(h5(keys::EVENTS))?;
-        self.sets = Some(Sets { images: None, actions, events });
+        self.sets = Some(Sets {
+            images: None,
+            actions,
+            events,
+        });
         Ok(())
     }
 
     fn file(&self) -> Result<&hdf5::File> {
-        self.file.as_ref().ok_or_else(|| EpisodeError::Empty { path: self.partial.clone() })
+        self.file.as_ref().ok_or_else(|| EpisodeError::Empty {
+            path: self.partial.clone(),
+        })
     }
 
     fn h5err(&self, field: &str) -> impl Fn(hdf5::Error) -> EpisodeError + '_ {
@@ -232,7 +253,11 @@ impl EpisodeWriter {
     /// every frame of an episode must have the first frame's size.
     pub fn push(&mut self, frame: &RgbImage, action: Action, event: EventType) -> Result<()> {
         if action.iter().any(|v| !v.is_finite()) {
-            return Err(EpisodeError::NonFiniteAction { path: self.partial.clone(), index: self.len, action });
+            return Err(EpisodeError::NonFiniteAction {
+                path: self.partial.clone(),
+                index: self.len,
+                action,
+            });
         }
         let (w, h) = frame.dimensions();
         match self.size {
@@ -250,22 +275,35 @@ impl EpisodeWriter {
             Some(_) => {}
         }
         let n = self.len;
-        let sets = self.sets.as_ref().ok_or_else(|| EpisodeError::Empty { path: self.partial.clone() })?;
+        let sets = self.sets.as_ref().ok_or_else(|| EpisodeError::Empty {
+            path: self.partial.clone(),
+        })?;
         if let Some(images) = &sets.images {
             let view = ArrayView3::from_shape((h as usize, w as usize, 3), frame.as_raw())
-                .map_err(|e| EpisodeError::hdf5(&self.partial, keys::IMAGES, e.to_string().into()))?;
-            images.resize((n + 1, h as usize, w as usize, 3)).map_err(self.h5err(keys::IMAGES))?;
-            images.write_slice(view, s![n, .., .., ..]).map_err(self.h5err(keys::IMAGES))?;
+                .map_err(|e| {
+                    EpisodeError::hdf5(&self.partial, keys::IMAGES, e.to_string().into())
+                })?;
+            images
+                .resize((n + 1, h as usize, w as usize, 3))
+                .map_err(self.h5err(keys::IMAGES))?;
+            images
+                .write_slice(view, s![n, .., .., ..])
+                .map_err(self.h5err(keys::IMAGES))?;
         }
-        sets.actions.resize((n + 1, ACTION_DIM)).map_err(self.h5err(keys::ACTIONS))?;
+        sets.actions
+            .resize((n + 1, ACTION_DIM))
+            .map_err(self.h5err(keys::ACTIONS))?;
         sets.actions
             .write_slice(ArrayView1::from(&action[..]), s![n, ..])
             .map_err(self.h5err(keys::ACTIONS))?;
-        let label = VarLenUnicode::from_str(event.as_str()).map_err(|e| {
-            EpisodeError::hdf5(&self.partial, keys::EVENTS, e.to_string().into())
-        })?;
-        sets.events.resize(n + 1).map_err(self.h5err(keys::EVENTS))?;
-        sets.events.write_slice(&[label], s![n..n + 1]).map_err(self.h5err(keys::EVENTS))?;
+        let label = VarLenUnicode::from_str(event.as_str())
+            .map_err(|e| EpisodeError::hdf5(&self.partial, keys::EVENTS, e.to_string().into()))?;
+        sets.events
+            .resize(n + 1)
+            .map_err(self.h5err(keys::EVENTS))?;
+        sets.events
+            .write_slice(&[label], s![n..n + 1])
+            .map_err(self.h5err(keys::EVENTS))?;
         self.len += 1;
         if self.len % self.opts.flush_every == 0 {
             self.checkpoint(self.started.elapsed().as_secs_f64())?;
@@ -290,8 +328,10 @@ impl EpisodeWriter {
     /// Updates the counts and pushes HDF5's metadata to the OS, making the partial readable.
     fn checkpoint(&self, duration: f64) -> Result<()> {
         let file = self.file()?;
-        write_num_attr(file, keys::NUM_FRAMES, self.len as i64).map_err(self.h5err(keys::NUM_FRAMES))?;
-        write_num_attr(file, keys::TOTAL_DURATION, duration).map_err(self.h5err(keys::TOTAL_DURATION))?;
+        write_num_attr(file, keys::NUM_FRAMES, self.len as i64)
+            .map_err(self.h5err(keys::NUM_FRAMES))?;
+        write_num_attr(file, keys::TOTAL_DURATION, duration)
+            .map_err(self.h5err(keys::TOTAL_DURATION))?;
         file.flush().map_err(self.h5err("file"))
     }
 
@@ -301,16 +341,25 @@ impl EpisodeWriter {
     pub fn finish(mut self, total_duration: f64) -> Result<PathBuf> {
         if self.len == 0 {
             self.discard();
-            return Err(EpisodeError::Empty { path: self.final_path.clone() });
+            return Err(EpisodeError::Empty {
+                path: self.final_path.clone(),
+            });
         }
         self.checkpoint(total_duration)?;
         self.close()?;
-        let fsync = |p: &Path| std::fs::File::open(p).and_then(|f| f.sync_all()).map_err(|e| EpisodeError::io(p, e));
+        let fsync = |p: &Path| {
+            std::fs::File::open(p)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| EpisodeError::io(p, e))
+        };
         fsync(&self.partial)?;
         if self.final_path.exists() {
-            return Err(EpisodeError::Exists { path: self.final_path.clone() });
+            return Err(EpisodeError::Exists {
+                path: self.final_path.clone(),
+            });
         }
-        std::fs::rename(&self.partial, &self.final_path).map_err(|e| EpisodeError::io(&self.final_path, e))?;
+        std::fs::rename(&self.partial, &self.final_path)
+            .map_err(|e| EpisodeError::io(&self.final_path, e))?;
         if let Some(dir) = self.final_path.parent() {
             // Makes the rename itself durable.
             fsync(dir)?;
@@ -334,7 +383,9 @@ impl EpisodeWriter {
     fn close(&mut self) -> Result<()> {
         self.sets = None;
         match self.file.take() {
-            Some(file) => file.close().map_err(|e| EpisodeError::hdf5(&self.partial, "file", e)),
+            Some(file) => file
+                .close()
+                .map_err(|e| EpisodeError::hdf5(&self.partial, "file", e)),
             None => Ok(()),
         }
     }
@@ -387,10 +438,16 @@ fn write_instruction(file: &hdf5::File, text: &str) -> hdf5::Result<()> {
     let err = |e: hdf5::types::StringError| hdf5::Error::from(e.to_string());
     if text.is_ascii() {
         let v = FixedAscii::<INSTRUCTION_LEN>::from_ascii(text).map_err(err)?;
-        file.new_dataset::<FixedAscii<INSTRUCTION_LEN>>().shape(1).create(keys::INSTRUCTION)?.write(&[v])
+        file.new_dataset::<FixedAscii<INSTRUCTION_LEN>>()
+            .shape(1)
+            .create(keys::INSTRUCTION)?
+            .write(&[v])
     } else {
         let v = FixedUnicode::<INSTRUCTION_LEN>::from_str(text).map_err(err)?;
-        file.new_dataset::<FixedUnicode<INSTRUCTION_LEN>>().shape(1).create(keys::INSTRUCTION)?.write(&[v])
+        file.new_dataset::<FixedUnicode<INSTRUCTION_LEN>>()
+            .shape(1)
+            .create(keys::INSTRUCTION)?
+            .write(&[v])
     }
 }
 
@@ -415,7 +472,11 @@ pub fn recover_partials(dir: &Path) -> Result<RecoveryReport> {
         .collect();
     entries.sort();
     for path in entries {
-        let Some(fname) = path.file_name().and_then(|n| n.to_str()).map(str::to_string) else {
+        let Some(fname) = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .map(str::to_string)
+        else {
             continue;
         };
         if fname.starts_with('.') && fname.ends_with(SALVAGE_SUFFIX) {
@@ -423,7 +484,10 @@ pub fn recover_partials(dir: &Path) -> Result<RecoveryReport> {
             let _ = std::fs::remove_file(&path);
             continue;
         }
-        let Some(name) = fname.strip_prefix('.').and_then(|n| n.strip_suffix(PARTIAL_SUFFIX)) else {
+        let Some(name) = fname
+            .strip_prefix('.')
+            .and_then(|n| n.strip_suffix(PARTIAL_SUFFIX))
+        else {
             continue;
         };
         let final_path = dir.join(format!("{name}.h5"));
@@ -432,7 +496,12 @@ pub fn recover_partials(dir: &Path) -> Result<RecoveryReport> {
         } else {
             match salvage_into(dir, name, &path, &final_path) {
                 Ok(frames) => {
-                    tracing::info!("recovered {} frame(s) from {} into {}", frames, path.display(), final_path.display());
+                    tracing::info!(
+                        "recovered {} frame(s) from {} into {}",
+                        frames,
+                        path.display(),
+                        final_path.display()
+                    );
                     report.recovered.push((final_path, frames));
                     None
                 }
@@ -451,9 +520,16 @@ pub fn recover_partials(dir: &Path) -> Result<RecoveryReport> {
 }
 
 fn salvage_into(dir: &Path, name: &str, partial: &Path, final_path: &Path) -> Result<usize> {
-    let Salvaged { meta, frames, actions, events } = salvage_partial(partial)?;
+    let Salvaged {
+        meta,
+        frames,
+        actions,
+        events,
+    } = salvage_partial(partial)?;
     if frames == 0 {
-        return Err(EpisodeError::Empty { path: partial.to_path_buf() });
+        return Err(EpisodeError::Empty {
+            path: partial.to_path_buf(),
+        });
     }
     let opts = WriteOptions {
         gzip_level: meta.gzip_level,
@@ -466,7 +542,8 @@ fn salvage_into(dir: &Path, name: &str, partial: &Path, final_path: &Path) -> Re
     };
     let salvage = dir.join(format!(".{name}{SALVAGE_SUFFIX}"));
     let mut writer = EpisodeWriter::create_at(salvage, final_path.to_path_buf(), name, opts)?;
-    let copied = (0..frames).try_for_each(|t| writer.push(&meta.read_frame(t)?, actions[t], events[t]));
+    let copied =
+        (0..frames).try_for_each(|t| writer.push(&meta.read_frame(t)?, actions[t], events[t]));
     match copied {
         Ok(()) => writer.finish(meta.total_duration).map(|_| frames),
         Err(e) => {

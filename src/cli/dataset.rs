@@ -77,6 +77,10 @@ pub struct ValidateArgs {
     /// Also decompress every frame (finds corrupt image chunks; slower).
     #[arg(long)]
     pub deep: bool,
+    /// Internal: check the one file in this process and print its defects as JSON. By default
+    /// each file is checked in such a child, because libhdf5 itself can crash on corrupt metadata.
+    #[arg(long, hide = true)]
+    pub defects_json: bool,
     #[command(flatten)]
     pub read: ReadArgs,
 }
@@ -295,23 +299,76 @@ fn info(a: InfoArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+fn check_file(f: &Path, read: ReadOptions, deep: bool) -> anyhow::Result<Vec<Defect>> {
+    let mut defects = validate_file(f, read);
+    if deep && defects.is_empty() {
+        let r = EpisodeReader::open_with(f, read)?;
+        let unreadable: Vec<usize> = (0..r.len())
+            .filter(|&t| r.read_frame_stored(t).is_err())
+            .collect();
+        if !unreadable.is_empty() {
+            defects.push(Defect::new(
+                "images",
+                format!("frames {unreadable:?} cannot be decompressed"),
+            ));
+        }
+    }
+    Ok(defects)
+}
+
+/// Checks `f` in a child process, so that a libhdf5 crash becomes a defect of that file.
+fn check_isolated(f: &Path, a: &ValidateArgs) -> anyhow::Result<Vec<Defect>> {
+    let exe = std::env::current_exe().context("locating the mobile_vla executable")?;
+    let order = order_name(a.read.default_channel_order.into());
+    let mut cmd = std::process::Command::new(exe);
+    cmd.args([
+        "dataset",
+        "validate",
+        "--defects-json",
+        "--default-channel-order",
+        order,
+    ]);
+    if a.deep {
+        cmd.arg("--deep");
+    }
+    let out = cmd
+        .arg(f)
+        .output()
+        .with_context(|| format!("checking {}", f.display()))?;
+    if !out.status.success() {
+        let why = match std::os::unix::process::ExitStatusExt::signal(&out.status) {
+            Some(sig) => {
+                format!("reading it crashed libhdf5 (signal {sig}): corrupt HDF5 metadata")
+            }
+            None => format!(
+                "checker failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+        };
+        return Ok(vec![Defect::new("file", why)]);
+    }
+    let parsed: Vec<(String, String)> =
+        serde_json::from_slice(&out.stdout).context("reading the checker's report")?;
+    Ok(parsed
+        .into_iter()
+        .map(|(field, problem)| Defect::new(field, problem))
+        .collect())
+}
+
 fn validate(a: ValidateArgs) -> anyhow::Result<ExitCode> {
+    if a.defects_json {
+        let defects = check_file(&a.path, a.read.options(), a.deep)?;
+        let pairs: Vec<(&str, &str)> = defects
+            .iter()
+            .map(|d| (d.field.as_str(), d.problem.as_str()))
+            .collect();
+        println!("{}", serde_json::to_string(&pairs)?);
+        return Ok(ExitCode::SUCCESS);
+    }
     let files = episode_files(&a.path)?;
     let mut bad = 0;
     for f in &files {
-        let mut defects = validate_file(f, a.read.options());
-        if a.deep && defects.is_empty() {
-            let r = EpisodeReader::open_with(f, a.read.options())?;
-            let unreadable: Vec<usize> = (0..r.len())
-                .filter(|&t| r.read_frame_stored(t).is_err())
-                .collect();
-            if !unreadable.is_empty() {
-                defects.push(Defect::new(
-                    "images",
-                    format!("frames {unreadable:?} cannot be decompressed"),
-                ));
-            }
-        }
+        let defects = check_isolated(f, &a)?;
         if defects.is_empty() {
             println!("ok      {}", f.display());
         } else {

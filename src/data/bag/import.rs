@@ -190,6 +190,7 @@ fn replay(
     let cmd_topic = &topics[TOPIC_CMD];
     let mut counts = [0u64; 3];
     let mut read = 0u64;
+    let mut last_time = 0;
     for msg in bag.messages(topics)? {
         let msg = msg?;
         let index = counts[msg.topic];
@@ -199,6 +200,7 @@ fn replay(
             progress(read, total);
         }
         state.advance(msg.log_time)?;
+        last_time = msg.log_time;
         match msg.topic {
             TOPIC_IMAGE => {
                 state.summary.images += 1;
@@ -240,6 +242,8 @@ fn replay(
             }
         }
     }
+    // A sample due exactly at the last message's time.
+    state.advance(last_time.saturating_add(1))?;
     progress(read, total);
     Ok(())
 }
@@ -275,12 +279,13 @@ fn ns(d: Duration) -> u64 {
 }
 
 impl State<'_> {
-    /// Time moves to `t`: rate-mode samples due before it, then the idle split.
+    /// Time moves to `t` (before the message at `t` applies): rate-mode samples due strictly
+    /// before `t` — each sees every message up to its own time — then the idle split.
     fn advance(&mut self, t: u64) -> Result<()> {
         if let Sampling::Rate { hz } = self.opts.sampling {
             let period = ns(Duration::from_secs_f64(1.0 / hz.max(1e-3)));
             while let Some(ep) = &self.episode {
-                if ep.next_tick > t || self.idle_since(ep.next_tick) {
+                if ep.next_tick >= t || self.idle_since(ep.next_tick) {
                     break;
                 }
                 let tick = ep.next_tick;

@@ -2,7 +2,8 @@
 //! change) to an `EpisodeWriter` on its own thread, per gzip level (EPISODE_BENCH_LEVELS, e.g.
 //! "none,1,4") and compression thread count (EPISODE_BENCH_THREADS, default 2). The camera side never blocks: a frame that finds the 1 s queue full is dropped,
 //! as in the recorder node. Reports achieved fps, dropped frames, process CPU % (of one core),
-//! and MB/s of raw frames in and of file written.
+//! CPU time per frame (load-independent: 2 idle cores give 2000 / that many fps), and MB/s of
+//! raw frames in and of file written.
 //!
 //! Run: `cargo bench --bench episode_write` (add `--profile dev` to skip a release build: the
 //! work happens in libhdf5/zlib, which are optimised either way).
@@ -128,18 +129,27 @@ fn main() {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!("{W}x{H} BGR at {HZ} Hz for {secs} s per level; {threads} compression thread(s); {cpus} CPU(s)");
     println!(
-        "{:>6} {:>8} {:>8} {:>9} {:>7} {:>10} {:>10} {:>7}",
-        "gzip", "written", "dropped", "fps", "CPU %", "in MB/s", "file MB/s", "ratio"
+        "{:>6} {:>8} {:>8} {:>9} {:>7} {:>12} {:>10} {:>10} {:>7}",
+        "gzip",
+        "written",
+        "dropped",
+        "fps",
+        "CPU %",
+        "CPU ms/frame",
+        "in MB/s",
+        "file MB/s",
+        "ratio"
     );
     for level in levels {
         let o = run(level, threads, secs, &pool);
         let name = level.map_or("none".to_string(), |l| l.to_string());
         println!(
-            "{name:>6} {:>8} {:>8} {:>9.2} {:>7.0} {:>10.1} {:>10.1} {:>7.2}",
+            "{name:>6} {:>8} {:>8} {:>9.2} {:>7.0} {:>12.1} {:>10.1} {:>10.1} {:>7.2}",
             o.written,
             o.dropped,
             o.written as f64 / secs,
             100.0 * o.cpu / o.wall,
+            1e3 * o.cpu / o.written.max(1) as f64,
             o.written as f64 * raw_mb / o.wall,
             o.bytes as f64 / 1e6 / o.wall,
             o.written as f64 * raw_mb * 1e6 / o.bytes.max(1) as f64,

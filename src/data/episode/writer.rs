@@ -214,10 +214,7 @@ impl EpisodeWriter {
         write_num_attr(file, keys::NUM_FRAMES, 0i64).map_err(h5(keys::NUM_FRAMES))?;
         write_num_attr(file, keys::ACTION_CHUNK_SIZE, self.opts.action_chunk_size)
             .map_err(h5(keys::ACTION_CHUNK_SIZE))?;
-        let order = match self.opts.channel_order {
-            ChannelOrder::Bgr => "bgr",
-            ChannelOrder::Rgb => "rgb",
-        };
+        let order = self.opts.channel_order.as_str();
         write_str_attr(file, keys::CHANNEL_ORDER, order).map_err(h5(keys::CHANNEL_ORDER))?;
         let c = &self.opts.collection;
         for (key, value) in [

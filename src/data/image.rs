@@ -171,6 +171,11 @@ impl RawImage {
     }
 }
 
+/// Checks a raw image's fields (encoding, size, `step`, `data` length) without decoding it.
+pub fn validate(raw: &RawImageRef) -> Result<Encoding> {
+    check_layout(raw).map(|(encoding, _)| encoding)
+}
+
 /// Checks the geometry fields and returns the encoding and the tight row length in bytes.
 fn check_layout(raw: &RawImageRef) -> Result<(Encoding, usize)> {
     let encoding: Encoding = raw.encoding.parse()?;

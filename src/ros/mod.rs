@@ -5,6 +5,7 @@
 pub mod convert;
 pub mod params;
 pub mod echo;
+pub mod recorder;
 pub mod runtime;
 
 pub use params::ParamsError;

@@ -358,7 +358,7 @@ fn writer_loop(rx: Receiver<Job>, events: mpsc::Sender<SinkEvent>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::data::episode::reader::EpisodeReader;
+    use crate::data::episode::EpisodeReader;
     use std::time::Duration;
 
     #[test]

@@ -28,13 +28,13 @@ fi
 # --- 2. ROS 2
 if [ -n "${ROS_DISTRO:-}" ] && [ -z "${JAZZY_VENV:-}" ] && python3 -c "import rclpy" 2>/dev/null; then
   log "using the sourced ROS 2 $ROS_DISTRO install"
-  python3 -c "import h5py, rosbags, pytest" 2>/dev/null \
-    || python3 -m pip install -q h5py rosbags pytest
+  python3 -c "import h5py, rosbags, pytest, PIL" 2>/dev/null \
+    || python3 -m pip install -q h5py rosbags pytest pillow
 else
   # The prefix lives outside the source tree: CMake refuses exported include paths
   # (numpy's, from the wheels' CMake files) that point into the package's own source dir.
   mkdir -p "$ros_dir"
-  JAZZY_EXTRA_PKGS="ros-jazzy-std-srvs ros-jazzy-action-msgs h5py rosbags pytest" \
+  JAZZY_EXTRA_PKGS="ros-jazzy-std-srvs ros-jazzy-action-msgs h5py rosbags pytest pillow" \
     bash scripts/ros-env.sh "$ros_dir" >/dev/null
   # shellcheck disable=SC1091
   . "$ros_dir/jazzy.env"

@@ -4,7 +4,7 @@
 
 use crate::data::episode::{Action, EpisodeError, EpisodeWriter, EventType, WriteOptions};
 use crate::data::image::{self, ChannelOrder, Encoding, RawImage};
-use image::RgbImage;
+use ::image::RgbImage;
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};

@@ -253,10 +253,7 @@ fn info(a: InfoArgs) -> anyhow::Result<ExitCode> {
             } else {
                 " (attribute absent: default)"
             };
-            println!(
-                "  channel order {}{order_note}",
-                m.channel_order.as_str()
-            );
+            println!("  channel order {}{order_note}", m.channel_order.as_str());
             match &instruction {
                 Some(i) if derived => {
                     println!("  instruction \"{i}\" (derived from the file name)")

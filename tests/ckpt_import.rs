@@ -4,10 +4,10 @@
 
 mod policy_common;
 
-use policy_common::*;
 use mobile_vla::data::image::ChannelOrder;
 use mobile_vla::model::checkpoint::{self, ImportOptions, ImportReport};
 use mobile_vla::model::policy::Policy;
+use policy_common::*;
 use std::path::{Path, PathBuf};
 
 fn opts(config: Option<PathBuf>) -> ImportOptions {

@@ -2,8 +2,8 @@
 
 mod policy_common;
 
-use policy_common::*;
 use mobile_vla::model::policy::Policy;
+use policy_common::*;
 use std::collections::HashMap;
 use std::path::Path;
 

@@ -4,10 +4,10 @@
 
 mod policy_common;
 
-use policy_common::*;
 use mobile_vla::model::head::History;
 use mobile_vla::model::policy::Policy;
 use mobile_vla::model::preprocess;
+use policy_common::*;
 
 const TOL: f32 = 1e-4;
 

@@ -2,12 +2,12 @@
 //! actions; the report names ignored and dropped keys; bad checkpoints and configs fail clearly and
 //! leave nothing behind; export writes RoboVLMs names back.
 
-mod common;
+mod policy_common;
 
-use common::*;
 use mobile_vla::data::image::ChannelOrder;
 use mobile_vla::model::checkpoint::{self, ImportOptions, ImportReport};
 use mobile_vla::model::policy::Policy;
+use policy_common::*;
 use std::path::{Path, PathBuf};
 
 fn opts(config: Option<PathBuf>) -> ImportOptions {

@@ -1,8 +1,8 @@
 //! The `mobile_vla infer` / `model import` / `model info` contract, through the real binary.
 
-mod common;
+mod policy_common;
 
-use common::*;
+use policy_common::*;
 use std::process::Command;
 
 fn bin() -> Command {

@@ -1,9 +1,9 @@
 //! A damaged model directory gives an error naming the tensor, field or file at fault, never a panic.
 
-mod common;
+mod policy_common;
 
-use common::*;
 use mobile_vla::model::policy::Policy;
+use policy_common::*;
 use std::collections::HashMap;
 use std::path::Path;
 

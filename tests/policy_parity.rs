@@ -2,12 +2,12 @@
 //! preprocessing, per-frame [ACT] features, the LSTM head in both history regimes, the training
 //! window forward, and the de-normalised actions of a 6-step rollout (window 3).
 
-mod common;
+mod policy_common;
 
-use common::*;
 use mobile_vla::model::head::History;
 use mobile_vla::model::policy::Policy;
 use mobile_vla::model::preprocess;
+use policy_common::*;
 
 const TOL: f32 = 1e-4;
 

@@ -1,11 +1,484 @@
-//! `mobile_vla dataset …` (owned by the Episodes work).
+//! `mobile_vla dataset …`: inspect, validate, recover and import episodes.
 
-use clap::Subcommand;
+use crate::data::bag::{import_bag, ImportOptions, Sampling};
+use crate::data::dataset::ActionStats;
+use crate::data::episode::{
+    list_episodes, recover_partials, validate_file, Defect, EpisodeReader, ReadOptions,
+    WriteOptions, PARTIAL_SUFFIX,
+};
+use crate::data::image::ChannelOrder;
+use anyhow::{bail, Context};
+use clap::{Args, Subcommand, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
 #[derive(Debug, Subcommand)]
-pub enum DatasetCommand {}
+pub enum DatasetCommand {
+    /// Frames, duration, instruction, action ranges and channel order of episodes.
+    Info(InfoArgs),
+    /// Check every episode of a directory (or one file); exit 1 listing every defect.
+    Validate(ValidateArgs),
+    /// Salvage the partial files a crashed recorder left in a directory.
+    Recover(RecoverArgs),
+    /// Convert a rosbag2 recording (MCAP or sqlite3) into episodes.
+    ImportBag(ImportBagArgs),
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum OrderArg {
+    Bgr,
+    Rgb,
+}
+
+impl From<OrderArg> for ChannelOrder {
+    fn from(o: OrderArg) -> Self {
+        match o {
+            OrderArg::Bgr => ChannelOrder::Bgr,
+            OrderArg::Rgb => ChannelOrder::Rgb,
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct ReadArgs {
+    /// Channel order assumed for files without `image_channel_order` (the fork's files are BGR).
+    #[arg(long, value_enum, default_value = "bgr")]
+    pub default_channel_order: OrderArg,
+}
+
+impl ReadArgs {
+    fn options(&self) -> ReadOptions {
+        ReadOptions {
+            default_channel_order: self.default_channel_order.into(),
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct InfoArgs {
+    /// An episode file or a directory of them.
+    pub path: PathBuf,
+    /// Print JSON (one object per episode, plus totals).
+    #[arg(long)]
+    pub json: bool,
+    /// With --json: include every action, event and a FNV-1a 64 hash of the stored image bytes.
+    #[arg(long, requires = "json")]
+    pub content: bool,
+    #[command(flatten)]
+    pub read: ReadArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct ValidateArgs {
+    /// A directory of episodes (or one file).
+    pub path: PathBuf,
+    /// Also decompress every frame (finds corrupt image chunks; slower).
+    #[arg(long)]
+    pub deep: bool,
+    /// Internal: check the one file in this process and print its defects as JSON. By default
+    /// each file is checked in such a child, because libhdf5 itself can crash on corrupt metadata.
+    #[arg(long, hide = true)]
+    pub defects_json: bool,
+    #[command(flatten)]
+    pub read: ReadArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct RecoverArgs {
+    pub dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum ModeArg {
+    /// One frame per command change (the fork's keyboard collector).
+    Event,
+    /// Fixed rate (--rate-hz), latest image + latest command.
+    Rate,
+}
+
+#[derive(Debug, Args)]
+pub struct ImportBagArgs {
+    /// rosbag2 directory (with metadata.yaml).
+    pub bag_dir: PathBuf,
+    /// Output directory for the episodes.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// sensor_msgs/Image or CompressedImage topic [default: the bag's only one].
+    #[arg(long)]
+    pub image_topic: Option<String>,
+    /// geometry_msgs/Twist or TwistStamped topic [default: the bag's only one].
+    #[arg(long)]
+    pub cmd_topic: Option<String>,
+    /// std_msgs/String topic carrying the instruction [default: the bag's only one, if any].
+    #[arg(long)]
+    pub instruction_topic: Option<String>,
+    /// Instruction stored in every episode (overrides the topic).
+    #[arg(long)]
+    pub instruction: Option<String>,
+    /// Start a new episode after this much time without a moving command (e.g. 2s, 500ms).
+    #[arg(long, value_parser = parse_duration)]
+    pub split_on_idle: Option<Duration>,
+    #[arg(long, value_enum, default_value = "event")]
+    pub mode: ModeArg,
+    /// Sampling rate for --mode rate.
+    #[arg(long, default_value_t = 10.0)]
+    pub rate_hz: f64,
+    /// In event mode, also add a stop_action frame when the command returns to zero.
+    #[arg(long)]
+    pub record_stops: bool,
+    /// Channel order to store frames in.
+    #[arg(long, value_enum, default_value = "bgr")]
+    pub channel_order: OrderArg,
+    /// gzip level 0-9 (h5py's default is 4).
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u8).range(0..=9))]
+    pub gzip_level: u8,
+    /// Appended to episode names, e.g. `1box_hori_left` (the fork derives instructions from it).
+    #[arg(long)]
+    pub name_suffix: Option<String>,
+}
+
+/// `2s`, `1.5s`, `500ms`, `2` (seconds).
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, scale) = if let Some(v) = s.strip_suffix("ms") {
+        (v, 1e-3)
+    } else if let Some(v) = s.strip_suffix('s') {
+        (v, 1.0)
+    } else if let Some(v) = s.strip_suffix("min") {
+        (v, 60.0)
+    } else {
+        (s, 1.0)
+    };
+    let v: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{s}` is not a duration (e.g. 2s, 500ms)"))?;
+    if !v.is_finite() || v < 0.0 {
+        return Err(format!("`{s}` is not a positive duration"));
+    }
+    Ok(Duration::from_secs_f64(v * scale))
+}
 
 pub fn run(cmd: DatasetCommand) -> anyhow::Result<ExitCode> {
-    match cmd {}
+    match cmd {
+        DatasetCommand::Info(a) => info(a),
+        DatasetCommand::Validate(a) => validate(a),
+        DatasetCommand::Recover(a) => recover(a),
+        DatasetCommand::ImportBag(a) => import(a),
+    }
+}
+
+fn episode_files(path: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    if path.is_dir() {
+        let files = list_episodes(path)?;
+        if files.is_empty() {
+            bail!("{}: no episode files (*.h5)", path.display());
+        }
+        Ok(files)
+    } else if path.is_file() {
+        Ok(vec![path.to_path_buf()])
+    } else {
+        bail!("{}: no such file or directory", path.display())
+    }
+}
+
+/// FNV-1a 64 of all stored frame bytes in order (cheap to recompute in Python for tests).
+fn fnv1a(reader: &EpisodeReader) -> anyhow::Result<String> {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for t in 0..reader.len() {
+        for &b in reader.read_frame_stored(t)?.as_raw() {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x100000001b3);
+        }
+    }
+    Ok(format!("{h:016x}"))
+}
+
+fn info(a: InfoArgs) -> anyhow::Result<ExitCode> {
+    let files = episode_files(&a.path)?;
+    let mut all = Vec::new();
+    let (mut frames, mut duration) = (0usize, 0.0f64);
+    let mut json = Vec::new();
+    for f in &files {
+        let r = EpisodeReader::open_with(f, a.read.options())?;
+        let m = r.meta();
+        let stats = ActionStats::from_actions(r.actions());
+        frames += r.len();
+        duration += m.total_duration;
+        all.extend_from_slice(r.actions());
+        let instruction = r.instruction();
+        let derived = m
+            .stored_instruction
+            .as_deref()
+            .is_none_or(|s| s.trim().is_empty())
+            && instruction.is_some();
+        if a.json {
+            let mut obj = serde_json::json!({
+                "path": f,
+                "episode_name": m.episode_name,
+                "num_frames": m.num_frames,
+                "total_duration": m.total_duration,
+                "action_chunk_size": m.action_chunk_size,
+                "frame_height": m.frame_size.0,
+                "frame_width": m.frame_size.1,
+                "channel_order": m.channel_order.as_str(),
+                "channel_order_recorded": m.channel_order_recorded,
+                "instruction": instruction,
+                "instruction_derived": derived,
+                "action_min": stats.map(|s| s.min),
+                "action_max": stats.map(|s| s.max),
+                "obstacle_layout_type": m.collection.obstacle_layout_type,
+                "time_period": m.collection.time_period,
+                "collection_datetime": m.collection.collection_datetime,
+                "collection_hour": m.collection.collection_hour,
+                "collection_minute": m.collection.collection_minute,
+            });
+            if a.content {
+                obj["actions"] = serde_json::json!(r.actions());
+                obj["events"] =
+                    serde_json::json!(r.events().iter().map(|e| e.as_str()).collect::<Vec<_>>());
+                obj["images_fnv1a64"] = serde_json::json!(fnv1a(&r)?);
+            }
+            json.push(obj);
+        } else {
+            println!("{}", f.display());
+            println!(
+                "  frames {} ({}x{}), duration {:.2} s, chunk {}",
+                m.num_frames, m.frame_size.1, m.frame_size.0, m.total_duration, m.action_chunk_size
+            );
+            let order_note = if m.channel_order_recorded {
+                ""
+            } else {
+                " (attribute absent: default)"
+            };
+            println!("  channel order {}{order_note}", m.channel_order.as_str());
+            match &instruction {
+                Some(i) if derived => {
+                    println!("  instruction \"{i}\" (derived from the file name)")
+                }
+                Some(i) => println!("  instruction \"{i}\""),
+                None => println!("  instruction (none)"),
+            }
+            if let Some(s) = stats {
+                println!(
+                    "  actions min [{:.3}, {:.3}, {:.3}] max [{:.3}, {:.3}, {:.3}]  (linear_x, linear_y, angular_z)",
+                    s.min[0], s.min[1], s.min[2], s.max[0], s.max[1], s.max[2]
+                );
+            }
+        }
+    }
+    let total = ActionStats::from_actions(&all);
+    if a.json {
+        let out = serde_json::json!({
+            "episodes": json,
+            "total_episodes": files.len(),
+            "total_frames": frames,
+            "total_duration": duration,
+            "action_min": total.map(|s| s.min),
+            "action_max": total.map(|s| s.max),
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else if files.len() > 1 {
+        println!("{} episodes, {frames} frames, {duration:.1} s", files.len());
+        if let Some(s) = total {
+            println!("  actions min {:?} max {:?}", s.min, s.max);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn check_file(f: &Path, read: ReadOptions, deep: bool) -> anyhow::Result<Vec<Defect>> {
+    let mut defects = validate_file(f, read);
+    if deep && defects.is_empty() {
+        let r = EpisodeReader::open_with(f, read)?;
+        let unreadable: Vec<usize> = (0..r.len())
+            .filter(|&t| r.read_frame_stored(t).is_err())
+            .collect();
+        if !unreadable.is_empty() {
+            defects.push(Defect::new(
+                "images",
+                format!("frames {unreadable:?} cannot be decompressed"),
+            ));
+        }
+    }
+    Ok(defects)
+}
+
+/// Checks `f` in a child process, so that a libhdf5 crash becomes a defect of that file.
+fn check_isolated(f: &Path, a: &ValidateArgs) -> anyhow::Result<Vec<Defect>> {
+    let exe = std::env::current_exe().context("locating the mobile_vla executable")?;
+    let order = ChannelOrder::from(a.read.default_channel_order).as_str();
+    let mut cmd = std::process::Command::new(exe);
+    cmd.args([
+        "dataset",
+        "validate",
+        "--defects-json",
+        "--default-channel-order",
+        order,
+    ]);
+    if a.deep {
+        cmd.arg("--deep");
+    }
+    let out = cmd
+        .arg(f)
+        .output()
+        .with_context(|| format!("checking {}", f.display()))?;
+    if !out.status.success() {
+        let why = match std::os::unix::process::ExitStatusExt::signal(&out.status) {
+            Some(sig) => {
+                format!("reading it crashed libhdf5 (signal {sig}): corrupt HDF5 metadata")
+            }
+            None => format!(
+                "checker failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+        };
+        return Ok(vec![Defect::new("file", why)]);
+    }
+    let parsed: Vec<(String, String)> =
+        serde_json::from_slice(&out.stdout).context("reading the checker's report")?;
+    Ok(parsed
+        .into_iter()
+        .map(|(field, problem)| Defect::new(field, problem))
+        .collect())
+}
+
+fn validate(a: ValidateArgs) -> anyhow::Result<ExitCode> {
+    if a.defects_json {
+        let defects = check_file(&a.path, a.read.options(), a.deep)?;
+        let pairs: Vec<(&str, &str)> = defects
+            .iter()
+            .map(|d| (d.field.as_str(), d.problem.as_str()))
+            .collect();
+        println!("{}", serde_json::to_string(&pairs)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let files = episode_files(&a.path)?;
+    let mut bad = 0;
+    for f in &files {
+        let defects = check_isolated(f, &a)?;
+        if defects.is_empty() {
+            println!("ok      {}", f.display());
+        } else {
+            bad += 1;
+            println!("INVALID {}", f.display());
+            for d in &defects {
+                println!("        {d}");
+            }
+        }
+    }
+    if a.path.is_dir() {
+        let partials = std::fs::read_dir(&a.path)?
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().ends_with(PARTIAL_SUFFIX))
+            .count();
+        if partials > 0 {
+            println!(
+                "note: {partials} unfinished partial file(s); `mobile_vla dataset recover {}`",
+                a.path.display()
+            );
+        }
+    }
+    println!(
+        "{} file(s): {} valid, {bad} invalid",
+        files.len(),
+        files.len() - bad
+    );
+    Ok(if bad == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn recover(a: RecoverArgs) -> anyhow::Result<ExitCode> {
+    let report = recover_partials(&a.dir)?;
+    for (p, n) in &report.recovered {
+        println!("recovered {} ({n} frames)", p.display());
+    }
+    for (p, why) in &report.discarded {
+        println!("discarded {}: {why}", p.display());
+    }
+    println!(
+        "{} recovered, {} discarded",
+        report.recovered.len(),
+        report.discarded.len()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn import(a: ImportBagArgs) -> anyhow::Result<ExitCode> {
+    if matches!(a.mode, ModeArg::Rate) && !(a.rate_hz > 0.0 && a.rate_hz.is_finite()) {
+        bail!("--rate-hz must be > 0");
+    }
+    let opts = ImportOptions {
+        image_topic: a.image_topic,
+        cmd_topic: a.cmd_topic,
+        instruction_topic: a.instruction_topic,
+        instruction: a.instruction,
+        split_on_idle: a.split_on_idle,
+        sampling: match a.mode {
+            ModeArg::Event => Sampling::Event {
+                record_stops: a.record_stops,
+            },
+            ModeArg::Rate => Sampling::Rate { hz: a.rate_hz },
+        },
+        write: WriteOptions::default()
+            .channel_order(a.channel_order.into())
+            .gzip_level(Some(a.gzip_level)),
+        name_suffix: a.name_suffix,
+    };
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} messages ({per_sec})",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let mut progress = |done: u64, total: u64| {
+        bar.set_length(total.max(done));
+        bar.set_position(done);
+    };
+    let summary = import_bag(&a.bag_dir, &a.out, &opts, &mut progress)
+        .with_context(|| format!("importing {}", a.bag_dir.display()))?;
+    bar.finish_and_clear();
+    println!(
+        "read {} image(s) from {} and {} command(s) from {}",
+        summary.images, summary.image_topic, summary.commands, summary.cmd_topic
+    );
+    for (p, n, d) in &summary.episodes {
+        println!("  {} : {n} frames, {d:.2} s", p.display());
+    }
+    if summary.frames_without_image > 0 {
+        println!(
+            "  {} frame(s) skipped: no image had arrived yet",
+            summary.frames_without_image
+        );
+    }
+    println!(
+        "{} episode(s) written to {}",
+        summary.episodes.len(),
+        a.out.display()
+    );
+    if summary.episodes.is_empty() {
+        eprintln!("warning: no moving command in the bag, so no episode");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_duration;
+    use std::time::Duration;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("1.5"), Ok(Duration::from_millis(1500)));
+        assert!(parse_duration("fast").is_err());
+        assert!(parse_duration("-1s").is_err());
+    }
 }

@@ -694,12 +694,12 @@ pub fn import_robovlms(
         })?;
         for (name, _) in st.tensors() {
             if let std::collections::hash_map::Entry::Vacant(slot) = tensors.entry(name) {
-                let t = st
-                    .load(slot.key(), &Device::Cpu)
-                    .map_err(|source| ModelError::Tensors {
-                        path: hf_model.to_owned(),
-                        source,
-                    })?;
+                let t =
+                    st.load(slot.key(), &Device::Cpu)
+                        .map_err(|source| ModelError::Tensors {
+                            path: hf_model.to_owned(),
+                            source,
+                        })?;
                 from_hf.push(slot.key().clone());
                 slot.insert(t);
             }

@@ -31,6 +31,8 @@ pub enum ModelError {
         expected: Vec<usize>,
         got: Vec<usize>,
     },
+    #[error("the policy produced a non-finite action at chunk step {step}: {values:?}")]
+    NonFiniteAction { step: usize, values: Vec<f32> },
     #[error(transparent)]
     Backbone(Box<crate::model::kosmos2::Kosmos2Error>),
     #[error(transparent)]

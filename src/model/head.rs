@@ -70,25 +70,24 @@ impl Module for Mlp {
     }
 }
 
-/// One LSTM layer with PyTorch's gate order (i, f, g, o) and parameter names.
+/// One LSTM layer with PyTorch's gate order (i, f, g, o) and parameter names. Weights are kept as
+/// loaded (no fused copies), so a `VarMap`-backed layer sees optimiser updates.
 #[derive(Debug, Clone)]
 struct LstmLayer {
-    w_ih_t: Tensor, // (in, 4H)
-    w_hh_t: Tensor, // (H, 4H)
-    bias: Tensor,   // (4H,) = b_ih + b_hh
+    w_ih: Tensor, // (4H, in)
+    w_hh: Tensor, // (4H, H)
+    b_ih: Tensor, // (4H,)
+    b_hh: Tensor, // (4H,)
     hidden: usize,
 }
 
 impl LstmLayer {
     fn new(in_dim: usize, hidden: usize, k: usize, vb: &VarBuilder) -> Result<Self> {
-        let w_ih = vb.get((4 * hidden, in_dim), &format!("weight_ih_l{k}"))?;
-        let w_hh = vb.get((4 * hidden, hidden), &format!("weight_hh_l{k}"))?;
-        let b_ih = vb.get(4 * hidden, &format!("bias_ih_l{k}"))?;
-        let b_hh = vb.get(4 * hidden, &format!("bias_hh_l{k}"))?;
         Ok(Self {
-            w_ih_t: w_ih.t()?,
-            w_hh_t: w_hh.t()?,
-            bias: (b_ih + b_hh)?,
+            w_ih: vb.get((4 * hidden, in_dim), &format!("weight_ih_l{k}"))?,
+            w_hh: vb.get((4 * hidden, hidden), &format!("weight_hh_l{k}"))?,
+            b_ih: vb.get(4 * hidden, &format!("bias_ih_l{k}"))?,
+            b_hh: vb.get(4 * hidden, &format!("bias_hh_l{k}"))?,
             hidden,
         })
     }
@@ -99,13 +98,15 @@ impl LstmLayer {
         // Input projections for all steps in one matmul; only the recurrent part is sequential.
         let gates_x = xs
             .reshape((b * t, d))?
-            .matmul(&self.w_ih_t)?
-            .broadcast_add(&self.bias)?
+            .matmul(&self.w_ih.t()?)?
+            .broadcast_add(&self.b_ih)?
+            .broadcast_add(&self.b_hh)?
             .reshape((b, t, 4 * self.hidden))?;
+        let w_hh_t = self.w_hh.t()?;
         let (mut h, mut c) = state;
         let mut outs = Vec::with_capacity(t);
         for step in 0..t {
-            let gates = (gates_x.narrow(1, step, 1)?.squeeze(1)? + h.matmul(&self.w_hh_t)?)?;
+            let gates = (gates_x.narrow(1, step, 1)?.squeeze(1)? + h.matmul(&w_hh_t)?)?;
             let chunks = gates.chunk(4, D::Minus1)?;
             let i = candle_nn::ops::sigmoid(&chunks[0])?;
             let f = candle_nn::ops::sigmoid(&chunks[1])?;
@@ -259,7 +260,12 @@ impl LstmDecoder {
         let lstm: usize = self
             .rnn
             .iter()
-            .map(|l| l.w_ih_t.elem_count() + l.w_hh_t.elem_count() + 2 * l.bias.elem_count())
+            .map(|l| {
+                l.w_ih.elem_count()
+                    + l.w_hh.elem_count()
+                    + l.b_ih.elem_count()
+                    + l.b_hh.elem_count()
+            })
             .sum();
         let mlp = |m: &Mlp| -> usize {
             m.layers

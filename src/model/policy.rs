@@ -429,9 +429,10 @@ impl Policy {
                 row.iter_mut().for_each(|v| *v = norm.denormalize(*v));
             }
             if row.iter().any(|v| !v.is_finite()) {
-                return Err(ModelError::Candle(candle_core::Error::Msg(format!(
-                    "non-finite action at chunk step {k}: {row:?}"
-                ))));
+                return Err(ModelError::NonFiniteAction {
+                    step: k,
+                    values: row,
+                });
             }
             rows.push(row);
         }

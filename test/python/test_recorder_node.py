@@ -1,0 +1,263 @@
+"""recorder_node as a real process: episodes recorded from rclpy-published topics are
+checked with h5py the way the Mobile VLA loaders read them; kill -9 loses nothing saved."""
+
+import io
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from conftest import bin_path, spin_until
+
+W, H = 8, 6
+
+
+def bgr_frame(seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, size=(H, W, 3), dtype=np.uint8)
+
+
+def image_msg(frame_bgr: np.ndarray):
+    from sensor_msgs.msg import Image
+
+    msg = Image(width=W, height=H, encoding="bgr8", step=W * 3)
+    msg.data = frame_bgr.tobytes()
+    return msg
+
+
+def png_msg(frame_bgr: np.ndarray):
+    from PIL import Image as PILImage
+    from sensor_msgs.msg import CompressedImage
+
+    buf = io.BytesIO()
+    PILImage.fromarray(frame_bgr[:, :, ::-1].copy()).save(buf, format="PNG")  # PIL wants RGB
+    return CompressedImage(format="png", data=buf.getvalue())
+
+
+class Client:
+    """The rclpy side: publishers for the recorder's inputs and its services."""
+
+    def __init__(self, node, cmd_type="twist", compressed=False):
+        from geometry_msgs.msg import Twist, TwistStamped
+        from mobile_vla.msg import RecordingStatus
+        from mobile_vla.srv import StartEpisode
+        from sensor_msgs.msg import CompressedImage, Image
+        from std_msgs.msg import String
+        from std_srvs.srv import Trigger
+
+        self.node = node
+        self.stamped = cmd_type == "stamped"
+        self.compressed = compressed
+        self.img = node.create_publisher(CompressedImage if compressed else Image, "image", 10)
+        self.cmd = node.create_publisher(TwistStamped if self.stamped else Twist, "cmd_vel", 10)
+        self.instr = node.create_publisher(String, "instruction", 10)
+        self.start = node.create_client(StartEpisode, "/recorder_node/start_episode")
+        self.stop = node.create_client(Trigger, "/recorder_node/stop_episode")
+        self.status = []
+        node.create_subscription(RecordingStatus, "/recorder_node/status", self.status.append, 10)
+
+    def wait_ready(self, proc):
+        ok = spin_until(
+            self.node,
+            lambda: self.img.get_subscription_count() > 0
+            and self.cmd.get_subscription_count() > 0
+            and self.start.service_is_ready(),
+        )
+        assert ok, f"recorder never came up:\n{proc.output()}"
+
+    def send_image(self, frame):
+        self.img.publish(png_msg(frame) if self.compressed else image_msg(frame))
+
+    def send_cmd(self, vx, vy, wz):
+        from geometry_msgs.msg import Twist, TwistStamped
+
+        t = Twist()
+        t.linear.x, t.linear.y, t.angular.z = vx, vy, wz
+        if self.stamped:
+            self.cmd.publish(TwistStamped(twist=t))
+        else:
+            self.cmd.publish(t)
+
+    def call(self, client, request):
+        fut = client.call_async(request)
+        assert spin_until(self.node, fut.done, timeout=10)
+        return fut.result()
+
+    def pause(self, seconds):
+        spin_until(self.node, lambda: False, timeout=seconds)
+
+
+def wait_for_file(directory: Path, pattern="*.h5", n=1, timeout=15.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        files = sorted(directory.glob(pattern))
+        if len(files) >= n:
+            return files
+        time.sleep(0.1)
+    return sorted(directory.glob(pattern))
+
+
+def test_event_mode_episode_matches_the_mobile_vla_format(start_node, rclpy_node, tmp_path):
+    from mobile_vla.srv import StartEpisode
+    from std_msgs.msg import String
+    from std_srvs.srv import Trigger
+
+    out = tmp_path / "episodes"
+    proc = start_node(
+        "recorder_node", "--ros-args", "-p", f"output_dir:={out}", "-p", "scenario:=1box_hori_left"
+    )
+    c = Client(rclpy_node)
+    c.wait_ready(proc)
+    c.instr.publish(String(data="go left around the box"))
+
+    # Each step: a fresh image first (best effort, so send it a few times), then the command.
+    steps = [(None, 0), ((0.5, 0.0, 0.0), 1), ((0.0, 0.0, 0.0), 2), ((0.0, 0.0, 1.0), 3), ((0.0, 0.0, 0.0), 4)]
+    frames = [bgr_frame(seed) for _, seed in steps]
+    for _ in range(3):
+        c.send_image(frames[0])
+        c.pause(0.1)
+    resp = c.call(c.start, StartEpisode.Request())
+    assert resp.success, resp.message
+    name = resp.episode_name
+    assert name.startswith("episode_") and name.endswith("_1box_hori_left")
+    for (cmd, _), frame in zip(steps[1:], frames[1:]):
+        for _ in range(3):
+            c.send_image(frame)
+            c.pause(0.1)
+        c.send_cmd(*cmd)
+        if cmd[0] == 0.5:
+            c.send_cmd(*cmd)  # a held key repeats the command: recorded once
+        c.pause(0.3)
+    resp = c.call(c.stop, Trigger.Request())
+    assert resp.success, resp.message
+
+    files = wait_for_file(out)
+    assert [f.name for f in files] == [f"{name}.h5"], proc.output()
+    with h5py.File(files[0], "r") as f:
+        assert f.attrs["episode_name"] == name
+        assert f.attrs["num_frames"] == 5
+        assert f.attrs["action_chunk_size"] == 8
+        assert f.attrs["image_channel_order"] == "bgr"
+        assert 0 < f.attrs["total_duration"] < 30
+        assert f["images"].dtype == np.uint8 and f["images"].shape == (5, H, W, 3)
+        assert f["images"].compression == "gzip"
+        np.testing.assert_array_equal(f["images"][:], np.stack(frames))
+        assert f["actions"].dtype == np.float32
+        np.testing.assert_allclose(
+            f["actions"][:], [[0, 0, 0], [0.5, 0, 0], [0, 0, 0], [0, 0, 1], [0, 0, 0]]
+        )
+        events = [e.decode() if isinstance(e, bytes) else e for e in f["action_event_types"][:]]
+        assert events == ["episode_start", "start_action", "stop_action", "start_action", "stop_action"]
+        assert f["language_instruction"][0].decode() == "go left around the box"
+
+    assert spin_until(rclpy_node, lambda: any(s.episodes_saved >= 1 for s in c.status))
+    last = [s for s in c.status if s.episodes_saved >= 1][-1]
+    assert last.last_saved_path == str(files[0]) and last.state == 0
+    assert proc.stop() == 0, proc.output()
+
+
+def test_rate_mode_compressed_stamped_idle_timeout(start_node, rclpy_node, tmp_path):
+    from mobile_vla.srv import StartEpisode
+
+    out = tmp_path / "episodes"
+    proc = start_node(
+        "recorder_node", "--ros-args",
+        "-p", f"output_dir:={out}", "-p", "mode:=rate", "-p", "rate_hz:=20.0",
+        "-p", "compressed:=true", "-p", "cmd_stamped:=true", "-p", "idle_timeout_s:=1.0",
+        "-p", "channel_order:=rgb", "-p", "instruction:=drive forward",
+    )
+    c = Client(rclpy_node, cmd_type="stamped", compressed=True)
+    c.wait_ready(proc)
+    frame = bgr_frame(7)
+    for _ in range(3):
+        c.send_image(frame)
+        c.pause(0.05)
+    assert c.call(c.start, StartEpisode.Request(episode_name="rate_ep")).success
+    t_end = time.monotonic() + 1.5
+    while time.monotonic() < t_end:
+        c.send_image(frame)
+        c.send_cmd(0.3, 0.0, -0.2)
+        c.pause(0.05)
+    # No more commands: the idle timeout (1 s) ends and saves the episode by itself.
+    files = wait_for_file(out, timeout=10)
+    assert [f.name for f in files] == ["rate_ep.h5"], proc.output()
+    with h5py.File(files[0], "r") as f:
+        n = f.attrs["num_frames"]
+        assert n >= 10, n  # ~1.5 s at 20 Hz
+        assert f.attrs["image_channel_order"] == "rgb"
+        np.testing.assert_array_equal(f["images"][1], frame[:, :, ::-1])  # stored as RGB
+        acts = f["actions"][:]
+        moving = acts[np.abs(acts).sum(axis=1) > 0]
+        np.testing.assert_allclose(moving, np.tile([0.3, 0.0, -0.2], (len(moving), 1)), rtol=1e-6)
+        assert len(moving) >= n // 2
+        assert f["language_instruction"][0].decode() == "drive forward"
+    assert proc.stop(signal.SIGTERM) == 0, proc.output()
+
+
+def test_kill_9_keeps_completed_episodes(start_node, rclpy_node, tmp_path, ros_domain):
+    from mobile_vla.srv import StartEpisode
+    from std_srvs.srv import Trigger
+
+    out = tmp_path / "episodes"
+    args = ("--ros-args", "-p", f"output_dir:={out}", "-p", "mode:=rate", "-p", "rate_hz:=20.0")
+    proc = start_node("recorder_node", *args)
+    c = Client(rclpy_node)
+    c.wait_ready(proc)
+
+    def stream(seconds, seed):
+        t_end = time.monotonic() + seconds
+        while time.monotonic() < t_end:
+            c.send_image(bgr_frame(seed))
+            c.send_cmd(0.2, 0.1, 0.0)
+            c.pause(0.05)
+
+    stream(0.3, 1)
+    assert c.call(c.start, StartEpisode.Request(episode_name="done_ep")).success
+    stream(1.0, 1)
+    assert c.call(c.stop, Trigger.Request()).success
+    done = wait_for_file(out)
+    assert [f.name for f in done] == ["done_ep.h5"]
+    with h5py.File(done[0], "r") as f:
+        saved_images = f["images"][:]
+        saved_actions = f["actions"][:]
+
+    assert c.call(c.start, StartEpisode.Request(episode_name="cut_ep")).success
+    stream(1.0, 2)
+    proc.proc.send_signal(signal.SIGKILL)
+    proc.proc.wait(10)
+
+    # The completed episode is intact; the interrupted one has no file under a final name.
+    assert sorted(p.name for p in out.glob("*.h5")) == ["done_ep.h5"]
+    with h5py.File(out / "done_ep.h5", "r") as f:
+        np.testing.assert_array_equal(f["images"][:], saved_images)
+        np.testing.assert_array_equal(f["actions"][:], saved_actions)
+    assert (out / ".cut_ep.h5.partial").exists()
+
+    # A restarted recorder salvages what the killed one had flushed.
+    proc2 = start_node("recorder_node", *args)
+    c.wait_ready(proc2)
+    assert not list(out.glob("*.partial")), proc2.output()
+    names = sorted(p.name for p in out.glob("*.h5"))
+    if "cut_ep.h5" in names:
+        with h5py.File(out / "cut_ep.h5", "r") as f:
+            n = f.attrs["num_frames"]
+            assert n > 0 and f["images"].shape[0] == n == f["actions"].shape[0]
+        assert "recovered" in proc2.output()
+    else:
+        assert "discarded" in proc2.output()
+    validate = subprocess.run(
+        [str(bin_path("mobile_vla")), "dataset", "validate", str(out)], capture_output=True, text=True
+    )
+    assert validate.returncode == 0, validate.stdout + validate.stderr
+    assert proc2.stop() == 0, proc2.output()
+
+
+@pytest.mark.parametrize("bad", ["mode:=sometimes", "gzip_level:=12"])
+def test_bad_parameters_fail_with_their_name(start_node, bad, tmp_path):
+    proc = start_node("recorder_node", "--ros-args", "-p", f"output_dir:={tmp_path}", "-p", bad)
+    proc.proc.wait(timeout=20)
+    assert proc.proc.returncode != 0
+    assert bad.split(":=")[0] in proc.output()

@@ -1,0 +1,164 @@
+//! Import of the committed rosbag2 fixtures (written by the real `rosbags` writer, see
+//! test/fixtures/bags/generate.py) in both storage formats.
+
+use mobile_vla::data::bag::{import_bag, Bag, BagError, ImportOptions, Sampling, Storage};
+use mobile_vla::data::episode::{EpisodeReader, EventType};
+use std::path::{Path, PathBuf};
+
+fn fixture(storage: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("test/fixtures/bags")
+        .join(storage)
+}
+
+/// The fixture camera frame k (true RGB) at pixel (x, y).
+fn camera(k: u8, x: u32, y: u32) -> [u8; 3] {
+    [20 * k, (x * 30) as u8, (y * 40) as u8]
+}
+
+fn import(storage: &str, opts: &ImportOptions) -> (tempfile::TempDir, Vec<EpisodeReader>) {
+    let out = tempfile::tempdir().unwrap();
+    let summary = import_bag(&fixture(storage), out.path(), opts, &mut |_, _| {}).unwrap();
+    assert_eq!(summary.images, 12);
+    assert_eq!(summary.commands, 8);
+    let readers = summary
+        .episodes
+        .iter()
+        .map(|(p, _, _)| EpisodeReader::open(p).unwrap())
+        .collect();
+    (out, readers)
+}
+
+#[test]
+fn metadata_is_read() {
+    let bag = Bag::open(&fixture("mcap")).unwrap();
+    assert_eq!(bag.storage, Storage::Mcap);
+    assert_eq!(bag.info.message_count, 21);
+    assert_eq!(
+        Bag::open(&fixture("sqlite3")).unwrap().storage,
+        Storage::Sqlite3
+    );
+}
+
+#[test]
+fn event_mode_pairs_each_press_with_the_latest_frame() {
+    for storage in ["mcap", "sqlite3"] {
+        let (_dir, eps) = import(storage, &ImportOptions::default());
+        assert_eq!(eps.len(), 1, "{storage}");
+        let ep = &eps[0];
+        assert_eq!(ep.meta().episode_name, "episode_20251203_122510");
+        assert_eq!(
+            ep.events(),
+            [
+                EventType::EpisodeStart,
+                EventType::StartAction,
+                EventType::StartAction
+            ]
+        );
+        assert_eq!(
+            ep.actions(),
+            [[0.0, 0.0, 0.0], [0.5, 0.0, 0.0], [0.0, 0.0, -0.5]]
+        );
+        // Presses at 250 ms and 650 ms; frames arrive at 10 ms + 100 ms·k.
+        for (t, k) in [(0, 2u8), (1, 2), (2, 6)] {
+            let rgb = ep.read_frame(t).unwrap();
+            assert_eq!(
+                rgb.get_pixel(5, 4).0,
+                camera(k, 5, 4),
+                "{storage} frame {t}"
+            );
+            // Stored BGR (the default).
+            assert_eq!(
+                ep.read_frame_stored(t).unwrap().get_pixel(5, 4).0[0],
+                camera(k, 5, 4)[2]
+            );
+        }
+        assert!((ep.meta().total_duration - 0.4).abs() < 1e-9);
+        assert_eq!(ep.instruction().as_deref(), Some("reach the cup"));
+    }
+}
+
+#[test]
+fn stops_and_idle_split() {
+    let opts = ImportOptions {
+        sampling: Sampling::Event { record_stops: true },
+        split_on_idle: Some(std::time::Duration::from_millis(200)),
+        instruction: Some("go".into()),
+        ..Default::default()
+    };
+    let (_dir, eps) = import("sqlite3", &opts);
+    // Last move command at 350 ms, next press at 650 ms: idle 300 ms > 200 ms splits.
+    assert_eq!(eps.len(), 2);
+    assert_eq!(
+        eps[0].events(),
+        [
+            EventType::EpisodeStart,
+            EventType::StartAction,
+            EventType::StopAction
+        ]
+    );
+    assert_eq!(eps[0].actions()[2], [0.0, 0.0, 0.0]);
+    assert_eq!(
+        eps[0].read_frame(2).unwrap().get_pixel(0, 0).0,
+        camera(3, 0, 0)
+    ); // stop at 400 ms
+    assert_eq!(eps[1].meta().episode_name, "episode_20251203_122510_2");
+    assert_eq!(
+        eps[1].actions(),
+        [[0.0, 0.0, 0.0], [0.0, 0.0, -0.5], [0.0, 0.0, 0.0]]
+    );
+    assert_eq!(eps[1].instruction().as_deref(), Some("go"));
+}
+
+#[test]
+fn rate_mode_samples_at_fixed_hz() {
+    let opts = ImportOptions {
+        sampling: Sampling::Rate { hz: 10.0 },
+        ..Default::default()
+    };
+    let (_dir, eps) = import("mcap", &opts);
+    let ep = &eps[0];
+    // Ticks at 250, 350, …, 1050 ms (last message at 1110 ms): 9 frames.
+    assert_eq!(ep.len(), 9);
+    assert_eq!(ep.actions()[0], [0.5, 0.0, 0.0]);
+    assert_eq!(ep.events()[0], EventType::EpisodeStart);
+    // 450 ms: the 400 ms stop applies, image k=4.
+    assert_eq!(ep.actions()[2], [0.0, 0.0, 0.0]);
+    assert_eq!(ep.events()[2], EventType::StopAction);
+    assert_eq!(ep.read_frame(2).unwrap().get_pixel(0, 0).0, camera(4, 0, 0));
+    // 650 ms: the -0.5 turn.
+    assert_eq!(ep.actions()[4], [0.0, 0.0, -0.5]);
+}
+
+#[test]
+fn topic_errors_name_the_topic() {
+    let out = tempfile::tempdir().unwrap();
+    let opts = ImportOptions {
+        image_topic: Some("/nope".into()),
+        ..Default::default()
+    };
+    let err = import_bag(&fixture("mcap"), out.path(), &opts, &mut |_, _| {}).unwrap_err();
+    assert!(
+        matches!(&err, BagError::NoSuchTopic { topic, .. } if topic == "/nope"),
+        "{err}"
+    );
+    assert!(
+        err.to_string()
+            .contains("/camera/image_raw (sensor_msgs/msg/Image)"),
+        "{err}"
+    );
+    let opts = ImportOptions {
+        cmd_topic: Some("/instruction".into()),
+        ..Default::default()
+    };
+    let err = import_bag(&fixture("mcap"), out.path(), &opts, &mut |_, _| {}).unwrap_err();
+    assert!(matches!(err, BagError::TopicType { .. }), "{err}");
+    let err = import_bag(
+        out.path(),
+        out.path(),
+        &ImportOptions::default(),
+        &mut |_, _| {},
+    )
+    .unwrap_err();
+    assert!(matches!(err, BagError::NoMetadata { .. }), "{err}");
+}

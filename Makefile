@@ -39,7 +39,9 @@ fmt:
 demo: build
 	@$(ENV) && MOBILE_VLA_BIN_DIR=$(BIN_DIR) python scripts/demo.py
 
+# policy_step runs the full Kosmos-2 shape too (minutes, ~7 GB); MOBILE_VLA_BENCH_FULL=0 skips it.
 bench: build
+	@bash scripts/torch-venv.sh
 	@$(ENV) && cargo bench --features ros
 
 # The real-ROS path: a colcon workspace with this package, built as a user would.

@@ -9,7 +9,8 @@
 //! - `MOBILE_VLA_BENCH_DTYPES` (default `f32,bf16,f16`), `MOBILE_VLA_BENCH_SHAPES` (default all);
 //! - `MOBILE_VLA_TORCH_PYTHON`: the interpreter with torch + transformers (default the repo's
 //!   `.cache/torch-venv`); without one the torch column is left empty;
-//! - `RAYON_NUM_THREADS` (default 2) sets the threads of both frameworks.
+//! - `RAYON_NUM_THREADS` (default 2) sets the threads of both frameworks' matmuls;
+//!   `CANDLE_NUM_THREADS` (default 1 here) those of candle's element-wise ops.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -107,17 +108,15 @@ impl SimpleBackend for RandomWeights {
     ) -> candle_core::Result<Tensor> {
         let n = s.elem_count();
         self.elems.fetch_add(n, Ordering::Relaxed);
-        self.bytes.fetch_add(n * dtype.size_in_bytes(), Ordering::Relaxed);
+        self.bytes
+            .fetch_add(n * dtype.size_in_bytes(), Ordering::Relaxed);
         if s.rank() == 1 && name.ends_with(".weight") {
             return Tensor::ones(s, dtype, dev);
         }
         // xorshift64*, seeded by the name: deterministic and fast enough for 1.7 B values.
-        let mut state = name
-            .bytes()
-            .fold(0x9E37_79B9_7F4A_7C15u64, |h, b| {
-                (h ^ u64::from(b)).wrapping_mul(0x100_0000_01B3)
-            })
-            | 1;
+        let mut state = name.bytes().fold(0x9E37_79B9_7F4A_7C15u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x100_0000_01B3)
+        }) | 1;
         let mut next = move || {
             state ^= state >> 12;
             state ^= state << 25;
@@ -200,7 +199,8 @@ fn run_case(root: &Path, spec: &ShapeSpec, dtype_name: &str) -> Result<CaseResul
     let mut cfg = PolicyConfig::native(WINDOW, FWD_PRED_NEXT_N, 1.15, 0.4);
     cfg.head = spec.head;
     // Only needed to build the policy: the bench passes token ids directly.
-    let tokenizer = PromptTokenizer::from_file(&root.join("test/fixtures/policy/native/tokenizer.json"))?;
+    let tokenizer =
+        PromptTokenizer::from_file(&root.join("test/fixtures/policy/native/tokenizer.json"))?;
     let weights = RandomWeights::default();
     let t0 = Instant::now();
     let vb = VarBuilder::from_backend(Box::new(weights.clone()), dtype, dev.clone());
@@ -226,7 +226,9 @@ fn run_case(root: &Path, spec: &ShapeSpec, dtype_name: &str) -> Result<CaseResul
         Ok(t.elapsed().as_secs_f64())
     };
     step()?; // warm-up
-    let mut times = (0..spec.steps).map(|_| step()).collect::<Result<Vec<_>>>()?;
+    let mut times = (0..spec.steps)
+        .map(|_| step())
+        .collect::<Result<Vec<_>>>()?;
     let min_s = times.iter().copied().fold(f64::INFINITY, f64::min);
     let feature = policy.frame_features(&pixels, &ids)?;
     // Reading one number back waits for the whole computation.
@@ -247,7 +249,7 @@ fn run_case(root: &Path, spec: &ShapeSpec, dtype_name: &str) -> Result<CaseResul
     ];
     let mut parts_s = HashMap::new();
     for (name, f) in parts {
-        let mut ts = (0..spec.steps.min(3))
+        let mut ts = (0..spec.steps.div_ceil(3))
             .map(|_| {
                 let t = Instant::now();
                 f().map(|_| t.elapsed().as_secs_f64())
@@ -324,9 +326,9 @@ fn print_table(results: &[CaseResult]) {
     );
     println!("|---|---|---|---|---|---|---|---|---|");
     for r in results {
-        let ratio = torch
-            .get(r.shape.as_str())
-            .map_or("–".to_string(), |t| format!("{:.2}×", t.median_s / r.median_s));
+        let ratio = torch.get(r.shape.as_str()).map_or("–".to_string(), |t| {
+            format!("{:.2}×", t.median_s / r.median_s)
+        });
         println!(
             "| {} | {} | {} | {:.1} M | {:.2} | {:.4} | {:.4} | {:.2} | {} |",
             r.shape,
@@ -349,9 +351,14 @@ fn print_table(results: &[CaseResult]) {
 
 fn main() -> Result<()> {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    // Read by candle on first use; children inherit them. Matmuls use RAYON_NUM_THREADS; candle's
+    // element-wise pool stays single-threaded unless CANDLE_NUM_THREADS says otherwise, because its
+    // workers spin-wait between ops, which starves the matmul threads on a 2-core machine.
     if std::env::var_os("RAYON_NUM_THREADS").is_none() {
-        // Must be set before candle's first matmul reads it; children inherit it.
         std::env::set_var("RAYON_NUM_THREADS", "2");
+    }
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
     }
     let args: Vec<String> = std::env::args().collect();
     if let Some(i) = args.iter().position(|a| a == "--case") {
@@ -408,6 +415,8 @@ fn main() -> Result<()> {
                     &spec.head.hidden_size.to_string(),
                     "--lstm-layers",
                     &spec.head.num_layers.to_string(),
+                    "--threads",
+                    &candle_core::utils::get_num_threads().to_string(),
                     "--mlp-hidden",
                 ])
                 .args(spec.head.mlp_hidden.map(|w| w.to_string()));

@@ -4,7 +4,7 @@
 //! `actions.mlp.{0,2,4,6}`, `gripper.mlp.{0,2,4,6}`.
 //! Upstream: `robovlms/model/policy_head/base_policy.py` (`LSTMDecoder`, `MLPTanhHead`, `MLPSigmoidHead`).
 
-use candle_core::{Module, Result, Tensor, D};
+use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::{linear, Linear, VarBuilder};
 use std::collections::VecDeque;
 
@@ -102,11 +102,25 @@ impl LstmLayer {
             .broadcast_add(&self.b_ih)?
             .broadcast_add(&self.b_hh)?
             .reshape((b, t, 4 * self.hidden))?;
-        let w_hh_t = self.w_hh.t()?;
+        // candle's CPU matmul widens both bf16 operands to f32 on every call; widen W_hh once per
+        // sequence instead (same numbers, T times less conversion).
+        let widen = self.w_hh.dtype() == DType::BF16;
+        let w_hh_t = if widen {
+            self.w_hh.to_dtype(DType::F32)?.t()?
+        } else {
+            self.w_hh.t()?
+        };
         let (mut h, mut c) = state;
         let mut outs = Vec::with_capacity(t);
         for step in 0..t {
-            let gates = (gates_x.narrow(1, step, 1)?.squeeze(1)? + h.matmul(&w_hh_t)?)?;
+            let rec = if widen {
+                h.to_dtype(DType::F32)?
+                    .matmul(&w_hh_t)?
+                    .to_dtype(DType::BF16)?
+            } else {
+                h.matmul(&w_hh_t)?
+            };
+            let gates = (gates_x.narrow(1, step, 1)?.squeeze(1)? + rec)?;
             let chunks = gates.chunk(4, D::Minus1)?;
             let i = candle_nn::ops::sigmoid(&chunks[0])?;
             let f = candle_nn::ops::sigmoid(&chunks[1])?;

@@ -3,10 +3,10 @@
 //! `Kosmos2ImageToTextProjection`.
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
 
 use super::config::Kosmos2Config;
-use super::layers::Attention;
+use super::layers::{linear, Attention, Linear};
 
 #[derive(Debug, Clone)]
 pub(crate) struct ImageToTextProjection {
@@ -19,7 +19,7 @@ impl ImageToTextProjection {
     pub(crate) fn new(cfg: &Kosmos2Config, vb: VarBuilder) -> Result<Self> {
         let dt = cfg.text_config.embed_dim;
         Ok(Self {
-            dense: candle_nn::linear(cfg.vision_config.hidden_size, dt, vb.pp("dense"))?,
+            dense: linear(cfg.vision_config.hidden_size, dt, vb.pp("dense"))?,
             latent_query: vb.get((cfg.latent_query_num, dt), "latent_query")?,
             x_attn: Attention::new(dt, cfg.text_config.attention_heads, None, vb.pp("x_attn"))?,
         })

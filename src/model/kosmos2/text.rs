@@ -3,10 +3,10 @@
 //! sequences given as embeddings.
 
 use candle_core::{bail, Device, Module, Result, Tensor};
-use candle_nn::{Embedding, Linear, VarBuilder};
+use candle_nn::{Embedding, VarBuilder};
 
 use super::config::{Activation, Kosmos2TextConfig};
-use super::layers::{causal_mask, Attention, LayerNorm};
+use super::layers::{causal_mask, linear, Attention, LayerNorm, Linear};
 
 /// `fc1` → activation → `ffn_layernorm` → `fc2`.
 #[derive(Debug, Clone)]
@@ -20,8 +20,8 @@ struct Ffn {
 impl Ffn {
     fn new(cfg: &Kosmos2TextConfig, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
-            fc1: candle_nn::linear(cfg.embed_dim, cfg.ffn_dim, vb.pp("fc1"))?,
-            fc2: candle_nn::linear(cfg.ffn_dim, cfg.embed_dim, vb.pp("fc2"))?,
+            fc1: linear(cfg.embed_dim, cfg.ffn_dim, vb.pp("fc1"))?,
+            fc2: linear(cfg.ffn_dim, cfg.embed_dim, vb.pp("fc2"))?,
             ffn_layernorm: LayerNorm::new(cfg.ffn_dim, cfg.layer_norm_eps, vb.pp("ffn_layernorm"))?,
             act: cfg.activation_function,
         })

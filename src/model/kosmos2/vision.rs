@@ -2,10 +2,10 @@
 //! `Kosmos2VisionTransformer` (a copy of `CLIPVisionTransformer`).
 
 use candle_core::{bail, Module, Result, Tensor};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
 
 use super::config::{Activation, Kosmos2VisionConfig};
-use super::layers::{Attention, LayerNorm};
+use super::layers::{linear, Attention, LayerNorm, Linear};
 
 /// Class token + strided-conv patch embeddings + learned positions.
 ///
@@ -83,8 +83,8 @@ impl EncoderLayer {
         Ok(Self {
             self_attn: Attention::new(d, cfg.num_attention_heads, None, vb.pp("self_attn"))?,
             layer_norm1: LayerNorm::new(d, eps, vb.pp("layer_norm1"))?,
-            fc1: candle_nn::linear(d, cfg.intermediate_size, vb.pp("mlp").pp("fc1"))?,
-            fc2: candle_nn::linear(cfg.intermediate_size, d, vb.pp("mlp").pp("fc2"))?,
+            fc1: linear(d, cfg.intermediate_size, vb.pp("mlp").pp("fc1"))?,
+            fc2: linear(cfg.intermediate_size, d, vb.pp("mlp").pp("fc2"))?,
             layer_norm2: LayerNorm::new(d, eps, vb.pp("layer_norm2"))?,
             act: cfg.hidden_act,
         })

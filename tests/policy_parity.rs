@@ -220,3 +220,28 @@ fn training_gradients_match_torch_autograd() {
         }
     }
 }
+
+#[test]
+fn half_precision_weights_stay_close() {
+    use candle_core::{DType, Device};
+    use mobile_vla::model::policy::LoadOptions;
+    let exp = expected("native");
+    for dtype in [DType::BF16, DType::F16] {
+        let opts = LoadOptions {
+            dtype,
+            device: Device::Cpu,
+        };
+        let mut policy = Policy::load_with(&policy_fixtures().join("native"), &opts).unwrap();
+        let mut err = 0f32;
+        for t in 0..FRAMES {
+            let chunk = policy.step(&frame(t), INSTRUCTION).unwrap();
+            let want = exp["actions"].get(t).unwrap().to_vec2::<f32>().unwrap();
+            for (g, w) in chunk.actions.iter().zip(&want) {
+                err = err.max(max_abs_slice(g, w));
+            }
+        }
+        eprintln!("{dtype:?}: max abs action err {err:.2e}");
+        // Actions span ±1.15; bf16 keeps ~3 significant digits.
+        assert!(err < 0.05, "{dtype:?}: {err}");
+    }
+}

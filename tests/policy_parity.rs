@@ -1,6 +1,7 @@
 //! Policy parity against the PyTorch reference (test/fixtures/gen_policy.py): tokenizer, PIL bicubic
 //! preprocessing, per-frame [ACT] features, the LSTM head in both history regimes, the training
-//! window forward, and the de-normalised actions of a 6-step rollout (window 3).
+//! window forward and its gradients (torch autograd), and the de-normalised actions of a 6-step
+//! rollout (window 3).
 
 mod policy_common;
 
@@ -164,5 +165,83 @@ fn training_window_forward_matches_reference() {
             let err = max_abs(g, &exp["window_gripper"]);
             assert!(err <= TOL, "{name}: window gripper err {err}");
         }
+    }
+}
+
+#[test]
+fn training_gradients_match_torch_autograd() {
+    use candle_core::{DType, Device};
+    use candle_nn::{VarBuilder, VarMap};
+    use mobile_vla::model::kosmos2::Kosmos2Config;
+    use mobile_vla::model::policy::PolicyConfig;
+    use mobile_vla::model::tokenizer::PromptTokenizer;
+
+    for name in ["native", "robovlms7"] {
+        let dir = policy_fixtures().join(name);
+        let exp = expected(name);
+        // A VarMap-backed policy, as the trainer builds it: every weight is a trainable Var.
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+        let cfg = PolicyConfig::from_file(&dir.join("policy.json")).unwrap();
+        let kcfg = Kosmos2Config::from_file(dir.join("config.json")).unwrap();
+        let tok = PromptTokenizer::from_file(&dir.join("tokenizer.json")).unwrap();
+        let policy = Policy::new(cfg, &kcfg, tok, vb).unwrap();
+        let mut varmap = varmap;
+        varmap.load(dir.join("model.safetensors")).unwrap();
+
+        let w = policy.config().window_size;
+        let ids = policy.encode_instruction(INSTRUCTION).unwrap();
+        let pv = exp["pixel_values"]
+            .narrow(0, 0, w)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let out = policy.forward_window(&pv, &[ids]).unwrap();
+        let mut loss = out.actions.sum_all().unwrap();
+        if let Some(g) = &out.gripper {
+            loss = (loss + g.sum_all().unwrap()).unwrap();
+        }
+        let grads = loss.backward().unwrap();
+        let vars = varmap.data().lock().unwrap();
+        for key in exp.keys().filter(|k| k.starts_with("grad.")) {
+            let var_name = &key["grad.".len()..];
+            let var = vars
+                .get(var_name)
+                .unwrap_or_else(|| panic!("no var {var_name}"));
+            let got = grads
+                .get(var.as_tensor())
+                .unwrap_or_else(|| panic!("no grad for {var_name}"));
+            let want = &exp[key];
+            // Relative to the gradient's magnitude (at least 1): some reach ~1e2 on the tiny model.
+            let zero = want.zeros_like().unwrap();
+            let err = max_abs(got, want) / max_abs(want, &zero).max(1.0);
+            eprintln!("{name}: grad {var_name} rel err {err:.2e}");
+            assert!(err <= 1e-4, "{name}: grad {var_name} err {err}");
+        }
+    }
+}
+
+#[test]
+fn half_precision_weights_stay_close() {
+    use candle_core::{DType, Device};
+    use mobile_vla::model::policy::LoadOptions;
+    let exp = expected("native");
+    for dtype in [DType::BF16, DType::F16] {
+        let opts = LoadOptions {
+            dtype,
+            device: Device::Cpu,
+        };
+        let mut policy = Policy::load_with(&policy_fixtures().join("native"), &opts).unwrap();
+        let mut err = 0f32;
+        for t in 0..FRAMES {
+            let chunk = policy.step(&frame(t), INSTRUCTION).unwrap();
+            let want = exp["actions"].get(t).unwrap().to_vec2::<f32>().unwrap();
+            for (g, w) in chunk.actions.iter().zip(&want) {
+                err = err.max(max_abs_slice(g, w));
+            }
+        }
+        eprintln!("{dtype:?}: max abs action err {err:.2e}");
+        // Actions span ±1.15; bf16 keeps ~3 significant digits.
+        assert!(err < 0.05, "{dtype:?}: {err}");
     }
 }

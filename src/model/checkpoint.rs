@@ -486,10 +486,10 @@ fn read_ckpt_pickle(path: &Path) -> Result<Object> {
     let mut stack = candle_core::pickle::Stack::empty();
     stack
         .read_loop(&mut reader)
-        .map_err(|e| bad(format!("cannot unpickle {name}: {e}")))?;
+        .map_err(|e| bad(format!("cannot unpickle {name}: {e}; {SLIM_HINT}")))?;
     stack
         .finalize()
-        .map_err(|e| bad(format!("cannot unpickle {name}: {e}")))
+        .map_err(|e| bad(format!("cannot unpickle {name}: {e}; {SLIM_HINT}")))
 }
 
 fn dict_get<'a>(obj: &'a Object, key: &str) -> Option<&'a Object> {
@@ -568,10 +568,24 @@ pub fn map_ckpt_key(key: &str) -> Option<String> {
         .then(|| k.to_owned())
 }
 
+/// What to do when candle's pickle reader meets Python objects it does not know (it reads the whole
+/// checkpoint, optimiser and callback states included).
+const SLIM_HINT: &str = "if the checkpoint holds Python objects beyond tensors and plain data, keep only what \
+the import needs: python -c \"import torch; c = torch.load('in.ckpt', map_location='cpu', weights_only=False); \
+torch.save({'state_dict': c['state_dict'], 'hyper_parameters': c.get('hyper_parameters', {})}, 'slim.ckpt')\"";
+
 fn open_ckpt_tensors(path: &Path) -> Result<PthTensors> {
-    let bad = |e: candle_core::Error| ModelError::Checkpoint {
-        path: path.to_owned(),
-        msg: e.to_string(),
+    let bad = |e: candle_core::Error| {
+        let msg = e.to_string();
+        let msg = if msg.contains("op-code") || msg.contains("expected a") {
+            format!("{msg}; {SLIM_HINT}")
+        } else {
+            msg
+        };
+        ModelError::Checkpoint {
+            path: path.to_owned(),
+            msg,
+        }
     };
     if !path.is_file() {
         return Err(ModelError::io(path, std::io::ErrorKind::NotFound.into()));

@@ -192,7 +192,11 @@ impl EpisodeWriter {
             compressor: None,
             images_written: 0,
         };
-        writer.init()?;
+        if let Err(e) = writer.init() {
+            // Nothing worth recovering yet.
+            writer.discard();
+            return Err(e);
+        }
         Ok(writer)
     }
 
@@ -257,7 +261,7 @@ impl EpisodeWriter {
     }
 
     fn file(&self) -> Result<&hdf5::File> {
-        self.file.as_ref().ok_or_else(|| EpisodeError::Empty {
+        self.file.as_ref().ok_or_else(|| EpisodeError::Closed {
             path: self.partial.clone(),
         })
     }
@@ -313,7 +317,7 @@ impl EpisodeWriter {
             Some(_) => {}
         }
         let n = self.len;
-        let sets = self.sets.as_ref().ok_or_else(|| EpisodeError::Empty {
+        let sets = self.sets.as_ref().ok_or_else(|| EpisodeError::Closed {
             path: self.partial.clone(),
         })?;
         if let Some(c) = &self.compressor {

@@ -322,15 +322,20 @@ fn print_table(results: &[CaseResult]) {
         .collect();
     println!();
     println!(
-        "| shape | framework | dtype | params | weights GB | median s | min s | peak RSS GB | torch f32 / this |"
+        "| shape | framework | dtype | params | weights GB | median s | min s | peak RSS GB | torch f32 / this | vision / VLM / head s |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     for r in results {
         let ratio = torch.get(r.shape.as_str()).map_or("–".to_string(), |t| {
             format!("{:.2}×", t.median_s / r.median_s)
         });
+        let part = |k: &str| {
+            r.parts_s
+                .get(k)
+                .map_or("–".to_string(), |s| format!("{s:.3}"))
+        };
         println!(
-            "| {} | {} | {} | {:.1} M | {:.2} | {:.4} | {:.4} | {:.2} | {} |",
+            "| {} | {} | {} | {:.1} M | {:.2} | {:.4} | {:.4} | {:.2} | {} | {} / {} / {} |",
             r.shape,
             r.framework,
             r.dtype,
@@ -339,7 +344,10 @@ fn print_table(results: &[CaseResult]) {
             r.median_s,
             r.min_s,
             gb(r.peak_rss_bytes),
-            ratio
+            ratio,
+            part("vision"),
+            part("vlm"),
+            part("head")
         );
     }
     println!(

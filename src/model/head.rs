@@ -102,9 +102,10 @@ impl LstmLayer {
             .broadcast_add(&self.b_ih)?
             .broadcast_add(&self.b_hh)?
             .reshape((b, t, 4 * self.hidden))?;
-        // candle's CPU matmul widens both bf16 operands to f32 on every call; widen W_hh once per
-        // sequence instead (same numbers, T times less conversion).
-        let widen = self.w_hh.dtype() == DType::BF16;
+        // candle's CPU matmul widens both bf16 operands to f32 on every call (and its f16 kernel is
+        // slower than f32); widen W_hh once per sequence instead and multiply in f32.
+        let half = self.w_hh.dtype();
+        let widen = matches!(half, DType::BF16 | DType::F16);
         let w_hh_t = if widen {
             self.w_hh.to_dtype(DType::F32)?.t()?
         } else {
@@ -114,9 +115,7 @@ impl LstmLayer {
         let mut outs = Vec::with_capacity(t);
         for step in 0..t {
             let rec = if widen {
-                h.to_dtype(DType::F32)?
-                    .matmul(&w_hh_t)?
-                    .to_dtype(DType::BF16)?
+                h.to_dtype(DType::F32)?.matmul(&w_hh_t)?.to_dtype(half)?
             } else {
                 h.matmul(&w_hh_t)?
             };

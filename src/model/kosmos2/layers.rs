@@ -52,9 +52,10 @@ impl Module for LayerNorm {
 }
 
 /// `nn.Linear` (with bias). candle's CPU matmul has no bf16 kernel and widens
-/// both whole operands to f32 on every call; without gradients this one widens
-/// the bf16 weight a cache-sized block of output rows at a time instead, so
-/// bf16 weights cost half the memory and no more time than f32.
+/// both whole operands to f32 on every call, and its f16 kernel is slower than
+/// f32; without gradients this one widens a half-precision weight a
+/// cache-sized block of output rows at a time and multiplies in f32, so
+/// half-precision weights cost half the memory and no more time than f32.
 #[derive(Debug, Clone)]
 pub(crate) struct Linear(candle_nn::Linear);
 
@@ -65,7 +66,8 @@ pub(crate) fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Li
 impl Module for Linear {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let w = self.0.weight();
-        if w.dtype() != DType::BF16 || !w.device().is_cpu() || needs_grad(&[xs, w]) {
+        let half = matches!(w.dtype(), DType::BF16 | DType::F16);
+        if !half || !w.device().is_cpu() || needs_grad(&[xs, w]) {
             return self.0.forward(xs);
         }
         let (n, k) = w.dims2()?;
@@ -85,7 +87,7 @@ impl Module for Linear {
         let mut out_shape = lead.to_vec();
         out_shape.push(n);
         let ys = Tensor::cat(&blocks, 1)?
-            .to_dtype(DType::BF16)?
+            .to_dtype(w.dtype())?
             .reshape(out_shape)?;
         match self.0.bias() {
             Some(b) => ys.broadcast_add(b),

@@ -1,0 +1,41 @@
+"""Starts recorder_node with its YAML defaults from share/mobile_vla/config.
+
+    ros2 launch mobile_vla record.launch.py image_topic:=/camera/image_raw \
+        output_dir:=$HOME/episodes scenario:=1box_hori_left
+    ros2 service call /recorder_node/start_episode mobile_vla/srv/StartEpisode "{instruction: 'go left'}"
+    ros2 service call /recorder_node/stop_episode std_srvs/srv/Trigger
+"""
+
+import os
+
+from ament_index_python.packages import get_package_share_directory
+from launch import LaunchDescription
+from launch.actions import DeclareLaunchArgument
+from launch.substitutions import LaunchConfiguration
+from launch_ros.actions import Node
+
+ARGS = {
+    "image_topic": "image",
+    "cmd_topic": "cmd_vel",
+    "instruction_topic": "instruction",
+    "output_dir": "episodes",
+    "mode": "event",
+    "scenario": "",
+}
+
+
+def generate_launch_description():
+    config = os.path.join(get_package_share_directory("mobile_vla"), "config", "recorder_node.yaml")
+    overrides = {name: LaunchConfiguration(name) for name in ARGS}
+    return LaunchDescription(
+        [DeclareLaunchArgument(name, default_value=value) for name, value in ARGS.items()]
+        + [
+            Node(
+                package="mobile_vla",
+                executable="recorder_node",
+                name="recorder_node",
+                parameters=[config, overrides],
+                output="screen",
+            )
+        ]
+    )

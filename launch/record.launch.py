@@ -13,6 +13,7 @@ from launch import LaunchDescription
 from launch.actions import DeclareLaunchArgument
 from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import Node
+from launch_ros.parameter_descriptions import ParameterValue
 
 ARGS = {
     "image_topic": "image",
@@ -26,7 +27,9 @@ ARGS = {
 
 def generate_launch_description():
     config = os.path.join(get_package_share_directory("mobile_vla"), "config", "recorder_node.yaml")
-    overrides = {name: LaunchConfiguration(name) for name in ARGS}
+    # All are string parameters; value_type=str stops launch reading them as YAML
+    # (scenario:=2 or output_dir:=2025 would otherwise reach the node as ints and kill it).
+    overrides = {name: ParameterValue(LaunchConfiguration(name), value_type=str) for name in ARGS}
     return LaunchDescription(
         [DeclareLaunchArgument(name, default_value=value) for name, value in ARGS.items()]
         + [

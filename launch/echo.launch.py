@@ -20,7 +20,9 @@ def generate_launch_description():
     image_topic = ParameterValue(LaunchConfiguration("image_topic"), value_type=str)
     return LaunchDescription(
         [
-            DeclareLaunchArgument("image_topic", default_value="image"),
+            DeclareLaunchArgument(
+                "image_topic", default_value="image", description="camera topic (sensor_msgs/Image)"
+            ),
             Node(
                 package="mobile_vla",
                 executable="echo_node",

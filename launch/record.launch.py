@@ -15,13 +15,14 @@ from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import Node
 from launch_ros.parameter_descriptions import ParameterValue
 
+# name: (default, description); the defaults match config/recorder_node.yaml.
 ARGS = {
-    "image_topic": "image",
-    "cmd_topic": "cmd_vel",
-    "instruction_topic": "instruction",
-    "output_dir": "episodes",
-    "mode": "event",
-    "scenario": "",
+    "image_topic": ("image", "camera topic (sensor_msgs/Image)"),
+    "cmd_topic": ("cmd_vel", "velocity command topic (geometry_msgs/Twist)"),
+    "instruction_topic": ("instruction", "language instruction topic (std_msgs/String)"),
+    "output_dir": ("episodes", "where episodes (*.h5) are written; relative to the working dir"),
+    "mode": ("event", "event: a frame per command change; rate: frames at rate_hz"),
+    "scenario": ("", "appended to episode names, e.g. 1box_hori_left"),
 }
 
 
@@ -31,7 +32,10 @@ def generate_launch_description():
     # (scenario:=2 or output_dir:=2025 would otherwise reach the node as ints and kill it).
     overrides = {name: ParameterValue(LaunchConfiguration(name), value_type=str) for name in ARGS}
     return LaunchDescription(
-        [DeclareLaunchArgument(name, default_value=value) for name, value in ARGS.items()]
+        [
+            DeclareLaunchArgument(name, default_value=default, description=description)
+            for name, (default, description) in ARGS.items()
+        ]
         + [
             Node(
                 package="mobile_vla",

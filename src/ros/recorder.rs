@@ -93,7 +93,10 @@ impl RecorderParams {
             l @ 0..=9 => Some(l as u8),
             l => anyhow::bail!("parameter `gzip_level` is {l}: use 0-9, or -1 for none"),
         };
-        for (name, v) in [("rate_hz", self.rate_hz), ("status_rate_hz", self.status_rate_hz)] {
+        for (name, v) in [
+            ("rate_hz", self.rate_hz),
+            ("status_rate_hz", self.status_rate_hz),
+        ] {
             if !(v > 0.0 && v.is_finite()) {
                 anyhow::bail!("parameter `{name}` is {v}: it must be > 0");
             }
@@ -144,13 +147,24 @@ pub async fn run(h: NodeHandle<RecorderParams>) -> anyhow::Result<()> {
     // What a killed recorder left behind: salvage it before writing anything new.
     let report = recover_partials(&v.dir)?;
     for (path, n) in &report.recovered {
-        warn!("recovered {n} frame(s) of an interrupted episode into {}", path.display());
+        warn!(
+            "recovered {n} frame(s) of an interrupted episode into {}",
+            path.display()
+        );
     }
     for (path, why) in &report.discarded {
         warn!("discarded interrupted episode {}: {why}", path.display());
     }
 
-    let (mut frames, mut cmds, mut instructions, mut start_srv, mut stop_srv, mut discard_srv, status_pub) = {
+    let (
+        mut frames,
+        mut cmds,
+        mut instructions,
+        mut start_srv,
+        mut stop_srv,
+        mut discard_srv,
+        status_pub,
+    ) = {
         let mut node = h.node();
         let frames: Frames = if p.compressed {
             Box::pin(
@@ -161,18 +175,21 @@ pub async fn run(h: NodeHandle<RecorderParams>) -> anyhow::Result<()> {
                     }),
             )
         } else {
-            Box::pin(node.subscribe::<Image>(&p.image_topic, image_qos())?.map(|m| {
-                let r = raw_image(&m);
-                let raw = RawImage {
-                    width: r.width,
-                    height: r.height,
-                    encoding: m.encoding.clone(),
-                    is_bigendian: r.is_bigendian,
-                    step: r.step,
-                    data: m.data,
-                };
-                CameraFrame::Raw(raw)
-            }))
+            Box::pin(
+                node.subscribe::<Image>(&p.image_topic, image_qos())?
+                    .map(|m| {
+                        let r = raw_image(&m);
+                        let raw = RawImage {
+                            width: r.width,
+                            height: r.height,
+                            encoding: m.encoding.clone(),
+                            is_bigendian: r.is_bigendian,
+                            step: r.step,
+                            data: m.data,
+                        };
+                        CameraFrame::Raw(raw)
+                    }),
+            )
         };
         let cmds: Commands = if p.cmd_stamped {
             Box::pin(
@@ -189,9 +206,18 @@ pub async fn run(h: NodeHandle<RecorderParams>) -> anyhow::Result<()> {
             frames,
             cmds,
             node.subscribe::<StringMsg>(&p.instruction_topic, command_qos())?,
-            node.create_service::<StartEpisode::Service>("~/start_episode", r2r::QosProfile::services_default())?,
-            node.create_service::<Trigger::Service>("~/stop_episode", r2r::QosProfile::services_default())?,
-            node.create_service::<Trigger::Service>("~/discard_episode", r2r::QosProfile::services_default())?,
+            node.create_service::<StartEpisode::Service>(
+                "~/start_episode",
+                r2r::QosProfile::services_default(),
+            )?,
+            node.create_service::<Trigger::Service>(
+                "~/stop_episode",
+                r2r::QosProfile::services_default(),
+            )?,
+            node.create_service::<Trigger::Service>(
+                "~/discard_episode",
+                r2r::QosProfile::services_default(),
+            )?,
             node.create_publisher::<RecordingStatus>("~/status", status_qos())?,
         )
     };
@@ -208,7 +234,10 @@ pub async fn run(h: NodeHandle<RecorderParams>) -> anyhow::Result<()> {
 
     let mut sink = RecordingSink::spawn(p.queue_size as usize);
     let mut sampler = Sampler::new(v.mode, p.cmd_timeout_s);
-    let mut latest = LatestImage { frame: None, at: None };
+    let mut latest = LatestImage {
+        frame: None,
+        at: None,
+    };
     let mut instruction = p.instruction.clone();
     let mut rec: Option<Recording> = None;
     let mut status = RecordingStatus::default();
@@ -236,8 +265,11 @@ pub async fn run(h: NodeHandle<RecorderParams>) -> anyhow::Result<()> {
                 let step = sampler.on_command(cmd, now);
                 if let (Some((action, event)), Some(r)) = (step, rec.as_mut()) {
                     match latest.fresh(now, p.max_image_age_s) {
-                        Some(f) if sink.push(f, action, event) => r.frames_queued += 1,
-                        Some(_) => {}
+                        Some(f) => {
+                            if sink.push(f, action, event) {
+                                r.frames_queued += 1;
+                            }
+                        }
                         None => {
                             skipped_no_image += 1;
                             warn!("step skipped: no image newer than {} s on {}", p.max_image_age_s, p.image_topic);
@@ -252,8 +284,11 @@ pub async fn run(h: NodeHandle<RecorderParams>) -> anyhow::Result<()> {
                 let (action, event) = sampler.on_tick(now);
                 if let Some(r) = rec.as_mut() {
                     match latest.fresh(now, p.max_image_age_s) {
-                        Some(f) if sink.push(f, action, event) => r.frames_queued += 1,
-                        Some(_) => {}
+                        Some(f) => {
+                            if sink.push(f, action, event) {
+                                r.frames_queued += 1;
+                            }
+                        }
                         None => skipped_no_image += 1,
                     }
                 }
@@ -449,7 +484,11 @@ mod tests {
         assert_eq!(v.order, ChannelOrder::Bgr);
         let mut bad = p.clone();
         bad.gzip_level = 12;
-        assert!(bad.validate().unwrap_err().to_string().contains("gzip_level"));
+        assert!(bad
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("gzip_level"));
         let mut bad = p;
         bad.mode = "sometimes".into();
         assert!(bad.validate().unwrap_err().to_string().contains("`mode`"));
@@ -462,6 +501,9 @@ mod tests {
             episode_name("episode", "1box_hori_left", t),
             "episode_20251203_122510_1box_hori_left"
         );
-        assert_eq!(episode_name("ep", "", SystemTime::UNIX_EPOCH), "ep_19700101_000000");
+        assert_eq!(
+            episode_name("ep", "", SystemTime::UNIX_EPOCH),
+            "ep_19700101_000000"
+        );
     }
 }

@@ -162,3 +162,20 @@ fn action_stats_and_normalisation() {
     assert_eq!(n.denormalize([0.5, -0.5, 1.0]), [0.25, 0.5, 2.0]);
     assert!(ActionNormalizer::new([0.0; 3], [1.0, 0.0, 1.0]).is_err());
 }
+
+#[test]
+fn dataset_can_feed_loader_threads() {
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<MobileVlaDataset>();
+    let dir = tempfile::tempdir().unwrap();
+    write_episode(dir.path(), "a", 6, 4, 2, WriteOptions::default());
+    let ds = std::sync::Arc::new(MobileVlaDataset::open(dir.path(), cfg(false)).unwrap());
+    let handles: Vec<_> = (0..ds.len())
+        .map(|i| {
+            let ds = ds.clone();
+            std::thread::spawn(move || ds.get(i).unwrap().anchor)
+        })
+        .collect();
+    let anchors: Vec<usize> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    assert_eq!(anchors, vec![2, 3, 4, 5]);
+}

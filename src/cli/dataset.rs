@@ -184,13 +184,6 @@ fn episode_files(path: &Path) -> anyhow::Result<Vec<PathBuf>> {
     }
 }
 
-fn order_name(o: ChannelOrder) -> &'static str {
-    match o {
-        ChannelOrder::Bgr => "bgr",
-        ChannelOrder::Rgb => "rgb",
-    }
-}
-
 /// FNV-1a 64 of all stored frame bytes in order (cheap to recompute in Python for tests).
 fn fnv1a(reader: &EpisodeReader) -> anyhow::Result<String> {
     let mut h: u64 = 0xcbf29ce484222325;
@@ -230,7 +223,7 @@ fn info(a: InfoArgs) -> anyhow::Result<ExitCode> {
                 "action_chunk_size": m.action_chunk_size,
                 "frame_height": m.frame_size.0,
                 "frame_width": m.frame_size.1,
-                "channel_order": order_name(m.channel_order),
+                "channel_order": m.channel_order.as_str(),
                 "channel_order_recorded": m.channel_order_recorded,
                 "instruction": instruction,
                 "instruction_derived": derived,
@@ -260,10 +253,7 @@ fn info(a: InfoArgs) -> anyhow::Result<ExitCode> {
             } else {
                 " (attribute absent: default)"
             };
-            println!(
-                "  channel order {}{order_note}",
-                order_name(m.channel_order)
-            );
+            println!("  channel order {}{order_note}", m.channel_order.as_str());
             match &instruction {
                 Some(i) if derived => {
                     println!("  instruction \"{i}\" (derived from the file name)")
@@ -319,7 +309,7 @@ fn check_file(f: &Path, read: ReadOptions, deep: bool) -> anyhow::Result<Vec<Def
 /// Checks `f` in a child process, so that a libhdf5 crash becomes a defect of that file.
 fn check_isolated(f: &Path, a: &ValidateArgs) -> anyhow::Result<Vec<Defect>> {
     let exe = std::env::current_exe().context("locating the mobile_vla executable")?;
-    let order = order_name(a.read.default_channel_order.into());
+    let order = ChannelOrder::from(a.read.default_channel_order).as_str();
     let mut cmd = std::process::Command::new(exe);
     cmd.args([
         "dataset",

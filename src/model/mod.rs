@@ -1,1 +1,8 @@
 //! The VLA model: Kosmos-2 backbone, action token, LSTM policy head.
+pub mod checkpoint;
+pub mod error;
+pub mod head;
+pub mod kosmos2;
+pub mod policy;
+pub mod preprocess;
+pub mod tokenizer;

@@ -275,7 +275,7 @@ mod tests {
     #[test]
     fn errors_name_the_field() {
         let b = twist_le();
-        let e = twist(&b[..20]).unwrap_err();
+        let e = twist(&b[..16]).unwrap_err();
         assert!(
             matches!(
                 e,

@@ -37,9 +37,10 @@ pub enum BagError {
     Storage(String),
     #[error("bag compression `{0}` is not supported; decompress it first (`ros2 bag convert`)")]
     Compressed(String),
-    #[error("{path}: corrupt MCAP: {source}")]
+    #[error("{path}: corrupt MCAP after {after} message record(s): {source}")]
     Mcap {
         path: PathBuf,
+        after: u64,
         source: mcap::McapError,
     },
     #[error("{path}: corrupt or unreadable sqlite3 bag: {source}")]

@@ -120,14 +120,15 @@ impl McapFile {
     }
 
     fn next(&mut self) -> Option<Result<BagMessage>> {
-        let mcap_err = |path: &PathBuf, e| BagError::Mcap {
+        let mcap_err = |path: &PathBuf, after, e| BagError::Mcap {
             path: path.clone(),
+            after,
             source: e,
         };
         loop {
             let event = match self.reader.next_event()? {
                 Ok(ev) => ev,
-                Err(e) => return Some(Err(mcap_err(&self.path, e))),
+                Err(e) => return Some(Err(mcap_err(&self.path, self.messages, e))),
             };
             match event {
                 LinearReadEvent::ReadRequest(need) => {
@@ -145,7 +146,7 @@ impl McapFile {
                 LinearReadEvent::Record { opcode, data } => {
                     let record = match mcap::parse_record(opcode, data) {
                         Ok(r) => r,
-                        Err(e) => return Some(Err(mcap_err(&self.path, e))),
+                        Err(e) => return Some(Err(mcap_err(&self.path, self.messages, e))),
                     };
                     match record {
                         Record::Channel(ch) => {

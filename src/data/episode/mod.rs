@@ -225,6 +225,8 @@ pub enum EpisodeError {
         index: usize,
         len: usize,
     },
+    #[error("{path}: the writer is already closed")]
+    Closed { path: PathBuf },
     #[error("{path}: episode has no frames; nothing written")]
     Empty { path: PathBuf },
     #[error("{path}: already exists; refusing to overwrite an episode")]

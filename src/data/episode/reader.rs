@@ -270,11 +270,7 @@ impl Attrs<'_> {
 }
 
 fn parse_order(s: &str) -> Option<ChannelOrder> {
-    match s.trim().to_ascii_lowercase().as_str() {
-        "bgr" => Some(ChannelOrder::Bgr),
-        "rgb" => Some(ChannelOrder::Rgb),
-        _ => None,
-    }
+    s.trim().parse().ok()
 }
 
 fn collection_info(attrs: &mut Attrs) -> CollectionInfo {

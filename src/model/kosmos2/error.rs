@@ -1,0 +1,44 @@
+//! Errors raised while reading a Kosmos-2 config or checkpoint.
+
+use std::path::PathBuf;
+
+/// What went wrong loading Kosmos-2, naming the file, field or tensor involved.
+#[derive(Debug, thiserror::Error)]
+pub enum Kosmos2Error {
+    #[error("cannot read Kosmos-2 config {path}: {source}")]
+    ReadConfig {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("Kosmos-2 config {path} is not valid JSON: {source}")]
+    ConfigJson {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("Kosmos-2 config {path}: field `{field}`: {message}")]
+    ConfigField {
+        path: PathBuf,
+        field: String,
+        message: String,
+    },
+    /// A config value that parses but cannot describe a working model.
+    #[error("invalid Kosmos-2 config: `{field}` {reason}")]
+    InvalidConfig { field: String, reason: String },
+    #[error(
+        "cannot load Kosmos-2 weights from {files}: {source} \
+         (is it a Kosmos2ForConditionalGeneration checkpoint matching the config?)"
+    )]
+    Weights {
+        files: String,
+        #[source]
+        source: candle_core::Error,
+    },
+    #[error(
+        "no Kosmos-2 weights in {dir}: expected model.safetensors or model.safetensors.index.json"
+    )]
+    NoWeights { dir: PathBuf },
+    #[error("bad safetensors index {path}: {message}")]
+    WeightIndex { path: PathBuf, message: String },
+}

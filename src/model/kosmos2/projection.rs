@@ -1,0 +1,42 @@
+//! `image_to_text_projection`: a perceiver-style resampler from vision tokens
+//! to `latent_query_num` text-width tokens, after transformers'
+//! `Kosmos2ImageToTextProjection`.
+
+use candle_core::{Module, Result, Tensor};
+use candle_nn::{Linear, VarBuilder};
+
+use super::config::Kosmos2Config;
+use super::layers::Attention;
+
+#[derive(Debug, Clone)]
+pub(crate) struct ImageToTextProjection {
+    dense: Linear,
+    latent_query: Tensor,
+    x_attn: Attention,
+}
+
+impl ImageToTextProjection {
+    pub(crate) fn new(cfg: &Kosmos2Config, vb: VarBuilder) -> Result<Self> {
+        let dt = cfg.text_config.embed_dim;
+        Ok(Self {
+            dense: candle_nn::linear(cfg.vision_config.hidden_size, dt, vb.pp("dense"))?,
+            latent_query: vb.get((cfg.latent_query_num, dt), "latent_query")?,
+            x_attn: Attention::new(dt, cfg.text_config.attention_heads, None, vb.pp("x_attn"))?,
+        })
+    }
+
+    /// `(B, N, Dv)` normalised vision tokens → `(B, latent_query_num, Dt)`.
+    /// The latent queries attend to `cat[dense(x), latent_query]`.
+    pub(crate) fn forward(&self, features: &Tensor) -> Result<Tensor> {
+        let hidden = self.dense.forward(features)?;
+        let b = hidden.dim(0)?;
+        let (q, d) = self.latent_query.dims2()?;
+        let queries = self
+            .latent_query
+            .unsqueeze(0)?
+            .broadcast_as((b, q, d))?
+            .contiguous()?;
+        let key_values = Tensor::cat(&[&hidden, &queries], 1)?;
+        self.x_attn.forward(&queries, Some(&key_values), None)
+    }
+}

@@ -1,0 +1,146 @@
+//! The Magneto (sub-LN) text decoder (`text_model.model.*`), after
+//! transformers' `Kosmos2TextTransformer`, run without KV cache on full
+//! sequences given as embeddings.
+
+use candle_core::{bail, Device, Module, Result, Tensor};
+use candle_nn::{Embedding, Linear, VarBuilder};
+
+use super::config::{Activation, Kosmos2TextConfig};
+use super::layers::{causal_mask, Attention, LayerNorm};
+
+/// `fc1` → activation → `ffn_layernorm` → `fc2`.
+#[derive(Debug, Clone)]
+struct Ffn {
+    fc1: Linear,
+    fc2: Linear,
+    ffn_layernorm: LayerNorm,
+    act: Activation,
+}
+
+impl Ffn {
+    fn new(cfg: &Kosmos2TextConfig, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            fc1: candle_nn::linear(cfg.embed_dim, cfg.ffn_dim, vb.pp("fc1"))?,
+            fc2: candle_nn::linear(cfg.ffn_dim, cfg.embed_dim, vb.pp("fc2"))?,
+            ffn_layernorm: LayerNorm::new(cfg.ffn_dim, cfg.layer_norm_eps, vb.pp("ffn_layernorm"))?,
+            act: cfg.activation_function,
+        })
+    }
+}
+
+impl Module for Ffn {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let h = self.act.forward(&self.fc1.forward(xs)?)?;
+        self.ffn_layernorm.forward(&h)?.apply(&self.fc2)
+    }
+}
+
+/// `x + self_attn(self_attn_layer_norm(x))`, then `x + ffn(final_layer_norm(x))`.
+#[derive(Debug, Clone)]
+struct Block {
+    self_attn: Attention,
+    self_attn_layer_norm: LayerNorm,
+    ffn: Ffn,
+    final_layer_norm: LayerNorm,
+}
+
+impl Block {
+    fn new(cfg: &Kosmos2TextConfig, vb: VarBuilder) -> Result<Self> {
+        let (d, eps) = (cfg.embed_dim, cfg.layer_norm_eps);
+        Ok(Self {
+            self_attn: Attention::new(d, cfg.attention_heads, Some(eps), vb.pp("self_attn"))?,
+            self_attn_layer_norm: LayerNorm::new(d, eps, vb.pp("self_attn_layer_norm"))?,
+            ffn: Ffn::new(cfg, vb.pp("ffn"))?,
+            final_layer_norm: LayerNorm::new(d, eps, vb.pp("final_layer_norm"))?,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let h = self.self_attn_layer_norm.forward(xs)?;
+        let xs = (xs + self.self_attn.forward(&h, None, Some(mask))?)?;
+        let h = self.final_layer_norm.forward(&xs)?.apply(&self.ffn)?;
+        xs + h
+    }
+}
+
+/// Rows `padding_idx + 1 ..= padding_idx + len` of fairseq/M2M100's sinusoidal
+/// table: `[sin(p·f_i) | cos(p·f_i)]` with `f_i = exp(-i·ln(10000)/(half-1))`,
+/// zero-padded for odd widths. Computed in f32 like transformers.
+fn sinusoidal_positions(
+    len: usize,
+    dim: usize,
+    padding_idx: usize,
+    dev: &Device,
+) -> Result<Tensor> {
+    let half = dim / 2;
+    let step = (10000f32).ln() / (half as f32 - 1.0);
+    let freqs: Vec<f32> = (0..half).map(|i| (i as f32 * -step).exp()).collect();
+    let mut table = Vec::with_capacity(len * dim);
+    for p in (padding_idx + 1)..(padding_idx + 1 + len) {
+        let angles = freqs.iter().map(|f| p as f32 * f);
+        table.extend(angles.clone().map(f32::sin));
+        table.extend(angles.map(f32::cos));
+        if dim % 2 == 1 {
+            table.push(0.0);
+        }
+    }
+    Tensor::from_vec(table, (len, dim), dev)
+}
+
+/// `text_model.model`: scaled embeddings + positions → causal blocks → `layer_norm`.
+#[derive(Debug, Clone)]
+pub(crate) struct TextTransformer {
+    embed_tokens: Embedding,
+    layers: Vec<Block>,
+    layer_norm: LayerNorm,
+    embed_dim: usize,
+    embed_scale: f64,
+    padding_idx: usize,
+}
+
+impl TextTransformer {
+    pub(crate) fn new(cfg: &Kosmos2TextConfig, vb: VarBuilder) -> Result<Self> {
+        let vb_layers = vb.pp("layers");
+        let layers = (0..cfg.layers)
+            .map(|i| Block::new(cfg, vb_layers.pp(i)))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            embed_tokens: candle_nn::embedding(
+                cfg.vocab_size,
+                cfg.embed_dim,
+                vb.pp("embed_tokens"),
+            )?,
+            layers,
+            layer_norm: LayerNorm::new(cfg.embed_dim, cfg.layer_norm_eps, vb.pp("layer_norm"))?,
+            embed_dim: cfg.embed_dim,
+            embed_scale: cfg.embed_scale(),
+            padding_idx: cfg.pad_token_id,
+        })
+    }
+
+    /// Unscaled word embeddings of `input_ids` (any shape of integer ids).
+    pub(crate) fn embed_tokens(&self, input_ids: &Tensor) -> Result<Tensor> {
+        self.embed_tokens.forward(input_ids)
+    }
+
+    /// `(B, L, D)` unscaled embeddings → last hidden state `(B, L, D)`.
+    pub(crate) fn forward(&self, inputs_embeds: &Tensor) -> Result<Tensor> {
+        let (_, len, d) = inputs_embeds.dims3()?;
+        if d != self.embed_dim || len == 0 {
+            bail!(
+                "inputs_embeds must be (batch, len >= 1, {}), got {:?}",
+                self.embed_dim,
+                inputs_embeds.dims()
+            );
+        }
+        let dev = inputs_embeds.device();
+        let positions =
+            sinusoidal_positions(len, d, self.padding_idx, dev)?.to_dtype(inputs_embeds.dtype())?;
+        let mut xs = (inputs_embeds * self.embed_scale)?.broadcast_add(&positions)?;
+        let mask = causal_mask(len, dev)?;
+        for layer in &self.layers {
+            xs = layer.forward(&xs, &mask)?;
+        }
+        self.layer_norm.forward(&xs)
+    }
+}

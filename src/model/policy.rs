@@ -1,0 +1,446 @@
+//! The VLA policy ("KosMos P.H."): Kosmos-2 → `[ACT]` feature per frame → LSTM head → action chunk.
+//!
+//! Per frame the text model sees `[<s>] + image embeds + prompt word embeds (no <s>/</s>) + [ACT] + [</s>]`
+//! and the feature is its last hidden state (after the final `layer_norm`) at `[ACT]` (index L−2).
+//! Upstream: `robovlms/model/backbone/base_backbone.py` (`forward_continuous`, `merge_multi_modal_input`).
+
+use crate::data::image::ChannelOrder;
+use crate::model::error::{ModelError, Result};
+use crate::model::head::{HeadConfig, HeadOutput, History, LstmDecoder};
+use crate::model::kosmos2::{Kosmos2, Kosmos2Config};
+use crate::model::preprocess;
+use crate::model::tokenizer::PromptTokenizer;
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+/// `policy.json`: everything about the policy that the backbone's `config.json` does not say.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    /// Frames of history the head fuses (RoboVLMs `window_size`).
+    pub window_size: usize,
+    /// Future steps predicted per frame (RoboVLMs `fwd_pred_next_n`).
+    pub fwd_pred_next_n: usize,
+    #[serde(default)]
+    pub head: LstmSpec,
+    pub action: ActionSpec,
+    /// Side of the square model input; `None` = the vision config's `image_size`.
+    #[serde(default)]
+    pub image_size: Option<usize>,
+    /// Channel order the model was trained on. `step` takes true-RGB frames and swaps them when this
+    /// is `bgr` (e.g. a Mobile VLA fork checkpoint trained on stored BGR frames fed unconverted).
+    #[serde(default = "default_channel_order")]
+    pub model_channel_order: ChannelOrder,
+    /// Seconds each chunk step spans on the robot.
+    pub dt: f32,
+}
+
+fn default_channel_order() -> ChannelOrder {
+    ChannelOrder::Rgb
+}
+
+/// Sizes of `LSTMDecoder` (RoboVLMs: LSTM hidden 1024 × 4 layers, MLP widths 1024, 512, 256).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LstmSpec {
+    pub hidden_size: usize,
+    pub num_layers: usize,
+    pub mlp_hidden: [usize; 3],
+}
+
+impl Default for LstmSpec {
+    fn default() -> Self {
+        Self {
+            hidden_size: 1024,
+            num_layers: 4,
+            mlp_hidden: [1024, 512, 256],
+        }
+    }
+}
+
+/// The checkpoint's action layout and how it maps to the robot's `(vx, vy, wz)`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ActionSpec {
+    /// Width of the checkpoint's action vector, gripper included (3 native; 7 for RoboVLMs' manipulator head).
+    pub dim: usize,
+    /// The last dim is a gripper predicted as a logit by its own MLP (RoboVLMs heads); it is dropped
+    /// for the robot.
+    #[serde(default)]
+    pub gripper: bool,
+    /// Indices in the checkpoint layout of `linear_x`, `linear_y`, `angular_z`
+    /// (`[0, 1, 2]` native; `[0, 1, 5]` for the Mobile VLA fork's `[x, y, 0, 0, 0, rz, gripper]`).
+    pub robot_indices: [usize; 3],
+    /// Action normalisation range (`norm_min`/`norm_max`); `None` = the head predicts raw actions.
+    #[serde(default)]
+    pub norm: Option<NormRange>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NormRange {
+    pub min: f32,
+    pub max: f32,
+}
+
+impl NormRange {
+    /// RoboVLMs' `unnoramalize_action`: `0.5·(a+1)·(max−min)+min`.
+    pub fn denormalize(&self, a: f32) -> f32 {
+        0.5 * (a + 1.0) * (self.max - self.min) + self.min
+    }
+
+    /// RoboVLMs' `normalize_action`: clip to [min, max], then `2·(a−min)/(max−min) − 1`.
+    pub fn normalize(&self, a: f32) -> f32 {
+        2.0 * (a.clamp(self.min, self.max) - self.min) / (self.max - self.min) - 1.0
+    }
+}
+
+impl ActionSpec {
+    /// Continuous dims predicted by the tanh MLP.
+    pub fn arm_dim(&self) -> usize {
+        self.dim - usize::from(self.gripper)
+    }
+}
+
+impl PolicyConfig {
+    /// A native 3-DoF head `[linear_x, linear_y, angular_z]`, actions normalised to ±`norm`.
+    pub fn native(window_size: usize, fwd_pred_next_n: usize, norm: f32, dt: f32) -> Self {
+        Self {
+            window_size,
+            fwd_pred_next_n,
+            head: LstmSpec::default(),
+            action: ActionSpec {
+                dim: 3,
+                gripper: false,
+                robot_indices: [0, 1, 2],
+                norm: Some(NormRange {
+                    min: -norm,
+                    max: norm,
+                }),
+            },
+            image_size: None,
+            model_channel_order: ChannelOrder::Rgb,
+            dt,
+        }
+    }
+
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
+        let cfg: Self =
+            serde_json::from_str(&text).map_err(|e| ModelError::config(path, e.to_string()))?;
+        cfg.validate()
+            .map_err(|msg| ModelError::config(path, msg))?;
+        Ok(cfg)
+    }
+
+    /// Checks the values describe a working policy; the message names the field.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        let a = &self.action;
+        if self.window_size == 0 {
+            return Err("`window_size` must be ≥ 1".into());
+        }
+        if self.fwd_pred_next_n == 0 {
+            return Err("`fwd_pred_next_n` must be ≥ 1".into());
+        }
+        if self.head.hidden_size == 0
+            || self.head.num_layers == 0
+            || self.head.mlp_hidden.contains(&0)
+        {
+            return Err(
+                "`head.hidden_size`, `head.num_layers` and `head.mlp_hidden` must be ≥ 1".into(),
+            );
+        }
+        if a.dim < 1 + usize::from(a.gripper) {
+            return Err(format!("`action.dim` {} leaves no continuous dims", a.dim));
+        }
+        if let Some(i) = a.robot_indices.iter().find(|&&i| i >= a.arm_dim()) {
+            return Err(format!(
+                "`action.robot_indices` holds {i}, outside the {} continuous dims",
+                a.arm_dim()
+            ));
+        }
+        if let Some(n) = a.norm {
+            if !(n.min.is_finite() && n.max.is_finite() && n.min < n.max) {
+                return Err(format!(
+                    "`action.norm` needs finite min < max, got {} / {}",
+                    n.min, n.max
+                ));
+            }
+        }
+        if self.image_size == Some(0) {
+            return Err("`image_size` must be ≥ 1".into());
+        }
+        if !(self.dt.is_finite() && self.dt > 0.0) {
+            return Err(format!(
+                "`dt` must be a positive number of seconds, got {}",
+                self.dt
+            ));
+        }
+        Ok(())
+    }
+
+    fn head_config(&self, in_features: usize) -> HeadConfig {
+        HeadConfig {
+            in_features,
+            hidden_size: self.head.hidden_size,
+            num_layers: self.head.num_layers,
+            fwd_pred_next_n: self.fwd_pred_next_n,
+            window_size: self.window_size,
+            arm_dim: self.action.arm_dim(),
+            gripper: self.action.gripper,
+            mlp_hidden: self.head.mlp_hidden,
+        }
+    }
+}
+
+/// One step's output.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ActionChunk {
+    /// `fwd_pred_next_n` × `(vx, vy, wz)`, de-normalised, in the robot's layout.
+    pub actions: Vec<[f32; 3]>,
+    /// Chunk step 0, de-normalised, in the checkpoint's own layout (before mapping).
+    pub raw: Vec<f32>,
+    /// Seconds each chunk step spans.
+    pub dt: f32,
+}
+
+/// Numeric setup for loading.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    pub dtype: DType,
+    pub device: Device,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            dtype: DType::F32,
+            device: Device::Cpu,
+        }
+    }
+}
+
+/// The policy: backbone, learnable action token, head, and the inference history.
+pub struct Policy {
+    cfg: PolicyConfig,
+    backbone: Kosmos2,
+    /// `[ACT]` embedding, (D,).
+    action_token: Tensor,
+    head: LstmDecoder,
+    tokenizer: PromptTokenizer,
+    image_size: usize,
+    history: History,
+    /// The last instruction and its token ids (prompts rarely change between steps).
+    prompt_cache: Option<(String, Vec<u32>)>,
+}
+
+impl Policy {
+    /// Builds the policy from weights under `vb` (HF backbone names at the root, `action_token`,
+    /// `act_head.*`). A `VarMap`-backed builder makes every parameter trainable.
+    pub fn new(
+        cfg: PolicyConfig,
+        backbone_cfg: &Kosmos2Config,
+        tokenizer: PromptTokenizer,
+        vb: VarBuilder,
+    ) -> candle_core::Result<Self> {
+        let backbone = Kosmos2::new(backbone_cfg, vb.clone())?;
+        let d = backbone_cfg.text_config.embed_dim;
+        let action_token = vb.get(d, "action_token")?;
+        let head = LstmDecoder::new(cfg.head_config(d), vb.pp("act_head"))?;
+        let image_size = cfg
+            .image_size
+            .unwrap_or(backbone_cfg.vision_config.image_size);
+        Ok(Self {
+            cfg,
+            backbone,
+            action_token,
+            head,
+            tokenizer,
+            image_size,
+            history: History::default(),
+            prompt_cache: None,
+        })
+    }
+
+    /// Loads a model directory (see [`crate::model::checkpoint`]) in f32 on the CPU.
+    pub fn load(dir: &Path) -> Result<Self> {
+        Self::load_with(dir, &LoadOptions::default())
+    }
+
+    pub fn load_with(dir: &Path, opts: &LoadOptions) -> Result<Self> {
+        crate::model::checkpoint::load_policy(dir, opts)
+    }
+
+    pub fn config(&self) -> &PolicyConfig {
+        &self.cfg
+    }
+
+    pub fn backbone(&self) -> &Kosmos2 {
+        &self.backbone
+    }
+
+    pub fn head(&self) -> &LstmDecoder {
+        &self.head
+    }
+
+    pub fn image_size(&self) -> usize {
+        self.image_size
+    }
+
+    pub fn device(&self) -> &Device {
+        self.action_token.device()
+    }
+
+    /// Forgets the history (call at the start of an episode).
+    pub fn reset(&mut self) {
+        self.history.clear();
+    }
+
+    /// Frames held in the history.
+    pub fn history_len(&self) -> usize {
+        self.history.len()
+    }
+
+    /// Prompt token ids (`<s> … </s>`) for an instruction.
+    pub fn encode_instruction(&self, instruction: &str) -> Result<Vec<u32>> {
+        self.tokenizer.encode_instruction(instruction)
+    }
+
+    /// Model input `(1, 3, S, S)` for a true-RGB frame, honouring `model_channel_order`.
+    pub fn pixel_values(&self, image: &image::RgbImage) -> Result<Tensor> {
+        let frame = match self.cfg.model_channel_order {
+            ChannelOrder::Rgb => std::borrow::Cow::Borrowed(image),
+            ChannelOrder::Bgr => {
+                let mut swapped = image.clone();
+                swapped.pixels_mut().for_each(|p| p.0.swap(0, 2));
+                std::borrow::Cow::Owned(swapped)
+            }
+        };
+        Ok(preprocess::pixel_values(
+            &frame,
+            self.image_size,
+            self.device(),
+        )?)
+    }
+
+    /// `[ACT]` features of `N` frames sharing one prompt: pixel_values (N, 3, S, S), `token_ids` =
+    /// the prompt with `<s>`/`</s>` → (N, D).
+    pub fn frame_features(
+        &self,
+        pixel_values: &Tensor,
+        token_ids: &[u32],
+    ) -> candle_core::Result<Tensor> {
+        let n = pixel_values.dim(0)?;
+        let l = token_ids.len();
+        if l < 2 {
+            candle_core::bail!("prompt has {l} tokens; expected at least <s> and </s>");
+        }
+        let image = self.backbone.image_embeds(pixel_values)?; // (N, Q, D)
+        let d = image.dim(2)?;
+        let ids = Tensor::new(token_ids, self.device())?.unsqueeze(0)?;
+        let words = self.backbone.embed_tokens(&ids)?.to_dtype(image.dtype())?; // (1, L, D)
+        let act = self
+            .action_token
+            .to_dtype(image.dtype())?
+            .reshape((1, 1, d))?;
+        let text = |t: Tensor| t.broadcast_as((n, t.dim(1)?, d))?.contiguous();
+        let seq = Tensor::cat(
+            &[
+                text(words.narrow(1, 0, 1)?)?,
+                image,
+                text(words.narrow(1, 1, l - 2)?)?,
+                text(act)?,
+                text(words.narrow(1, l - 1, 1)?)?,
+            ],
+            1,
+        )?; // (N, S, D)
+        let s = seq.dim(1)?;
+        let hidden = self.backbone.text_hidden_states(&seq)?;
+        hidden.narrow(1, s - 2, 1)?.squeeze(1)
+    }
+
+    /// Training forward: pixel_values (B, W, 3, S, S) with one prompt per sample → normalised head
+    /// outputs at every window position (actions (B, W, n, arm_dim), gripper logits (B, W, n)).
+    pub fn forward_window(
+        &self,
+        pixel_values: &Tensor,
+        token_ids: &[Vec<u32>],
+    ) -> candle_core::Result<HeadOutput> {
+        let (b, w, c, h, wd) = pixel_values.dims5()?;
+        if token_ids.len() != b {
+            candle_core::bail!(
+                "forward_window: {b} samples but {} prompts",
+                token_ids.len()
+            );
+        }
+        // Each sample's frames share its prompt, so they batch through the VLM without padding.
+        let features = token_ids
+            .iter()
+            .enumerate()
+            .map(|(i, ids)| {
+                let frames = pixel_values.get(i)?.reshape((w, c, h, wd))?;
+                self.frame_features(&frames, ids)
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let features = Tensor::stack(&features, 0)?; // (B, W, D)
+        let (out, _) = self.head.forward(&features, None)?;
+        Ok(out)
+    }
+
+    /// One control step: a new true-RGB frame through the VLM, the head over the history, and the
+    /// de-normalised chunk.
+    pub fn step(&mut self, image: &image::RgbImage, instruction: &str) -> Result<ActionChunk> {
+        let ids = match &self.prompt_cache {
+            Some((text, ids)) if text == instruction => ids.clone(),
+            _ => {
+                let ids = self.tokenizer.encode_instruction(instruction)?;
+                self.prompt_cache = Some((instruction.to_owned(), ids.clone()));
+                ids
+            }
+        };
+        let pixels = self.pixel_values(image)?;
+        let feature = self.frame_features(&pixels, &ids)?;
+        let out = self.head.step(&mut self.history, &feature)?;
+        self.decode(&out)
+    }
+
+    /// Head output of one step → de-normalised chunk. The gripper logit becomes 1/0 (sigmoid > 0.5)
+    /// and is de-normalised with the rest, as RoboVLMs' evaluation does.
+    pub fn decode(&self, out: &HeadOutput) -> Result<ActionChunk> {
+        let n = self.cfg.fwd_pred_next_n;
+        let a = &self.cfg.action;
+        let arm = out
+            .actions
+            .to_dtype(DType::F32)?
+            .reshape((n, a.arm_dim()))?
+            .to_vec2::<f32>()?;
+        let gripper = match &out.gripper {
+            Some(g) => Some(g.to_dtype(DType::F32)?.reshape(n)?.to_vec1::<f32>()?),
+            None => None,
+        };
+        let mut rows = Vec::with_capacity(n);
+        for (k, mut row) in arm.into_iter().enumerate() {
+            if let Some(g) = &gripper {
+                row.push(if g[k] > 0.0 { 1.0 } else { 0.0 });
+            }
+            if let Some(norm) = a.norm {
+                row.iter_mut().for_each(|v| *v = norm.denormalize(*v));
+            }
+            if row.iter().any(|v| !v.is_finite()) {
+                return Err(ModelError::NonFiniteAction {
+                    step: k,
+                    values: row,
+                });
+            }
+            rows.push(row);
+        }
+        let [ix, iy, iz] = a.robot_indices;
+        Ok(ActionChunk {
+            actions: rows.iter().map(|r| [r[ix], r[iy], r[iz]]).collect(),
+            raw: rows.first().cloned().unwrap_or_default(),
+            dt: self.cfg.dt,
+        })
+    }
+}

@@ -9,7 +9,7 @@
 use super::convert::{raw_image, twist_to_action};
 use super::runtime::NodeHandle;
 use super::{command_qos, image_qos, status_qos};
-use crate::data::episode::{recover_partials, EventType, WriteOptions};
+use crate::data::episode::{recover_partials, utc_stamp, EventType, WriteOptions};
 use crate::data::image::{ChannelOrder, RawImage};
 use crate::data::recording::{CameraFrame, RecordingSink, SampleMode, Sampler, SinkEvent};
 use anyhow::Context as _;
@@ -59,6 +59,8 @@ pub struct RecorderParams {
     pub channel_order: String,
     /// gzip level 0-9 of the episode datasets; -1 stores uncompressed
     pub gzip_level: i32,
+    /// Threads that compress frames in parallel (0 = inside HDF5, single-threaded)
+    pub compression_threads: u32,
     /// Frames that may wait for the writer before new ones are dropped
     pub queue_size: u32,
     /// Episode names are <prefix>_<YYYYmmdd_HHMMSS>[_<scenario>]
@@ -309,6 +311,7 @@ pub async fn run(h: NodeHandle<RecorderParams>) -> anyhow::Result<()> {
                         .unwrap_or_default();
                     let opts = WriteOptions::default()
                         .gzip_level(v.gzip)
+                        .compression_threads(p.compression_threads as usize)
                         .channel_order(v.order)
                         .instruction((!text.is_empty()).then(|| text.clone()));
                     sampler.reset();
@@ -445,25 +448,9 @@ fn update_status(
 pub fn episode_name(prefix: &str, scenario: &str, t: SystemTime) -> String {
     let secs = t
         .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
+        .map(|d| d.as_secs())
         .unwrap_or(0);
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    // Howard Hinnant's days → civil date.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    let mut name = format!(
-        "{prefix}_{y:04}{m:02}{d:02}_{:02}{:02}{:02}",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    );
+    let mut name = format!("{prefix}_{}", utc_stamp(secs));
     if !scenario.is_empty() {
         name.push('_');
         name.push_str(scenario);

@@ -73,6 +73,7 @@ pub struct RecorderParams {
     pub status_rate_hz: f64,
 }
 
+#[derive(Debug)]
 struct Validated {
     mode: SampleMode,
     order: ChannelOrder,

@@ -8,6 +8,7 @@ ROOT := $(CURDIR)
 export CARGO_TARGET_DIR ?= $(ROOT)/target
 BIN_DIR := $(CARGO_TARGET_DIR)/debug
 ENV := source $(ROOT)/scripts/env.sh
+NODE_BINS := mobile_vla echo_node recorder_node
 PY := $(ENV) && python
 # Loopback-only DDS and a domain of our own for every ROS process started here.
 export ROS_AUTOMATIC_DISCOVERY_RANGE := LOCALHOST
@@ -18,8 +19,11 @@ export ROS_DOMAIN_ID ?= 73
 setup:
 	@bash scripts/setup.sh
 
+# Also links the executables into install/lib/mobile_vla, where `ros2 run` and
+# launch files look for them, so the dev tree works like an installed package.
 build: setup
 	@$(ENV) && cargo build --features ros --all-targets
+	@mkdir -p install/lib/mobile_vla && for b in $(NODE_BINS); do ln -sfn $(BIN_DIR)/$$b install/lib/mobile_vla/$$b; done
 
 test-rust: build
 	@$(ENV) && cargo test --features ros

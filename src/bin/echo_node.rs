@@ -3,5 +3,10 @@
 use mobile_vla::ros::{echo, runtime::run_node};
 
 fn main() -> std::process::ExitCode {
-    run_node(echo::NAME, echo::DEFAULTS, "config/echo_node.yaml", echo::run)
+    run_node(
+        echo::NAME,
+        echo::DEFAULTS,
+        "config/echo_node.yaml",
+        echo::run,
+    )
 }

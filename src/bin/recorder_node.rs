@@ -3,5 +3,10 @@
 use mobile_vla::ros::{recorder, runtime::run_node};
 
 fn main() -> std::process::ExitCode {
-    run_node(recorder::NAME, recorder::DEFAULTS, "config/recorder_node.yaml", recorder::run)
+    run_node(
+        recorder::NAME,
+        recorder::DEFAULTS,
+        "config/recorder_node.yaml",
+        recorder::run,
+    )
 }

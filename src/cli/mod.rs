@@ -7,7 +7,11 @@ pub mod dataset;
 pub mod model;
 
 #[derive(Debug, Parser)]
-#[command(name = "mobile_vla", version, about = "Mobile VLA: record, fine-tune and serve a VLA policy")]
+#[command(
+    name = "mobile_vla",
+    version,
+    about = "Mobile VLA: record, fine-tune and serve a VLA policy"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -50,5 +54,7 @@ pub fn init_logging() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Colour codes only on a terminal: node logs often end up in files.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
 }

@@ -23,7 +23,9 @@ pub enum ImageError {
         encoding: Encoding,
         min: u64,
     },
-    #[error("field `data` holds {len} bytes but `step` × `height` = {step} × {height} = {expected}")]
+    #[error(
+        "field `data` holds {len} bytes but `step` × `height` = {step} × {height} = {expected}"
+    )]
     DataLength {
         len: usize,
         step: u32,
@@ -131,7 +133,9 @@ impl FromStr for ChannelOrder {
         match s.to_ascii_lowercase().as_str() {
             "rgb" => Ok(ChannelOrder::Rgb),
             "bgr" => Ok(ChannelOrder::Bgr),
-            other => Err(format!("unknown channel order `{other}`: expected `rgb` or `bgr`")),
+            other => Err(format!(
+                "unknown channel order `{other}`: expected `rgb` or `bgr`"
+            )),
         }
     }
 }
@@ -468,10 +472,7 @@ mod tests {
         let bgr = encode(&src, Encoding::Bgr8);
         assert_eq!(&bgr.data[..3], &[255, 1, 0]);
         let mono = encode(&src, Encoding::Mono16);
-        assert_eq!(
-            decode(&mono.as_ref()).unwrap().to_luma16(),
-            src.to_luma16()
-        );
+        assert_eq!(decode(&mono.as_ref()).unwrap().to_luma16(), src.to_luma16());
     }
 
     #[test]
@@ -482,7 +483,10 @@ mod tests {
         assert!(matches!(e, ImageError::StepTooSmall { min: 12, .. }), "{e}");
         assert!(e.to_string().contains("`step`"));
         let e = decode(&raw(2, 2, "mono8", 2, &[0; 3])).unwrap_err();
-        assert!(matches!(e, ImageError::DataLength { expected: 4, .. }), "{e}");
+        assert!(
+            matches!(e, ImageError::DataLength { expected: 4, .. }),
+            "{e}"
+        );
         assert!(e.to_string().contains("`data`"));
         let e = decode(&raw(0, 2, "mono8", 0, &[])).unwrap_err();
         assert!(matches!(e, ImageError::ZeroSize { .. }));
@@ -496,7 +500,10 @@ mod tests {
         }
         let src = DynamicImage::ImageRgb8(src);
         let png = encode_compressed(&src, CompressedFormat::Png).unwrap();
-        assert_eq!(decode_compressed("png", &png).unwrap().to_rgb8(), src.to_rgb8());
+        assert_eq!(
+            decode_compressed("png", &png).unwrap().to_rgb8(),
+            src.to_rgb8()
+        );
         let jpg = encode_compressed(&src, CompressedFormat::Jpeg).unwrap();
         let back = decode_compressed("bgr8; jpeg compressed bgr8", &jpg)
             .unwrap()
@@ -524,7 +531,10 @@ mod tests {
         let src = DynamicImage::ImageRgb8(RgbImage::from_raw(1, 1, vec![1, 2, 3]).unwrap());
         let bgr = to_interleaved(&src, ChannelOrder::Bgr);
         assert_eq!(bgr.as_raw(), &vec![3, 2, 1]);
-        assert_eq!(from_interleaved(bgr, ChannelOrder::Bgr).as_raw(), &vec![1, 2, 3]);
+        assert_eq!(
+            from_interleaved(bgr, ChannelOrder::Bgr).as_raw(),
+            &vec![1, 2, 3]
+        );
         let rgb = to_interleaved(&src, ChannelOrder::Rgb);
         assert_eq!(rgb.as_raw(), &vec![1, 2, 3]);
         assert_eq!("BGR".parse::<ChannelOrder>().unwrap(), ChannelOrder::Bgr);

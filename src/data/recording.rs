@@ -66,7 +66,9 @@ impl std::str::FromStr for SampleMode {
         match s {
             "event" => Ok(SampleMode::Event),
             "rate" => Ok(SampleMode::Rate),
-            other => Err(format!("unknown mode `{other}`: expected `event` or `rate`")),
+            other => Err(format!(
+                "unknown mode `{other}`: expected `event` or `rate`"
+            )),
         }
     }
 }
@@ -164,12 +166,25 @@ enum Job {
 /// What the writer thread reports back.
 #[derive(Debug)]
 pub enum SinkEvent {
-    Started { name: String },
+    Started {
+        name: String,
+    },
     /// Frames written so far in the current episode.
-    Progress { name: String, frames: usize },
-    Saved { path: PathBuf, frames: usize },
-    Discarded { name: String, reason: String },
-    Error { message: String },
+    Progress {
+        name: String,
+        frames: usize,
+    },
+    Saved {
+        path: PathBuf,
+        frames: usize,
+    },
+    Discarded {
+        name: String,
+        reason: String,
+    },
+    Error {
+        message: String,
+    },
 }
 
 /// Writes episodes on a thread of its own, fed through a bounded queue, so a slow disk
@@ -407,7 +422,9 @@ mod tests {
             step: 6,
             data: vec![1, 2, 3, 4, 5, 6],
         };
-        let bgr = CameraFrame::Raw(raw.clone()).to_stored(ChannelOrder::Bgr).unwrap();
+        let bgr = CameraFrame::Raw(raw.clone())
+            .to_stored(ChannelOrder::Bgr)
+            .unwrap();
         assert_eq!(bgr.as_raw(), &vec![1, 2, 3, 4, 5, 6]);
         let rgb = CameraFrame::Raw(raw).to_stored(ChannelOrder::Rgb).unwrap();
         assert_eq!(rgb.as_raw(), &vec![3, 2, 1, 6, 5, 4]);

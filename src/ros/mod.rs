@@ -3,13 +3,13 @@
 //! Node logic lives in the library; binaries in `src/bin/*_node.rs` only wire it up.
 
 pub mod convert;
-pub mod params;
 pub mod echo;
+pub mod params;
 pub mod recorder;
 pub mod runtime;
 
 pub use params::ParamsError;
-pub use runtime::{NodeError, NodeRuntime};
+pub use runtime::{run_node, NodeError, NodeHandle};
 
 use r2r::QosProfile;
 

@@ -73,7 +73,10 @@ mod tests {
             }
         );
         let wildcard = "/**:\n  ros__parameters: {rate_hz: 2.0, topic: t}\n";
-        assert_eq!(from_yaml::<P>(wildcard, "w.yaml", "n").unwrap().rate_hz, 2.0);
+        assert_eq!(
+            from_yaml::<P>(wildcard, "w.yaml", "n").unwrap().rate_hz,
+            2.0
+        );
     }
 
     #[test]
@@ -81,10 +84,14 @@ mod tests {
         let e = from_yaml::<P>("a:\n  ros__parameters: {}\n", "cfg.yaml", "my_node").unwrap_err();
         assert!(e.to_string().contains("cfg.yaml") && e.to_string().contains("my_node"));
         let y = "my_node:\n  ros__parameters: {rate_hz: 1.0, topic: t, rate: 3}\n";
-        let e = from_yaml::<P>(y, "cfg.yaml", "my_node").unwrap_err().to_string();
+        let e = from_yaml::<P>(y, "cfg.yaml", "my_node")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("cfg.yaml") && e.contains("rate"), "{e}");
         let y = "my_node:\n  ros__parameters: {topic: t}\n";
-        let e = from_yaml::<P>(y, "cfg.yaml", "my_node").unwrap_err().to_string();
+        let e = from_yaml::<P>(y, "cfg.yaml", "my_node")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("rate_hz"), "{e}");
         assert!(from_yaml::<P>(": : :", "bad.yaml", "n").is_err());
     }

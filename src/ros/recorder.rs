@@ -9,7 +9,7 @@
 use super::convert::{raw_image, twist_to_action};
 use super::runtime::NodeHandle;
 use super::{command_qos, image_qos, status_qos};
-use crate::data::episode::{recover_partials, EventType, WriteOptions};
+use crate::data::episode::{recover_partials, utc_stamp, EventType, WriteOptions};
 use crate::data::image::{ChannelOrder, RawImage};
 use crate::data::recording::{CameraFrame, RecordingSink, SampleMode, Sampler, SinkEvent};
 use anyhow::Context as _;
@@ -59,6 +59,8 @@ pub struct RecorderParams {
     pub channel_order: String,
     /// gzip level 0-9 of the episode datasets; -1 stores uncompressed
     pub gzip_level: i32,
+    /// Threads that compress frames in parallel (0 = inside HDF5, single-threaded)
+    pub compression_threads: u32,
     /// Frames that may wait for the writer before new ones are dropped
     pub queue_size: u32,
     /// Episode names are <prefix>_<YYYYmmdd_HHMMSS>[_<scenario>]
@@ -71,6 +73,7 @@ pub struct RecorderParams {
     pub status_rate_hz: f64,
 }
 
+#[derive(Debug)]
 struct Validated {
     mode: SampleMode,
     order: ChannelOrder,
@@ -93,7 +96,10 @@ impl RecorderParams {
             l @ 0..=9 => Some(l as u8),
             l => anyhow::bail!("parameter `gzip_level` is {l}: use 0-9, or -1 for none"),
         };
-        for (name, v) in [("rate_hz", self.rate_hz), ("status_rate_hz", self.status_rate_hz)] {
+        for (name, v) in [
+            ("rate_hz", self.rate_hz),
+            ("status_rate_hz", self.status_rate_hz),
+        ] {
             if !(v > 0.0 && v.is_finite()) {
                 anyhow::bail!("parameter `{name}` is {v}: it must be > 0");
             }
@@ -144,13 +150,24 @@ pub async fn run(h: NodeHandle<RecorderParams>) -> anyhow::Result<()> {
     // What a killed recorder left behind: salvage it before writing anything new.
     let report = recover_partials(&v.dir)?;
     for (path, n) in &report.recovered {
-        warn!("recovered {n} frame(s) of an interrupted episode into {}", path.display());
+        warn!(
+            "recovered {n} frame(s) of an interrupted episode into {}",
+            path.display()
+        );
     }
     for (path, why) in &report.discarded {
         warn!("discarded interrupted episode {}: {why}", path.display());
     }
 
-    let (mut frames, mut cmds, mut instructions, mut start_srv, mut stop_srv, mut discard_srv, status_pub) = {
+    let (
+        mut frames,
+        mut cmds,
+        mut instructions,
+        mut start_srv,
+        mut stop_srv,
+        mut discard_srv,
+        status_pub,
+    ) = {
         let mut node = h.node();
         let frames: Frames = if p.compressed {
             Box::pin(
@@ -161,18 +178,21 @@ pub async fn run(h: NodeHandle<RecorderParams>) -> anyhow::Result<()> {
                     }),
             )
         } else {
-            Box::pin(node.subscribe::<Image>(&p.image_topic, image_qos())?.map(|m| {
-                let r = raw_image(&m);
-                let raw = RawImage {
-                    width: r.width,
-                    height: r.height,
-                    encoding: m.encoding.clone(),
-                    is_bigendian: r.is_bigendian,
-                    step: r.step,
-                    data: m.data,
-                };
-                CameraFrame::Raw(raw)
-            }))
+            Box::pin(
+                node.subscribe::<Image>(&p.image_topic, image_qos())?
+                    .map(|m| {
+                        let r = raw_image(&m);
+                        let raw = RawImage {
+                            width: r.width,
+                            height: r.height,
+                            encoding: m.encoding.clone(),
+                            is_bigendian: r.is_bigendian,
+                            step: r.step,
+                            data: m.data,
+                        };
+                        CameraFrame::Raw(raw)
+                    }),
+            )
         };
         let cmds: Commands = if p.cmd_stamped {
             Box::pin(
@@ -189,9 +209,18 @@ pub async fn run(h: NodeHandle<RecorderParams>) -> anyhow::Result<()> {
             frames,
             cmds,
             node.subscribe::<StringMsg>(&p.instruction_topic, command_qos())?,
-            node.create_service::<StartEpisode::Service>("~/start_episode", r2r::QosProfile::services_default())?,
-            node.create_service::<Trigger::Service>("~/stop_episode", r2r::QosProfile::services_default())?,
-            node.create_service::<Trigger::Service>("~/discard_episode", r2r::QosProfile::services_default())?,
+            node.create_service::<StartEpisode::Service>(
+                "~/start_episode",
+                r2r::QosProfile::services_default(),
+            )?,
+            node.create_service::<Trigger::Service>(
+                "~/stop_episode",
+                r2r::QosProfile::services_default(),
+            )?,
+            node.create_service::<Trigger::Service>(
+                "~/discard_episode",
+                r2r::QosProfile::services_default(),
+            )?,
             node.create_publisher::<RecordingStatus>("~/status", status_qos())?,
         )
     };
@@ -208,7 +237,10 @@ pub async fn run(h: NodeHandle<RecorderParams>) -> anyhow::Result<()> {
 
     let mut sink = RecordingSink::spawn(p.queue_size as usize);
     let mut sampler = Sampler::new(v.mode, p.cmd_timeout_s);
-    let mut latest = LatestImage { frame: None, at: None };
+    let mut latest = LatestImage {
+        frame: None,
+        at: None,
+    };
     let mut instruction = p.instruction.clone();
     let mut rec: Option<Recording> = None;
     let mut status = RecordingStatus::default();
@@ -236,8 +268,11 @@ pub async fn run(h: NodeHandle<RecorderParams>) -> anyhow::Result<()> {
                 let step = sampler.on_command(cmd, now);
                 if let (Some((action, event)), Some(r)) = (step, rec.as_mut()) {
                     match latest.fresh(now, p.max_image_age_s) {
-                        Some(f) if sink.push(f, action, event) => r.frames_queued += 1,
-                        Some(_) => {}
+                        Some(f) => {
+                            if sink.push(f, action, event) {
+                                r.frames_queued += 1;
+                            }
+                        }
                         None => {
                             skipped_no_image += 1;
                             warn!("step skipped: no image newer than {} s on {}", p.max_image_age_s, p.image_topic);
@@ -252,8 +287,11 @@ pub async fn run(h: NodeHandle<RecorderParams>) -> anyhow::Result<()> {
                 let (action, event) = sampler.on_tick(now);
                 if let Some(r) = rec.as_mut() {
                     match latest.fresh(now, p.max_image_age_s) {
-                        Some(f) if sink.push(f, action, event) => r.frames_queued += 1,
-                        Some(_) => {}
+                        Some(f) => {
+                            if sink.push(f, action, event) {
+                                r.frames_queued += 1;
+                            }
+                        }
                         None => skipped_no_image += 1,
                     }
                 }
@@ -274,6 +312,7 @@ pub async fn run(h: NodeHandle<RecorderParams>) -> anyhow::Result<()> {
                         .unwrap_or_default();
                     let opts = WriteOptions::default()
                         .gzip_level(v.gzip)
+                        .compression_threads(p.compression_threads as usize)
                         .channel_order(v.order)
                         .instruction((!text.is_empty()).then(|| text.clone()));
                     sampler.reset();
@@ -410,25 +449,9 @@ fn update_status(
 pub fn episode_name(prefix: &str, scenario: &str, t: SystemTime) -> String {
     let secs = t
         .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
+        .map(|d| d.as_secs())
         .unwrap_or(0);
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    // Howard Hinnant's days → civil date.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    let mut name = format!(
-        "{prefix}_{y:04}{m:02}{d:02}_{:02}{:02}{:02}",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    );
+    let mut name = format!("{prefix}_{}", utc_stamp(secs));
     if !scenario.is_empty() {
         name.push('_');
         name.push_str(scenario);
@@ -449,7 +472,11 @@ mod tests {
         assert_eq!(v.order, ChannelOrder::Bgr);
         let mut bad = p.clone();
         bad.gzip_level = 12;
-        assert!(bad.validate().unwrap_err().to_string().contains("gzip_level"));
+        assert!(bad
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("gzip_level"));
         let mut bad = p;
         bad.mode = "sometimes".into();
         assert!(bad.validate().unwrap_err().to_string().contains("`mode`"));
@@ -462,6 +489,9 @@ mod tests {
             episode_name("episode", "1box_hori_left", t),
             "episode_20251203_122510_1box_hori_left"
         );
-        assert_eq!(episode_name("ep", "", SystemTime::UNIX_EPOCH), "ep_19700101_000000");
+        assert_eq!(
+            episode_name("ep", "", SystemTime::UNIX_EPOCH),
+            "ep_19700101_000000"
+        );
     }
 }

@@ -187,7 +187,10 @@ fn watch_signals(tx: Arc<watch::Sender<bool>>) -> Result<(), NodeError> {
     Ok(())
 }
 
-fn spawn_spinner(node: Arc<Mutex<r2r::Node>>, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
+fn spawn_spinner(
+    node: Arc<Mutex<r2r::Node>>,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
         while !stop.load(Ordering::Relaxed) {
             let start = Instant::now();

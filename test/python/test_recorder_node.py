@@ -236,9 +236,14 @@ def test_kill_9_keeps_completed_episodes(start_node, rclpy_node, tmp_path, ros_d
         np.testing.assert_array_equal(f["actions"][:], saved_actions)
     assert (out / ".cut_ep.h5.partial").exists()
 
-    # A restarted recorder salvages what the killed one had flushed.
+    # A restarted recorder salvages what the killed one had flushed. (The killed node's
+    # DDS endpoints linger until their lease expires, so wait for the new node's log
+    # line, which comes after recovery, not for graph matches.)
     proc2 = start_node("recorder_node", *args)
-    c.wait_ready(proc2)
+    deadline = time.monotonic() + 20
+    while "-> " + str(out) not in proc2.output() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert proc2.alive(), proc2.output()
     assert not list(out.glob("*.partial")), proc2.output()
     names = sorted(p.name for p in out.glob("*.h5"))
     if "cut_ep.h5" in names:

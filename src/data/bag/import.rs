@@ -16,7 +16,7 @@ use super::{
     cdr, Bag, BagError, Result, COMPRESSED_IMAGE_TYPE, IMAGE_TYPE, STRING_TYPE, TWIST_STAMPED_TYPE,
     TWIST_TYPE,
 };
-use crate::data::episode::{Action, EpisodeWriter, EventType, WriteOptions};
+use crate::data::episode::{utc_stamp, Action, EpisodeWriter, EventType, WriteOptions};
 use crate::data::image::{self as img, RawImageRef};
 use image::RgbImage;
 use std::path::{Path, PathBuf};
@@ -446,30 +446,9 @@ impl State<'_> {
     }
 }
 
-/// `YYYYMMDD_HHMMSS` in UTC for Unix seconds (Howard Hinnant's civil-from-days).
-fn utc_stamp(secs: u64) -> String {
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}{m:02}{d:02}_{:02}{:02}{:02}",
-        rem / 3600,
-        rem / 60 % 60,
-        rem % 60
-    )
-}
-
 #[cfg(test)]
 mod tests {
-    use super::utc_stamp;
+    use crate::data::episode::utc_stamp;
 
     #[test]
     fn utc_stamps() {

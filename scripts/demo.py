@@ -102,12 +102,15 @@ def record(episodes: Path) -> Path:
     try:
         if not start.wait_for_service(timeout_sec=30):
             raise SystemExit(f"recorder_node did not come up (log: {OUT / 'recorder_node.log'})")
+        # Discovery: publish only once the node's subscriptions have matched ours.
+        end = time.monotonic() + 20
+        while min(p.get_subscription_count() for p in (cam, cmd, instr)) == 0 and time.monotonic() < end:
+            spin(0.05)
         yaw = x = 0.0
-        for _ in range(5):
+        for _ in range(10):
+            instr.publish(String(data=INSTRUCTION))
             cam.publish(image_msg(camera(yaw, x)))
             spin(0.1)
-        instr.publish(String(data=INSTRUCTION))
-        spin(0.3)
         resp = call(start, StartEpisode.Request())
         print(f"start_episode: {resp.message}")
         for vx, vy, wz in DRIVE:

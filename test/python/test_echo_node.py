@@ -45,8 +45,11 @@ def test_image_and_twist_become_an_action_chunk(start_node, rclpy_node):
 
     twist = Twist()
     twist.linear.x, twist.linear.y, twist.angular.z = 0.5, -0.25, 1.0
-    cmd_pub.publish(twist)
-    spin_until(rclpy_node, lambda: False, timeout=0.5)
+    # Our side may see the match before the node does; a reliable volatile message sent
+    # before that is lost, so repeat the command for a second, as a teleop would.
+    for _ in range(10):
+        cmd_pub.publish(twist)
+        spin_until(rclpy_node, lambda: False, timeout=0.1)
 
     # The image publisher keeps sending until a chunk for its stamp comes back
     # (best-effort image QoS may drop the first frames while matching settles).

@@ -64,6 +64,7 @@ class Client:
             self.node,
             lambda: self.img.get_subscription_count() > 0
             and self.cmd.get_subscription_count() > 0
+            and self.instr.get_subscription_count() > 0
             and self.start.service_is_ready(),
         )
         assert ok, f"recorder never came up:\n{proc.output()}"
@@ -111,12 +112,13 @@ def test_event_mode_episode_matches_the_mobile_vla_format(start_node, rclpy_node
     )
     c = Client(rclpy_node)
     c.wait_ready(proc)
-    c.instr.publish(String(data="go left around the box"))
-
     # Each step: a fresh image first (best effort, so send it a few times), then the command.
     steps = [(None, 0), ((0.5, 0.0, 0.0), 1), ((0.0, 0.0, 0.0), 2), ((0.0, 0.0, 1.0), 3), ((0.0, 0.0, 0.0), 4)]
     frames = [bgr_frame(seed) for _, seed in steps]
-    for _ in range(3):
+    # Our side may see the match before the node does, and a reliable volatile message sent
+    # before that is lost: repeat the instruction for a while, as a real publisher would.
+    for _ in range(10):
+        c.instr.publish(String(data="go left around the box"))
         c.send_image(frames[0])
         c.pause(0.1)
     resp = c.call(c.start, StartEpisode.Request())

@@ -251,7 +251,10 @@ pub async fn run(h: NodeHandle<RecorderParams>) -> anyhow::Result<()> {
 
     loop {
         let now = Instant::now();
+        // Biased, in this order: when a frame and a command are both pending (a busy CPU),
+        // the frame is taken first, so the command is paired with the newest image.
         tokio::select! {
+            biased;
             _ = h.shutdown() => break,
             Some(frame) = frames.next() => {
                 latest = LatestImage { frame: Some(frame), at: Some(now) };

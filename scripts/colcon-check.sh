@@ -15,8 +15,11 @@ mkdir -p "$ws/src"
 ln -sfn "$root" "$ws/src/mobile_vla"
 cd "$ws"
 time colcon build --event-handlers console_direct+ --cmake-args -DBUILD_TESTING=OFF
+# colcon's setup scripts read unset variables.
+set +u
 # shellcheck disable=SC1091
 . install/setup.sh
+set -u
 test -x install/mobile_vla/lib/mobile_vla/echo_node
 test -f install/mobile_vla/share/mobile_vla/config/echo_node.yaml
 python3 -c "from mobile_vla.msg import ActionChunk; print('rclpy imports', ActionChunk.__name__)"

@@ -12,6 +12,21 @@ use policy_common::*;
 
 const TOL: f32 = 1e-4;
 
+/// The training forward over the first `window_size` fixture frames, as one sample.
+fn forward_first_window(
+    policy: &Policy,
+    exp: &std::collections::HashMap<String, candle_core::Tensor>,
+) -> mobile_vla::model::head::HeadOutput {
+    let w = policy.config().window_size;
+    let ids = policy.encode_instruction(INSTRUCTION).unwrap();
+    let pv = exp["pixel_values"]
+        .narrow(0, 0, w)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    policy.forward_window(&pv, &[ids]).unwrap()
+}
+
 fn load(name: &str) -> Policy {
     Policy::load(&policy_fixtures().join(name)).unwrap_or_else(|e| panic!("{name}: {e}"))
 }
@@ -151,14 +166,7 @@ fn training_window_forward_matches_reference() {
     for name in ["native", "robovlms7"] {
         let exp = expected(name);
         let policy = load(name);
-        let w = policy.config().window_size;
-        let ids = policy.encode_instruction(INSTRUCTION).unwrap();
-        let pv = exp["pixel_values"]
-            .narrow(0, 0, w)
-            .unwrap()
-            .unsqueeze(0)
-            .unwrap();
-        let out = policy.forward_window(&pv, &[ids]).unwrap();
+        let out = forward_first_window(&policy, &exp);
         let err = max_abs(&out.actions, &exp["window_actions"]);
         assert!(err <= TOL, "{name}: window actions err {err}");
         if let Some(g) = &out.gripper {
@@ -189,14 +197,7 @@ fn training_gradients_match_torch_autograd() {
         let mut varmap = varmap;
         varmap.load(dir.join("model.safetensors")).unwrap();
 
-        let w = policy.config().window_size;
-        let ids = policy.encode_instruction(INSTRUCTION).unwrap();
-        let pv = exp["pixel_values"]
-            .narrow(0, 0, w)
-            .unwrap()
-            .unsqueeze(0)
-            .unwrap();
-        let out = policy.forward_window(&pv, &[ids]).unwrap();
+        let out = forward_first_window(&policy, &exp);
         let mut loss = out.actions.sum_all().unwrap();
         if let Some(g) = &out.gripper {
             loss = (loss + g.sum_all().unwrap()).unwrap();

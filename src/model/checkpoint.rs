@@ -143,7 +143,8 @@ pub fn load_policy(dir: &Path, opts: &LoadOptions) -> Result<Policy> {
     Ok(policy)
 }
 
-/// Writes `bytes` to `path` atomically (temp file in the same folder, fsync, rename).
+/// Writes `path` atomically: `write` fills a temp file in the same folder, which is fsynced and
+/// renamed over `path`; the folder is fsynced too, so the rename itself survives a power cut.
 pub fn write_atomic(path: &Path, write: impl FnOnce(&Path) -> std::io::Result<()>) -> Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let name = path
@@ -154,7 +155,8 @@ pub fn write_atomic(path: &Path, write: impl FnOnce(&Path) -> std::io::Result<()
     let result = (|| {
         write(&tmp)?;
         std::fs::File::open(&tmp)?.sync_all()?;
-        std::fs::rename(&tmp, path)
+        std::fs::rename(&tmp, path)?;
+        std::fs::File::open(dir)?.sync_all()
     })();
     if let Err(e) = result {
         let _ = std::fs::remove_file(&tmp);

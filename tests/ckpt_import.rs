@@ -36,10 +36,7 @@ fn rollout_error(dir: &Path) -> f32 {
     let mut err = 0f32;
     for t in 0..FRAMES {
         let chunk = policy.step(&frame(t), INSTRUCTION).unwrap();
-        let want = exp["actions"].get(t).unwrap().to_vec2::<f32>().unwrap();
-        for (g, w) in chunk.actions.iter().zip(&want) {
-            err = err.max(max_abs_slice(g, w));
-        }
+        err = err.max(chunk_error(&chunk.actions, &exp, t));
         err = err.max(max_abs_slice(
             &chunk.raw,
             &exp["raw"].get(t).unwrap().to_vec1::<f32>().unwrap(),

@@ -236,10 +236,7 @@ fn half_precision_weights_stay_close() {
         let mut err = 0f32;
         for t in 0..FRAMES {
             let chunk = policy.step(&frame(t), INSTRUCTION).unwrap();
-            let want = exp["actions"].get(t).unwrap().to_vec2::<f32>().unwrap();
-            for (g, w) in chunk.actions.iter().zip(&want) {
-                err = err.max(max_abs_slice(g, w));
-            }
+            err = err.max(chunk_error(&chunk.actions, &exp, t));
         }
         eprintln!("{dtype:?}: max abs action err {err:.2e}");
         // Actions span ±1.15; bf16 keeps ~3 significant digits.

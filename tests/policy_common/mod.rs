@@ -50,6 +50,16 @@ pub fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
         .unwrap()
 }
 
+/// Max error of a de-normalised action chunk against the reference chunk of frame `t`.
+pub fn chunk_error(actions: &[[f32; 3]], exp: &HashMap<String, Tensor>, t: usize) -> f32 {
+    let want = exp["actions"].get(t).unwrap().to_vec2::<f32>().unwrap();
+    actions
+        .iter()
+        .zip(&want)
+        .map(|(g, w)| max_abs_slice(g, w))
+        .fold(0.0, f32::max)
+}
+
 pub fn max_abs_slice(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "length mismatch");
     a.iter()

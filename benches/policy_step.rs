@@ -204,7 +204,9 @@ fn run_case(root: &Path, spec: &ShapeSpec, dtype_name: &str) -> Result<CaseResul
     let weights = RandomWeights::default();
     let t0 = Instant::now();
     let vb = VarBuilder::from_backend(Box::new(weights.clone()), dtype, dev.clone());
-    let policy = Policy::new(cfg, &backbone_cfg, tokenizer, vb)?;
+    let mut policy = Policy::new(cfg, &backbone_cfg, tokenizer, vb)?;
+    // As `Policy::load` does for inference.
+    policy.pack_for_inference()?;
     let build_s = t0.elapsed().as_secs_f64();
 
     let ids = prompt_ids(backbone_cfg.text_config.vocab_size);

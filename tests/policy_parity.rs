@@ -231,6 +231,7 @@ fn half_precision_weights_stay_close() {
         let opts = LoadOptions {
             dtype,
             device: Device::Cpu,
+            ..Default::default()
         };
         let mut policy = Policy::load_with(&policy_fixtures().join("native"), &opts).unwrap();
         let mut err = 0f32;

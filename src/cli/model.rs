@@ -194,6 +194,7 @@ pub fn infer(args: InferArgs) -> anyhow::Result<ExitCode> {
     let opts = LoadOptions {
         dtype,
         device: candle_core::Device::Cpu,
+        ..Default::default()
     };
     let mut policy = Policy::load_with(&args.model, &opts)
         .with_context(|| format!("loading {}", args.model.display()))?;

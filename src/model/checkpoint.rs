@@ -131,7 +131,7 @@ pub fn load_policy(dir: &Path, opts: &LoadOptions) -> Result<Policy> {
     // SAFETY: mapped read-only; model files are replaced by atomic rename, never rewritten in place.
     let st = unsafe { MmapedSafetensors::new(&weights) }.map_err(tensors_err)?;
     let names: BTreeSet<String> = st.tensors().into_iter().map(|(n, _)| n).collect();
-    let (policy, used) =
+    let (mut policy, used) =
         build_policy(st, cfg, &backbone_cfg, tokenizer, opts).map_err(tensors_err)?;
     let unused: Vec<String> = names.difference(&used).cloned().collect();
     if !unused.is_empty() {
@@ -139,6 +139,9 @@ pub fn load_policy(dir: &Path, opts: &LoadOptions) -> Result<Policy> {
             path: weights,
             names: unused,
         });
+    }
+    if opts.pack_weights {
+        policy.pack_for_inference().map_err(tensors_err)?;
     }
     Ok(policy)
 }

@@ -211,6 +211,9 @@ pub struct ActionChunk {
 pub struct LoadOptions {
     pub dtype: DType,
     pub device: Device,
+    /// Repack f32 CPU backbone weights for the inference GEMM ([`Kosmos2::pack_for_inference`]);
+    /// `false` keeps them trainable, for fine-tuning.
+    pub pack_weights: bool,
 }
 
 impl Default for LoadOptions {
@@ -218,6 +221,7 @@ impl Default for LoadOptions {
         Self {
             dtype: DType::F32,
             device: Device::Cpu,
+            pack_weights: true,
         }
     }
 }
@@ -275,6 +279,11 @@ impl Policy {
 
     pub fn config(&self) -> &PolicyConfig {
         &self.cfg
+    }
+
+    /// See [`Kosmos2::pack_for_inference`].
+    pub fn pack_for_inference(&mut self) -> candle_core::Result<()> {
+        self.backbone.pack_for_inference()
     }
 
     pub fn backbone(&self) -> &Kosmos2 {

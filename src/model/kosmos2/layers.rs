@@ -6,8 +6,12 @@
 //! (inference, or frozen weights on detached inputs) the fused kernels run
 //! instead: one pass over the data instead of eight.
 
+use std::sync::Arc;
+
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
+
+use crate::model::gemm::{self, PackedLinear};
 
 /// `nn.LayerNorm` (weight and bias). Statistics in f32 so bf16/f16 stay stable.
 #[derive(Debug, Clone)]
@@ -51,25 +55,53 @@ impl Module for LayerNorm {
     }
 }
 
-/// `nn.Linear` (with bias). candle's CPU matmul has no bf16 kernel and widens
-/// both whole operands to f32 on every call, and its f16 kernel is slower than
-/// f32; without gradients this one widens a half-precision weight a
-/// cache-sized block of output rows at a time and multiplies in f32, so
-/// half-precision weights cost half the memory and no more time than f32.
+/// `nn.Linear` (with bias).
 #[derive(Debug, Clone)]
-pub(crate) struct Linear(candle_nn::Linear);
+pub(crate) enum Linear {
+    /// candle's matmul: trainable, any device and dtype.
+    Plain(candle_nn::Linear),
+    /// Repacked for the CPU inference GEMM ([`gemm`]); no gradients reach it.
+    Packed(Arc<PackedLinear>),
+}
 
 pub(crate) fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
-    candle_nn::linear(in_dim, out_dim, vb).map(Linear)
+    candle_nn::linear(in_dim, out_dim, vb).map(Linear::Plain)
+}
+
+impl Linear {
+    /// Repacks an f32 CPU weight for [`gemm`] when this CPU runs it; a no-op otherwise.
+    pub(crate) fn pack(&mut self) -> Result<()> {
+        if let Self::Plain(l) = self {
+            let w = l.weight();
+            if w.dtype() == DType::F32 && w.device().is_cpu() && gemm::supported() {
+                *self = Self::Packed(Arc::new(PackedLinear::new(w, l.bias())?));
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Module for Linear {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let w = self.0.weight();
+        let l = match self {
+            Self::Packed(p) if needs_grad(&[xs]) => {
+                candle_core::bail!(
+                    "a linear layer packed for inference got an input that needs gradients; \
+                     load the policy with `pack_weights: false` to fine-tune it ({p:?})"
+                )
+            }
+            Self::Packed(p) => return p.forward(xs),
+            Self::Plain(l) => l,
+        };
+        let w = l.weight();
         let half = matches!(w.dtype(), DType::BF16 | DType::F16);
         if !half || !w.device().is_cpu() || needs_grad(&[xs, w]) {
-            return self.0.forward(xs);
+            return l.forward(xs);
         }
+        // candle's CPU matmul has no bf16 kernel and widens both whole operands to f32 on every
+        // call, and its f16 kernel is slower than f32: widen the weight a cache-sized block of
+        // output rows at a time and multiply in f32, so half-precision weights cost half the
+        // memory and no more time than f32.
         let (n, k) = w.dims2()?;
         let lead = &xs.dims()[..xs.rank().saturating_sub(1)];
         let x = xs.reshape(((), k))?.to_dtype(DType::F32)?.contiguous()?;
@@ -89,7 +121,7 @@ impl Module for Linear {
         let ys = Tensor::cat(&blocks, 1)?
             .to_dtype(w.dtype())?
             .reshape(out_shape)?;
-        match self.0.bias() {
+        match l.bias() {
             Some(b) => ys.broadcast_add(b),
             None => Ok(ys),
         }
@@ -140,6 +172,18 @@ impl Attention {
             num_heads,
             head_dim: dim / num_heads,
         })
+    }
+
+    pub(crate) fn pack(&mut self) -> Result<()> {
+        for l in [
+            &mut self.q_proj,
+            &mut self.k_proj,
+            &mut self.v_proj,
+            &mut self.out_proj,
+        ] {
+            l.pack()?;
+        }
+        Ok(())
     }
 
     /// `(B, T, D)` → `(B, H, T, hd)`.

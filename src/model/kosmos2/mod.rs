@@ -83,6 +83,15 @@ impl Kosmos2 {
         Self::load(&cfg, &safetensors_files(dir)?, dtype, device)
     }
 
+    /// Repacks every f32 linear weight into the CPU inference GEMM's layout (`model::gemm`,
+    /// x86-64 with AVX2 + FMA; a no-op elsewhere). Inference only: gradients no longer reach
+    /// the packed weights.
+    pub fn pack_for_inference(&mut self) -> Result<()> {
+        self.vision.pack()?;
+        self.projection.pack()?;
+        self.text.pack()
+    }
+
     pub fn config(&self) -> &Kosmos2Config {
         &self.cfg
     }

@@ -25,6 +25,11 @@ impl ImageToTextProjection {
         })
     }
 
+    pub(crate) fn pack(&mut self) -> Result<()> {
+        self.dense.pack()?;
+        self.x_attn.pack()
+    }
+
     /// `(B, N, Dv)` normalised vision tokens → `(B, latent_query_num, Dt)`.
     /// The latent queries attend to `cat[dense(x), latent_query]`.
     pub(crate) fn forward(&self, features: &Tensor) -> Result<Tensor> {

@@ -28,6 +28,13 @@ impl Ffn {
     }
 }
 
+impl Ffn {
+    fn pack(&mut self) -> Result<()> {
+        self.fc1.pack()?;
+        self.fc2.pack()
+    }
+}
+
 impl Module for Ffn {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let h = self.act.forward(&self.fc1.forward(xs)?)?;
@@ -53,6 +60,11 @@ impl Block {
             ffn: Ffn::new(cfg, vb.pp("ffn"))?,
             final_layer_norm: LayerNorm::new(d, eps, vb.pp("final_layer_norm"))?,
         })
+    }
+
+    fn pack(&mut self) -> Result<()> {
+        self.self_attn.pack()?;
+        self.ffn.pack()
     }
 
     fn forward(&self, xs: &Tensor, mask: &Tensor) -> Result<Tensor> {
@@ -116,6 +128,11 @@ impl TextTransformer {
             embed_scale: cfg.embed_scale(),
             padding_idx: cfg.pad_token_id,
         })
+    }
+
+    /// Repacks the decoder's linear weights for CPU inference ([`Linear::pack`]).
+    pub(crate) fn pack(&mut self) -> Result<()> {
+        self.layers.iter_mut().try_for_each(Block::pack)
     }
 
     /// Unscaled word embeddings of `input_ids` (any shape of integer ids).

@@ -91,6 +91,14 @@ impl EncoderLayer {
     }
 }
 
+impl EncoderLayer {
+    fn pack(&mut self) -> Result<()> {
+        self.self_attn.pack()?;
+        self.fc1.pack()?;
+        self.fc2.pack()
+    }
+}
+
 impl Module for EncoderLayer {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let h = self
@@ -129,6 +137,11 @@ impl VisionTransformer {
             num_channels: cfg.num_channels,
             image_size: cfg.image_size,
         })
+    }
+
+    /// Repacks the encoder's linear weights for CPU inference ([`Linear::pack`]).
+    pub(crate) fn pack(&mut self) -> Result<()> {
+        self.layers.iter_mut().try_for_each(EncoderLayer::pack)
     }
 
     /// `(B, C, H, W)` → `(B, 1 + patches, Dv)`: every token through

@@ -6,7 +6,7 @@
 //! each printing one JSON line, then prints the table. Weights are random (generated in-process; the
 //! full shape needs no download). Environment:
 //! - `MOBILE_VLA_BENCH_FULL=0` skips the full Kosmos-2 shape (it takes minutes and ~7 GB per f32 copy);
-//! - `MOBILE_VLA_BENCH_DTYPES` (default `f32,bf16,f16`), `MOBILE_VLA_BENCH_SHAPES` (default all);
+//! - `MOBILE_VLA_BENCH_DTYPES` (default `f32,i16,bf16,f16`), `MOBILE_VLA_BENCH_SHAPES` (default all);
 //! - `MOBILE_VLA_TORCH_PYTHON`: the interpreter with torch + transformers (default the repo's
 //!   `.cache/torch-venv`); without one the torch column is left empty;
 //! - `RAYON_NUM_THREADS` (default 2) sets the threads of both frameworks' matmuls;
@@ -27,6 +27,7 @@ use mobile_vla::model::head::History;
 use mobile_vla::model::kosmos2::Kosmos2Config;
 use mobile_vla::model::policy::{LstmSpec, Policy, PolicyConfig};
 use mobile_vla::model::tokenizer::PromptTokenizer;
+use mobile_vla::model::WeightFormat;
 use serde::{Deserialize, Serialize};
 
 /// Mobile VLA fork's window; prompt `<s> + 14 words + </s>` (RoboVLMs' prompt with a short instruction).
@@ -167,12 +168,15 @@ fn peak_rss_bytes() -> Result<usize> {
     Ok(kb * 1024)
 }
 
-fn parse_dtype(s: &str) -> Result<DType> {
+/// Weight dtype and packing of a case: `f32`, `i16` (f32 weights packed as 12-bit integer blocks,
+/// as `Policy::load` with `WeightFormat::I16`), `bf16`, `f16`.
+fn parse_dtype(s: &str) -> Result<(DType, WeightFormat)> {
     Ok(match s {
-        "f32" => DType::F32,
-        "bf16" => DType::BF16,
-        "f16" => DType::F16,
-        other => bail!("unknown dtype {other:?} (f32, bf16, f16)"),
+        "f32" => (DType::F32, WeightFormat::F32),
+        "i16" => (DType::F32, WeightFormat::I16),
+        "bf16" => (DType::BF16, WeightFormat::F32),
+        "f16" => (DType::F16, WeightFormat::F32),
+        other => bail!("unknown dtype {other:?} (f32, i16, bf16, f16)"),
     })
 }
 
@@ -193,7 +197,7 @@ fn median(xs: &mut [f64]) -> f64 {
 }
 
 fn run_case(root: &Path, spec: &ShapeSpec, dtype_name: &str) -> Result<CaseResult> {
-    let dtype = parse_dtype(dtype_name)?;
+    let (dtype, format) = parse_dtype(dtype_name)?;
     let dev = Device::Cpu;
     let backbone_cfg = Kosmos2Config::from_file(root.join(spec.config))?;
     let mut cfg = PolicyConfig::native(WINDOW, FWD_PRED_NEXT_N, 1.15, 0.4);
@@ -206,7 +210,7 @@ fn run_case(root: &Path, spec: &ShapeSpec, dtype_name: &str) -> Result<CaseResul
     let vb = VarBuilder::from_backend(Box::new(weights.clone()), dtype, dev.clone());
     let mut policy = Policy::new(cfg, &backbone_cfg, tokenizer, vb)?;
     // As `Policy::load` does for inference.
-    policy.pack_for_inference()?;
+    policy.pack_for_inference(format)?;
     let build_s = t0.elapsed().as_secs_f64();
 
     let ids = prompt_ids(backbone_cfg.text_config.vocab_size);
@@ -386,7 +390,8 @@ fn main() -> Result<()> {
     }
 
     let full = std::env::var("MOBILE_VLA_BENCH_FULL").map_or(true, |v| v != "0");
-    let dtypes = std::env::var("MOBILE_VLA_BENCH_DTYPES").unwrap_or_else(|_| "f32,bf16,f16".into());
+    let dtypes =
+        std::env::var("MOBILE_VLA_BENCH_DTYPES").unwrap_or_else(|_| "f32,i16,bf16,f16".into());
     let only = std::env::var("MOBILE_VLA_BENCH_SHAPES").ok();
     let python = torch_python(&root);
     if python.is_none() {

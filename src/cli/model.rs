@@ -3,6 +3,7 @@
 use crate::data::image::ChannelOrder;
 use crate::model::checkpoint::{self, ConfigSource, ImportOptions};
 use crate::model::policy::{ActionChunk, LoadOptions, Policy, PolicyConfig};
+use crate::model::WeightFormat;
 use anyhow::Context;
 use clap::{Args, Subcommand, ValueEnum};
 use std::path::PathBuf;
@@ -54,7 +55,11 @@ pub struct ImportArgs {
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum WeightDtype {
+    /// f32, exact.
     F32,
+    /// f32 weights packed as 12-bit integer blocks (x86-64 with AVX2): half the memory of f32
+    /// and faster, within ~1e-3 of f32.
+    I16,
     F16,
     Bf16,
 }
@@ -186,15 +191,16 @@ struct InferOutput {
 }
 
 pub fn infer(args: InferArgs) -> anyhow::Result<ExitCode> {
-    let dtype = match args.dtype {
-        WeightDtype::F32 => candle_core::DType::F32,
-        WeightDtype::F16 => candle_core::DType::F16,
-        WeightDtype::Bf16 => candle_core::DType::BF16,
+    let (dtype, format) = match args.dtype {
+        WeightDtype::F32 => (candle_core::DType::F32, WeightFormat::F32),
+        WeightDtype::I16 => (candle_core::DType::F32, WeightFormat::I16),
+        WeightDtype::F16 => (candle_core::DType::F16, WeightFormat::F32),
+        WeightDtype::Bf16 => (candle_core::DType::BF16, WeightFormat::F32),
     };
     let opts = LoadOptions {
         dtype,
         device: candle_core::Device::Cpu,
-        ..Default::default()
+        packing: Some(format),
     };
     let mut policy = Policy::load_with(&args.model, &opts)
         .with_context(|| format!("loading {}", args.model.display()))?;

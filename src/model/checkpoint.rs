@@ -140,8 +140,8 @@ pub fn load_policy(dir: &Path, opts: &LoadOptions) -> Result<Policy> {
             names: unused,
         });
     }
-    if opts.pack_weights {
-        policy.pack_for_inference().map_err(tensors_err)?;
+    if let Some(format) = opts.packing {
+        policy.pack_for_inference(format).map_err(tensors_err)?;
     }
     Ok(policy)
 }

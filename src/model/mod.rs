@@ -7,3 +7,5 @@ pub mod kosmos2;
 pub mod policy;
 pub mod preprocess;
 pub mod tokenizer;
+
+pub use gemm::WeightFormat;

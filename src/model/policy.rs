@@ -6,6 +6,7 @@
 
 use crate::data::image::ChannelOrder;
 use crate::model::error::{ModelError, Result};
+use crate::model::gemm::WeightFormat;
 use crate::model::head::{HeadConfig, HeadOutput, History, LstmDecoder};
 use crate::model::kosmos2::{Kosmos2, Kosmos2Config};
 use crate::model::preprocess;
@@ -211,9 +212,9 @@ pub struct ActionChunk {
 pub struct LoadOptions {
     pub dtype: DType,
     pub device: Device,
-    /// Repack f32 CPU backbone weights for the inference GEMM ([`Kosmos2::pack_for_inference`]);
-    /// `false` keeps them trainable, for fine-tuning.
-    pub pack_weights: bool,
+    /// Repack the backbone's CPU weights for the inference GEMM
+    /// ([`Kosmos2::pack_for_inference`]); `None` keeps them trainable, for fine-tuning.
+    pub packing: Option<WeightFormat>,
 }
 
 impl Default for LoadOptions {
@@ -221,7 +222,7 @@ impl Default for LoadOptions {
         Self {
             dtype: DType::F32,
             device: Device::Cpu,
-            pack_weights: true,
+            packing: Some(WeightFormat::F32),
         }
     }
 }
@@ -282,8 +283,8 @@ impl Policy {
     }
 
     /// See [`Kosmos2::pack_for_inference`].
-    pub fn pack_for_inference(&mut self) -> candle_core::Result<()> {
-        self.backbone.pack_for_inference()
+    pub fn pack_for_inference(&mut self, format: WeightFormat) -> candle_core::Result<()> {
+        self.backbone.pack_for_inference(format)
     }
 
     pub fn backbone(&self) -> &Kosmos2 {

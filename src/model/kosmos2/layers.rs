@@ -11,7 +11,7 @@ use std::sync::Arc;
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
-use crate::model::gemm::{self, PackedLinear};
+use crate::model::gemm::{self, PackedLinear, WeightFormat};
 
 /// `nn.LayerNorm` (weight and bias). Statistics in f32 so bf16/f16 stay stable.
 #[derive(Debug, Clone)]
@@ -69,12 +69,14 @@ pub(crate) fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Li
 }
 
 impl Linear {
-    /// Repacks an f32 CPU weight for [`gemm`] when this CPU runs it; a no-op otherwise.
-    pub(crate) fn pack(&mut self) -> Result<()> {
+    /// Repacks a CPU weight for [`gemm`] when this CPU runs it: f32 weights as `format`,
+    /// half-precision ones only into [`WeightFormat::I16`] (f32 panels would double their memory).
+    pub(crate) fn pack(&mut self, format: WeightFormat) -> Result<()> {
         if let Self::Plain(l) = self {
             let w = l.weight();
-            if w.dtype() == DType::F32 && w.device().is_cpu() && gemm::supported() {
-                *self = Self::Packed(Arc::new(PackedLinear::new(w, l.bias())?));
+            let fits = w.dtype() == DType::F32 || format == WeightFormat::I16;
+            if fits && w.device().is_cpu() && gemm::supported() {
+                *self = Self::Packed(Arc::new(PackedLinear::new(w, l.bias(), format)?));
             }
         }
         Ok(())
@@ -87,7 +89,7 @@ impl Module for Linear {
             Self::Packed(p) if needs_grad(&[xs]) => {
                 candle_core::bail!(
                     "a linear layer packed for inference got an input that needs gradients; \
-                     load the policy with `pack_weights: false` to fine-tune it ({p:?})"
+                     load the policy with `packing: None` to fine-tune it ({p:?})"
                 )
             }
             Self::Packed(p) => return p.forward(xs),
@@ -174,14 +176,14 @@ impl Attention {
         })
     }
 
-    pub(crate) fn pack(&mut self) -> Result<()> {
+    pub(crate) fn pack(&mut self, format: WeightFormat) -> Result<()> {
         for l in [
             &mut self.q_proj,
             &mut self.k_proj,
             &mut self.v_proj,
             &mut self.out_proj,
         ] {
-            l.pack()?;
+            l.pack(format)?;
         }
         Ok(())
     }

@@ -18,6 +18,8 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
+use crate::model::gemm::WeightFormat;
+
 pub use config::{Activation, Kosmos2Config, Kosmos2TextConfig, Kosmos2VisionConfig};
 pub use error::Kosmos2Error;
 
@@ -83,13 +85,13 @@ impl Kosmos2 {
         Self::load(&cfg, &safetensors_files(dir)?, dtype, device)
     }
 
-    /// Repacks every f32 linear weight into the CPU inference GEMM's layout (`model::gemm`,
-    /// x86-64 with AVX2 + FMA; a no-op elsewhere). Inference only: gradients no longer reach
-    /// the packed weights.
-    pub fn pack_for_inference(&mut self) -> Result<()> {
-        self.vision.pack()?;
-        self.projection.pack()?;
-        self.text.pack()
+    /// Repacks every linear weight into the CPU inference GEMM's layout (`model::gemm`, x86-64
+    /// with AVX2 + FMA; a no-op elsewhere): f32 weights into `format`, half-precision ones only
+    /// into [`WeightFormat::I16`]. Inference only: gradients no longer reach the packed weights.
+    pub fn pack_for_inference(&mut self, format: WeightFormat) -> Result<()> {
+        self.vision.pack(format)?;
+        self.projection.pack(format)?;
+        self.text.pack(format)
     }
 
     pub fn config(&self) -> &Kosmos2Config {

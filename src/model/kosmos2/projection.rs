@@ -7,6 +7,7 @@ use candle_nn::VarBuilder;
 
 use super::config::Kosmos2Config;
 use super::layers::{linear, Attention, Linear};
+use crate::model::gemm::WeightFormat;
 
 #[derive(Debug, Clone)]
 pub(crate) struct ImageToTextProjection {
@@ -25,9 +26,9 @@ impl ImageToTextProjection {
         })
     }
 
-    pub(crate) fn pack(&mut self) -> Result<()> {
-        self.dense.pack()?;
-        self.x_attn.pack()
+    pub(crate) fn pack(&mut self, format: WeightFormat) -> Result<()> {
+        self.dense.pack(format)?;
+        self.x_attn.pack(format)
     }
 
     /// `(B, N, Dv)` normalised vision tokens → `(B, latent_query_num, Dt)`.

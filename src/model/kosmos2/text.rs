@@ -7,6 +7,7 @@ use candle_nn::{Embedding, VarBuilder};
 
 use super::config::{Activation, Kosmos2TextConfig};
 use super::layers::{causal_mask, linear, Attention, LayerNorm, Linear};
+use crate::model::gemm::WeightFormat;
 
 /// `fc1` → activation → `ffn_layernorm` → `fc2`.
 #[derive(Debug, Clone)]
@@ -29,9 +30,9 @@ impl Ffn {
 }
 
 impl Ffn {
-    fn pack(&mut self) -> Result<()> {
-        self.fc1.pack()?;
-        self.fc2.pack()
+    fn pack(&mut self, format: WeightFormat) -> Result<()> {
+        self.fc1.pack(format)?;
+        self.fc2.pack(format)
     }
 }
 
@@ -62,9 +63,9 @@ impl Block {
         })
     }
 
-    fn pack(&mut self) -> Result<()> {
-        self.self_attn.pack()?;
-        self.ffn.pack()
+    fn pack(&mut self, format: WeightFormat) -> Result<()> {
+        self.self_attn.pack(format)?;
+        self.ffn.pack(format)
     }
 
     fn forward(&self, xs: &Tensor, mask: &Tensor) -> Result<Tensor> {
@@ -131,8 +132,8 @@ impl TextTransformer {
     }
 
     /// Repacks the decoder's linear weights for CPU inference ([`Linear::pack`]).
-    pub(crate) fn pack(&mut self) -> Result<()> {
-        self.layers.iter_mut().try_for_each(Block::pack)
+    pub(crate) fn pack(&mut self, format: WeightFormat) -> Result<()> {
+        self.layers.iter_mut().try_for_each(|l| l.pack(format))
     }
 
     /// Unscaled word embeddings of `input_ids` (any shape of integer ids).

@@ -6,6 +6,7 @@ use candle_nn::VarBuilder;
 
 use super::config::{Activation, Kosmos2VisionConfig};
 use super::layers::{linear, Attention, LayerNorm, Linear};
+use crate::model::gemm::WeightFormat;
 
 /// Class token + strided-conv patch embeddings + learned positions.
 ///
@@ -92,10 +93,10 @@ impl EncoderLayer {
 }
 
 impl EncoderLayer {
-    fn pack(&mut self) -> Result<()> {
-        self.self_attn.pack()?;
-        self.fc1.pack()?;
-        self.fc2.pack()
+    fn pack(&mut self, format: WeightFormat) -> Result<()> {
+        self.self_attn.pack(format)?;
+        self.fc1.pack(format)?;
+        self.fc2.pack(format)
     }
 }
 
@@ -140,8 +141,8 @@ impl VisionTransformer {
     }
 
     /// Repacks the encoder's linear weights for CPU inference ([`Linear::pack`]).
-    pub(crate) fn pack(&mut self) -> Result<()> {
-        self.layers.iter_mut().try_for_each(EncoderLayer::pack)
+    pub(crate) fn pack(&mut self, format: WeightFormat) -> Result<()> {
+        self.layers.iter_mut().try_for_each(|l| l.pack(format))
     }
 
     /// `(B, C, H, W)` → `(B, 1 + patches, Dv)`: every token through

@@ -127,6 +127,44 @@ fn parity_tiny_odd_width_noscale() {
     check_parity("tiny_odd_width_noscale");
 }
 
+/// `last_hidden_state` (only the last row in the last layer) on the sequence cut after [ACT] gives
+/// [ACT]'s row of the full forward and of transformers; likewise the plain prompt's last token.
+#[test]
+fn last_hidden_state_is_the_full_forwards_last_row() {
+    for name in FIXTURES {
+        let (model, exp) = load(name, DType::F32);
+        let image_embeds = model.image_embeds(&exp["pixel_values"]).unwrap();
+        let robo = robo_sequence(&model, &image_embeds, &exp["prompt_ids"], &exp["act_embed"]);
+        let to_act = robo.narrow(1, 0, robo.dim(1).unwrap() - 1).unwrap();
+        let plain = model.embed_tokens(&exp["plain_input_ids"]).unwrap();
+        for (what, seq, reference) in [
+            ("act_feature", &to_act, exp["act_feature"].clone()),
+            (
+                "plain last token",
+                &plain,
+                exp["plain_hidden"]
+                    .i((.., plain.dim(1).unwrap() - 1))
+                    .unwrap(),
+            ),
+        ] {
+            let got = model.last_hidden_state(seq).unwrap();
+            let full = model.text_hidden_states(seq).unwrap();
+            let full_last = full.i((.., full.dim(1).unwrap() - 1)).unwrap();
+            let err = max_abs_err(&got, &full_last);
+            println!("{name} {what}: last-row-only vs full forward max abs err {err:.3e}");
+            assert!(
+                err < 1e-5,
+                "{name} {what}: last_hidden_state differs by {err}"
+            );
+            let err = max_abs_err(&got, &reference);
+            assert!(
+                err <= TOL,
+                "{name} {what}: max abs err {err} vs transformers > {TOL}"
+            );
+        }
+    }
+}
+
 /// Gradients of `sum(act_feature * loss_weight)` w.r.t. every weight and the
 /// [ACT] embedding, against torch autograd: the fine-tuning path.
 fn check_grads(name: &str) {

@@ -362,13 +362,11 @@ impl Policy {
                 image,
                 text(words.narrow(1, 1, l - 2)?)?,
                 text(act)?,
-                text(words.narrow(1, l - 1, 1)?)?,
             ],
             1,
-        )?; // (N, S, D)
-        let s = seq.dim(1)?;
-        let hidden = self.backbone.text_hidden_states(&seq)?;
-        hidden.narrow(1, s - 2, 1)?.squeeze(1)
+        )?; // (N, S - 1, D)
+            // Causal attention: the trailing `</s>` cannot change [ACT]'s state, so the sequence ends at [ACT].
+        self.backbone.last_hidden_state(&seq)
     }
 
     /// Training forward: pixel_values (B, W, 3, S, S) with one prompt per sample → normalised head

@@ -122,6 +122,12 @@ impl Kosmos2 {
     pub fn text_hidden_states(&self, inputs_embeds: &Tensor) -> Result<Tensor> {
         self.text.forward(&inputs_embeds.to_dtype(self.dtype)?)
     }
+
+    /// The last position's row of [`Self::text_hidden_states`], `(B, D)`, computing only that
+    /// row in the last decoder layer (the next-token / `[ACT]` read-out).
+    pub fn last_hidden_state(&self, inputs_embeds: &Tensor) -> Result<Tensor> {
+        self.text.forward_last(&inputs_embeds.to_dtype(self.dtype)?)
+    }
 }
 
 /// The weight files of an HF model folder: the single file, else the index's shards.

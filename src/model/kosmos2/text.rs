@@ -68,9 +68,13 @@ impl Block {
         self.ffn.pack(format)
     }
 
-    fn forward(&self, xs: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    /// Updates rows `first..` of `xs (B, L, D)` → `(B, L - first, D)`; keys and values still come
+    /// from every row. `mask`: the causal mask's rows `first..`, `(L - first, L)`.
+    fn forward(&self, xs: &Tensor, mask: &Tensor, first: usize) -> Result<Tensor> {
+        let len = xs.dim(1)?;
         let h = self.self_attn_layer_norm.forward(xs)?;
-        let xs = (xs + self.self_attn.forward(&h, None, Some(mask))?)?;
+        let rows = |t: &Tensor| t.narrow(1, first, len - first)?.contiguous();
+        let xs = (rows(xs)? + self.self_attn.forward(&rows(&h)?, Some(&h), Some(mask))?)?;
         let h = self.final_layer_norm.forward(&xs)?.apply(&self.ffn)?;
         xs + h
     }
@@ -143,6 +147,16 @@ impl TextTransformer {
 
     /// `(B, L, D)` unscaled embeddings → last hidden state `(B, L, D)`.
     pub(crate) fn forward(&self, inputs_embeds: &Tensor) -> Result<Tensor> {
+        self.decode(inputs_embeds, false)
+    }
+
+    /// `(B, L, D)` unscaled embeddings → last hidden state of the last position `(B, D)`.
+    pub(crate) fn forward_last(&self, inputs_embeds: &Tensor) -> Result<Tensor> {
+        self.decode(inputs_embeds, true)?.squeeze(1)
+    }
+
+    /// Last hidden state `(B, L, D)`, or only its last row `(B, 1, D)` when `last_only`.
+    fn decode(&self, inputs_embeds: &Tensor, last_only: bool) -> Result<Tensor> {
         let (_, len, d) = inputs_embeds.dims3()?;
         if d != self.embed_dim || len == 0 {
             bail!(
@@ -156,8 +170,18 @@ impl TextTransformer {
             sinusoidal_positions(len, d, self.padding_idx, dev)?.to_dtype(inputs_embeds.dtype())?;
         let mut xs = (inputs_embeds * self.embed_scale)?.broadcast_add(&positions)?;
         let mask = causal_mask(len, dev)?;
-        for layer in &self.layers {
-            xs = layer.forward(&xs, &mask)?;
+        let n_layers = self.layers.len();
+        for (i, layer) in self.layers.iter().enumerate() {
+            // Causal: nothing after the last layer reads its other rows, so skip them there.
+            let first = if last_only && i + 1 == n_layers {
+                len - 1
+            } else {
+                0
+            };
+            xs = layer.forward(&xs, &mask.narrow(0, first, len - first)?, first)?;
+        }
+        if last_only {
+            xs = xs.narrow(1, xs.dim(1)? - 1, 1)?; // already one row unless there are no layers
         }
         self.layer_norm.forward(&xs)
     }

@@ -356,6 +356,8 @@ impl Policy {
             .to_dtype(image.dtype())?
             .reshape((1, 1, d))?;
         let text = |t: Tensor| t.broadcast_as((n, t.dim(1)?, d))?.contiguous();
+        // Causal attention: the trailing `</s>` cannot change [ACT]'s state, so the sequence
+        // ends at [ACT].
         let seq = Tensor::cat(
             &[
                 text(words.narrow(1, 0, 1)?)?,
@@ -365,7 +367,6 @@ impl Policy {
             ],
             1,
         )?; // (N, S - 1, D)
-            // Causal attention: the trailing `</s>` cannot change [ACT]'s state, so the sequence ends at [ACT].
         self.backbone.last_hidden_state(&seq)
     }
 

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, IndexOp, Tensor, Var};
 use candle_nn::VarBuilder;
 use mobile_vla::model::kosmos2::{Kosmos2, Kosmos2Config, Kosmos2Error};
+use mobile_vla::model::WeightFormat;
 
 const TOL: f32 = 1e-4;
 const FIXTURES: [&str; 3] = ["tiny_odd_heads", "tiny_even", "tiny_odd_width_noscale"];
@@ -100,15 +101,21 @@ fn outputs(model: &Kosmos2, exp: &HashMap<String, Tensor>) -> Vec<(&'static str,
     .collect()
 }
 
+/// candle's matmul (trainable weights) and the packed inference GEMM (fused q/k/v) alike.
 fn check_parity(name: &str) {
-    let (model, exp) = load(name, DType::F32);
-    for (what, got, want) in outputs(&model, &exp) {
-        let err = max_abs_err(&got, &want);
-        println!(
-            "{name} {what}: max abs err {err:.3e} (|ref| max {:.3})",
-            max_abs(&want)
-        );
-        assert!(err <= TOL, "{name} {what}: max abs err {err} > {TOL}");
+    for packed in [false, true] {
+        let (mut model, exp) = load(name, DType::F32);
+        if packed {
+            model.pack_for_inference(WeightFormat::F32).unwrap();
+        }
+        for (what, got, want) in outputs(&model, &exp) {
+            let err = max_abs_err(&got, &want);
+            println!(
+                "{name} {what} packed={packed}: max abs err {err:.3e} (|ref| max {:.3})",
+                max_abs(&want)
+            );
+            assert!(err <= TOL, "{name} {what}: max abs err {err} > {TOL}");
+        }
     }
 }
 
@@ -259,6 +266,21 @@ fn half_precision_runs_close_to_reference() {
     let feats = model.image_embeds(&exp["pixel_values"]).unwrap();
     assert_eq!(feats.dtype(), DType::F16);
     assert!(max_abs_err(&feats, &exp["image_embeds"]) < 0.1);
+}
+
+#[test]
+fn integer_packed_weights_run_close_to_reference() {
+    for name in FIXTURES {
+        let (mut model, exp) = load(name, DType::F32);
+        model.pack_for_inference(WeightFormat::I16).unwrap();
+        for (what, got, want) in outputs(&model, &exp) {
+            // 12-bit blocks keep ~4 significant digits, 10× finer than bf16's bound above.
+            let err = max_abs_err(&got, &want);
+            let bound = 5e-3 * max_abs(&want).max(1.0);
+            println!("{name} {what} i16: max abs err {err:.3e} (bound {bound:.3})");
+            assert!(err <= bound, "{name} {what} i16: {err} > {bound}");
+        }
+    }
 }
 
 #[test]

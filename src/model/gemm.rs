@@ -230,7 +230,7 @@ impl PackedLinear {
         for i in 0..tiles {
             let rows = MR.min(m - i * MR);
             let dst = out.0.add(i * MR * n + col0);
-            let run = |c: *mut f32, ldc: usize, init: Init| match (&self.panels, a) {
+            let run = |out: Tile| match (&self.panels, a) {
                 (Panels::F32(w), Rows::F32(a)) => {
                     let b_block = &w[j * k + k0..][..kc];
                     // The next block of weight rows (this panel's next `k` block, or the next
@@ -240,7 +240,7 @@ impl PackedLinear {
                     let next = &next[..KC.min(next.len())];
                     let prefetch = &next[i * next.len() / tiles..(i + 1) * next.len() / tiles];
                     let a_tile = &a[(k0 * tiles + i * kc) * MR..][..kc * MR];
-                    micro_kernel(a_tile, b_block, prefetch, c, ldc, init);
+                    micro_kernel(a_tile, b_block, prefetch, out);
                 }
                 (Panels::I16 { rows: w, scales }, Rows::I16(a)) => {
                     let (pairs, kcp, block) = (k.div_ceil(2), kc.div_ceil(2), k0 / KC);
@@ -248,15 +248,21 @@ impl PackedLinear {
                     let a_tile = &a.data[(k0 / 2 * tiles + i * kcp) * MR..][..kcp * MR];
                     let a_scale = &a.scales[(block * tiles + i) * MR..][..MR];
                     let b_scale = &scales[j * k.div_ceil(KC) + block];
-                    micro_kernel_i16(a_tile, b_block, a_scale, b_scale, c, ldc, init);
+                    micro_kernel_i16(a_tile, b_block, a_scale, b_scale, out);
                 }
                 _ => unreachable!("activations are packed for the weight's format"),
             };
-            if rows == MR && cols == NR {
-                run(dst, n, if k0 == 0 { Init::Set(&bias) } else { Init::Add });
+            if cols == NR {
+                let init = if k0 == 0 { Init::Set(&bias) } else { Init::Add };
+                run(Tile {
+                    c: dst,
+                    ldc: n,
+                    rows,
+                    init,
+                });
                 continue;
             }
-            // Ragged edge: through a full tile on the stack.
+            // Ragged right edge: through a full tile on the stack.
             let mut tile = [[0f32; NR]; MR];
             for (r, t) in tile.iter_mut().enumerate().take(rows) {
                 let src = dst.add(r * n);
@@ -264,7 +270,12 @@ impl PackedLinear {
                     *v = if k0 == 0 { bias[c] } else { *src.add(c) };
                 }
             }
-            run(tile.as_mut_ptr().cast(), NR, Init::Add);
+            run(Tile {
+                c: tile.as_mut_ptr().cast(),
+                ldc: NR,
+                rows,
+                init: Init::Add,
+            });
             for (r, t) in tile.iter().enumerate().take(rows) {
                 std::ptr::copy_nonoverlapping(t.as_ptr(), dst.add(r * n), cols);
             }
@@ -281,6 +292,15 @@ unsafe impl Sync for SharedOut {}
 enum Init<'a> {
     Set(&'a [f32; NR]),
     Add,
+}
+
+/// Where a kernel writes: the first `rows` (≤ 6) rows of a 6 × 16 tile at `c`, `ldc` apart.
+#[derive(Clone, Copy)]
+struct Tile<'a> {
+    c: *mut f32,
+    ldc: usize,
+    rows: usize,
+    init: Init<'a>,
 }
 
 /// An activation packed for one call.
@@ -388,23 +408,16 @@ fn quantize_portable(x: &[f32], q: &mut [i16]) -> f32 {
     scale
 }
 
-/// `c (6 × 16, row stride ldc) = init + a_tile (kc × 6)ᵀ · b (kc × 16)`, prefetching the first
-/// `kc` rows of `prefetch` on the way.
+/// `c (rows × 16, row stride ldc) = init + a_tile (kc × 6)ᵀ · b (kc × 16)` for the first `rows`
+/// (≤ 6) rows of the tile, prefetching the first `kc` rows of `prefetch` on the way.
 ///
 /// # Safety
-/// `c` must address 6 rows of 16 writable floats `ldc` apart.
-unsafe fn micro_kernel(
-    a: &[f32],
-    b: &[PanelRow],
-    prefetch: &[PanelRow],
-    c: *mut f32,
-    ldc: usize,
-    init: Init,
-) {
+/// `out.c` must address `out.rows` rows of 16 writable floats `out.ldc` apart.
+unsafe fn micro_kernel(a: &[f32], b: &[PanelRow], prefetch: &[PanelRow], out: Tile) {
     assert_eq!(a.len(), b.len() * MR);
     #[cfg(target_arch = "x86_64")]
     if supported() {
-        x86::micro_kernel(a, b, prefetch, c, ldc, init);
+        x86::micro_kernel(a, b, prefetch, out);
         return;
     }
     let _ = prefetch;
@@ -416,7 +429,7 @@ unsafe fn micro_kernel(
             }
         }
     }
-    store(&acc, c, ldc, init);
+    store(&acc, out);
 }
 
 /// `c = init + Σ_pairs (a · b) · a_scale[row] · b_scale[col]` over one quantisation block.
@@ -428,14 +441,12 @@ unsafe fn micro_kernel_i16(
     b: &[PairRow],
     a_scale: &[f32],
     b_scale: &[f32; NR],
-    c: *mut f32,
-    ldc: usize,
-    init: Init,
+    out: Tile,
 ) {
     assert!(a.len() == b.len() * MR && a_scale.len() == MR);
     #[cfg(target_arch = "x86_64")]
     if supported() {
-        x86::micro_kernel_i16(a, b, a_scale, b_scale, c, ldc, init);
+        x86::micro_kernel_i16(a, b, a_scale, b_scale, out);
         return;
     }
     let mut acc = [[0f32; NR]; MR];
@@ -454,15 +465,15 @@ unsafe fn micro_kernel_i16(
             *t = dot as f32 * a_scale[r] * b_scale[col];
         }
     }
-    store(&acc, c, ldc, init);
+    store(&acc, out);
 }
 
 /// The portable kernels' epilogue.
-unsafe fn store(acc: &[[f32; NR]; MR], c: *mut f32, ldc: usize, init: Init) {
-    for (r, acc_r) in acc.iter().enumerate() {
+unsafe fn store(acc: &[[f32; NR]; MR], out: Tile) {
+    for (r, acc_r) in acc.iter().enumerate().take(out.rows) {
         for (col, v) in acc_r.iter().enumerate() {
-            let dst = c.add(r * ldc + col);
-            *dst = v + match init {
+            let dst = out.c.add(r * out.ldc + col);
+            *dst = v + match out.init {
                 Init::Set(bias) => bias[col],
                 Init::Add => *dst,
             };
@@ -474,14 +485,14 @@ unsafe fn store(acc: &[[f32; NR]; MR], c: *mut f32, ldc: usize, init: Init) {
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{Init, PairRow, PanelRow, MR, NR};
+    use super::{Init, PairRow, PanelRow, Tile, MR, NR};
 
-    /// `c[r] = init[r] + acc[r]` for the 6 × 16 tile.
+    /// `c[r] = init[r] + acc[r]` for the first `rows` rows of the 6 × 16 tile.
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn store(acc: &[[__m256; 2]; MR], c: *mut f32, ldc: usize, init: Init) {
-        for (r, acc_r) in acc.iter().enumerate() {
-            let dst = c.add(r * ldc);
-            let (i0, i1) = match init {
+    unsafe fn store(acc: &[[__m256; 2]; MR], out: Tile) {
+        for (r, acc_r) in acc.iter().enumerate().take(out.rows) {
+            let dst = out.c.add(r * out.ldc);
+            let (i0, i1) = match out.init {
                 Init::Set(bias) => (
                     _mm256_loadu_ps(bias.as_ptr()),
                     _mm256_loadu_ps(bias.as_ptr().add(8)),
@@ -496,14 +507,7 @@ mod x86 {
     /// # Safety
     /// AVX2 and FMA must be present; `c` as for [`super::micro_kernel`].
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn micro_kernel(
-        a: &[f32],
-        b: &[PanelRow],
-        prefetch: &[PanelRow],
-        c: *mut f32,
-        ldc: usize,
-        init: Init,
-    ) {
+    pub(super) unsafe fn micro_kernel(a: &[f32], b: &[PanelRow], prefetch: &[PanelRow], out: Tile) {
         let mut acc = [[_mm256_setzero_ps(); 2]; MR];
         let mut ap = a.as_ptr();
         for (p, row) in b.iter().enumerate() {
@@ -519,7 +523,7 @@ mod x86 {
             }
             ap = ap.add(MR);
         }
-        store(&acc, c, ldc, init);
+        store(&acc, out);
     }
 
     /// # Safety
@@ -530,9 +534,7 @@ mod x86 {
         b: &[PairRow],
         a_scale: &[f32],
         b_scale: &[f32; NR],
-        c: *mut f32,
-        ldc: usize,
-        init: Init,
+        out: Tile,
     ) {
         let mut acc = [[_mm256_setzero_si256(); 2]; MR];
         let mut ap = a.as_ptr();
@@ -548,13 +550,13 @@ mod x86 {
         }
         let s0 = _mm256_loadu_ps(b_scale.as_ptr());
         let s1 = _mm256_loadu_ps(b_scale.as_ptr().add(8));
-        let mut out = [[_mm256_setzero_ps(); 2]; MR];
-        for ((o, acc_r), &sa) in out.iter_mut().zip(&acc).zip(a_scale) {
+        let mut scaled = [[_mm256_setzero_ps(); 2]; MR];
+        for ((o, acc_r), &sa) in scaled.iter_mut().zip(&acc).zip(a_scale) {
             let sa = _mm256_set1_ps(sa);
             o[0] = _mm256_mul_ps(_mm256_cvtepi32_ps(acc_r[0]), _mm256_mul_ps(s0, sa));
             o[1] = _mm256_mul_ps(_mm256_cvtepi32_ps(acc_r[1]), _mm256_mul_ps(s1, sa));
         }
-        store(&out, c, ldc, init);
+        store(&scaled, out);
     }
 }
 

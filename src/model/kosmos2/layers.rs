@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 
-use candle_core::{DType, Module, Result, Tensor, D};
+use candle_core::{bail, DType, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
 use crate::model::gemm::{self, PackedLinear, WeightFormat};
@@ -144,13 +144,23 @@ pub(crate) fn causal_mask(len: usize, device: &candle_core::Device) -> Result<Te
 /// `inner_attn_ln` between the heads' concatenation and `out_proj`.
 #[derive(Debug, Clone)]
 pub(crate) struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
+    qkv: Projections,
     out_proj: Linear,
     inner_attn_ln: Option<LayerNorm>,
     num_heads: usize,
     head_dim: usize,
+}
+
+#[derive(Debug, Clone)]
+enum Projections {
+    Separate {
+        q: Linear,
+        k: Linear,
+        v: Linear,
+    },
+    /// q, k and v stacked into one packed GEMM: self-attention reads one input for all three,
+    /// so one call (one activation packing, one thread fork) instead of three.
+    Fused(Arc<PackedLinear>),
 }
 
 impl Attention {
@@ -166,9 +176,11 @@ impl Attention {
             None => None,
         };
         Ok(Self {
-            q_proj: linear(dim, dim, vb.pp("q_proj"))?,
-            k_proj: linear(dim, dim, vb.pp("k_proj"))?,
-            v_proj: linear(dim, dim, vb.pp("v_proj"))?,
+            qkv: Projections::Separate {
+                q: linear(dim, dim, vb.pp("q_proj"))?,
+                k: linear(dim, dim, vb.pp("k_proj"))?,
+                v: linear(dim, dim, vb.pp("v_proj"))?,
+            },
             out_proj: linear(dim, dim, vb.pp("out_proj"))?,
             inner_attn_ln,
             num_heads,
@@ -176,13 +188,30 @@ impl Attention {
         })
     }
 
-    pub(crate) fn pack(&mut self, format: WeightFormat) -> Result<()> {
-        for l in [
-            &mut self.q_proj,
-            &mut self.k_proj,
-            &mut self.v_proj,
-            &mut self.out_proj,
-        ] {
+    /// Packs the projections for CPU inference ([`Linear::pack`]); `self_attention` fuses q, k
+    /// and v into one GEMM, after which only [`Self::forward_self`] works.
+    pub(crate) fn pack(&mut self, format: WeightFormat, self_attention: bool) -> Result<()> {
+        self.out_proj.pack(format)?;
+        let Projections::Separate { q, k, v } = &mut self.qkv else {
+            return Ok(());
+        };
+        if let (true, Linear::Plain(lq), Linear::Plain(lk), Linear::Plain(lv)) =
+            (self_attention, &*q, &*k, &*v)
+        {
+            let w = lq.weight();
+            let fits = w.dtype() == DType::F32 || format == WeightFormat::I16;
+            if fits && w.device().is_cpu() && gemm::supported() {
+                let weight = Tensor::cat(&[w, lk.weight(), lv.weight()], 0)?;
+                let bias = match (lq.bias(), lk.bias(), lv.bias()) {
+                    (Some(bq), Some(bk), Some(bv)) => Some(Tensor::cat(&[bq, bk, bv], 0)?),
+                    _ => None,
+                };
+                let fused = PackedLinear::new(&weight, bias.as_ref(), format)?;
+                self.qkv = Projections::Fused(Arc::new(fused));
+                return Ok(());
+            }
+        }
+        for l in [q, k, v] {
             l.pack(format)?;
         }
         Ok(())
@@ -196,20 +225,55 @@ impl Attention {
             .contiguous()
     }
 
-    /// `queries (B, Tq, D)` attend to `key_values (B, Tk, D)` (the queries
-    /// themselves for self-attention); `mask` is additive, `(Tq, Tk)` f32.
+    /// `queries (B, Tq, D)` attend to `key_values (B, Tk, D)`; `mask` is additive, `(Tq, Tk)` f32.
     pub(crate) fn forward(
         &self,
         queries: &Tensor,
-        key_values: Option<&Tensor>,
+        key_values: &Tensor,
         mask: Option<&Tensor>,
     ) -> Result<Tensor> {
-        let (b, tq, d) = queries.dims3()?;
-        let kv = key_values.unwrap_or(queries);
+        let Projections::Separate { q, k, v } = &self.qkv else {
+            bail!("cross-attention with fused q/k/v projections (packed as self-attention)");
+        };
+        self.attend(
+            q.forward(queries)?,
+            k.forward(key_values)?,
+            v.forward(key_values)?,
+            mask,
+        )
+    }
+
+    /// Self-attention of `xs (B, T, D)` computing only rows `first..` of the output
+    /// `(B, T - first, D)`; keys and values come from every row. `mask`: `(T - first, T)`.
+    pub(crate) fn forward_self(
+        &self,
+        xs: &Tensor,
+        first: usize,
+        mask: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let rows = xs.dim(1)? - first;
+        match &self.qkv {
+            Projections::Separate { q, k, v } => {
+                let queries = xs.narrow(1, first, rows)?.contiguous()?;
+                self.attend(q.forward(&queries)?, k.forward(xs)?, v.forward(xs)?, mask)
+            }
+            Projections::Fused(qkv) => {
+                let all = qkv.forward(xs)?;
+                let d = self.num_heads * self.head_dim;
+                let part = |i: usize| all.narrow(2, i * d, d);
+                self.attend(part(0)?.narrow(1, first, rows)?, part(1)?, part(2)?, mask)
+            }
+        }
+    }
+
+    /// Scaled dot-product attention of projected `q (B, Tq, D)` over `k`, `v (B, Tk, D)`, then
+    /// `inner_attn_ln` and `out_proj`.
+    fn attend(&self, q: Tensor, k: Tensor, v: Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        let (b, tq, d) = q.dims3()?;
         let scale = (self.head_dim as f64).powf(-0.5);
-        let q = self.split_heads(&(self.q_proj.forward(queries)? * scale)?)?;
-        let k = self.split_heads(&self.k_proj.forward(kv)?)?;
-        let v = self.split_heads(&self.v_proj.forward(kv)?)?;
+        let q = self.split_heads(&(q * scale)?)?;
+        let k = self.split_heads(&k)?;
+        let v = self.split_heads(&v)?;
         // (B, H, Tq, Tk); softmax in f32 for half-precision weights.
         let scores = q
             .matmul(&k.transpose(2, 3)?.contiguous()?)?

@@ -28,7 +28,7 @@ impl ImageToTextProjection {
 
     pub(crate) fn pack(&mut self, format: WeightFormat) -> Result<()> {
         self.dense.pack(format)?;
-        self.x_attn.pack(format)
+        self.x_attn.pack(format, false)
     }
 
     /// `(B, N, Dv)` normalised vision tokens → `(B, latent_query_num, Dt)`.
@@ -43,6 +43,6 @@ impl ImageToTextProjection {
             .broadcast_as((b, q, d))?
             .contiguous()?;
         let key_values = Tensor::cat(&[&hidden, &queries], 1)?;
-        self.x_attn.forward(&queries, Some(&key_values), None)
+        self.x_attn.forward(&queries, &key_values, None)
     }
 }

@@ -64,7 +64,7 @@ impl Block {
     }
 
     fn pack(&mut self, format: WeightFormat) -> Result<()> {
-        self.self_attn.pack(format)?;
+        self.self_attn.pack(format, true)?;
         self.ffn.pack(format)
     }
 
@@ -74,7 +74,7 @@ impl Block {
         let len = xs.dim(1)?;
         let h = self.self_attn_layer_norm.forward(xs)?;
         let rows = |t: &Tensor| t.narrow(1, first, len - first)?.contiguous();
-        let xs = (rows(xs)? + self.self_attn.forward(&rows(&h)?, Some(&h), Some(mask))?)?;
+        let xs = (rows(xs)? + self.self_attn.forward_self(&h, first, Some(mask))?)?;
         let h = self.final_layer_norm.forward(&xs)?.apply(&self.ffn)?;
         xs + h
     }

@@ -94,7 +94,7 @@ impl EncoderLayer {
 
 impl EncoderLayer {
     fn pack(&mut self, format: WeightFormat) -> Result<()> {
-        self.self_attn.pack(format)?;
+        self.self_attn.pack(format, true)?;
         self.fc1.pack(format)?;
         self.fc2.pack(format)
     }
@@ -104,7 +104,7 @@ impl Module for EncoderLayer {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let h = self
             .self_attn
-            .forward(&self.layer_norm1.forward(xs)?, None, None)?;
+            .forward_self(&self.layer_norm1.forward(xs)?, 0, None)?;
         let xs = (xs + h)?;
         let h = self.layer_norm2.forward(&xs)?.apply(&self.fc1)?;
         let h = self.act.forward(&h)?.apply(&self.fc2)?;

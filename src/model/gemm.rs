@@ -160,6 +160,11 @@ impl PackedLinear {
 
     /// `xs (…, K)` → `(…, N)` in `xs`' dtype; the product runs in f32 (or exact integers).
     pub(crate) fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        self.forward_act(xs, None)
+    }
+
+    /// [`Self::forward`] followed by `act`, applied by the GEMM threads to their own columns.
+    pub(crate) fn forward_act(&self, xs: &Tensor, act: Option<Epilogue>) -> Result<Tensor> {
         let dims = xs.dims();
         let k = *dims.last().unwrap_or(&0);
         if k != self.k {
@@ -178,7 +183,7 @@ impl PackedLinear {
             else {
                 candle_core::bail!("packed linear runs on the CPU only");
             };
-            self.matmul(&cpu.as_slice::<f32>()?[start..end], m, &mut y);
+            self.matmul(&cpu.as_slice::<f32>()?[start..end], m, &mut y, act);
         }
         let mut out_dims = dims.to_vec();
         if let Some(last) = out_dims.last_mut() {
@@ -187,8 +192,8 @@ impl PackedLinear {
         Tensor::from_vec(y, out_dims, &Device::Cpu)?.to_dtype(xs.dtype())
     }
 
-    /// `y (m, N) = x (m, K) · Wᵀ + b`, row-major.
-    fn matmul(&self, x: &[f32], m: usize, y: &mut [f32]) {
+    /// `y (m, N) = act(x (m, K) · Wᵀ + b)`, row-major.
+    fn matmul(&self, x: &[f32], m: usize, y: &mut [f32], act: Option<Epilogue>) {
         if m == 0 || self.n == 0 {
             return;
         }
@@ -208,6 +213,17 @@ impl PackedLinear {
                     // SAFETY: thread `t` writes only the columns of its own panels; `y` outlives
                     // the parallel loop.
                     unsafe { self.panel_block(&a, m, j, k0, &out) };
+                }
+                if let Some(act) = act {
+                    // While the panel is in cache, and on every thread.
+                    let (col0, cols) = (j * NR, NR.min(self.n - j * NR));
+                    for r in 0..m {
+                        // SAFETY: as above; row `r`'s columns of panel `j`.
+                        let row = unsafe {
+                            std::slice::from_raw_parts_mut(out.0.add(r * self.n + col0), cols)
+                        };
+                        act.apply(row);
+                    }
                 }
             }
         });
@@ -281,6 +297,75 @@ impl PackedLinear {
             }
         }
     }
+}
+
+/// An element-wise activation fused into the GEMM (fc1 → activation in both towers).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Epilogue {
+    /// `x · Φ(x)`, exact (erf) GELU.
+    GeluErf,
+    /// `x · σ(1.702 x)`.
+    QuickGelu,
+}
+
+impl Epilogue {
+    fn apply(self, xs: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if supported() {
+            // SAFETY: AVX2 and FMA are present.
+            return unsafe { apply_avx2(self, xs) };
+        }
+        apply_portable(self, xs);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn apply_avx2(act: Epilogue, xs: &mut [f32]) {
+    // The same code, compiled so the loops vectorise.
+    apply_portable(act, xs);
+}
+
+#[inline(always)]
+fn apply_portable(act: Epilogue, xs: &mut [f32]) {
+    match act {
+        Epilogue::GeluErf => xs
+            .iter_mut()
+            .for_each(|x| *x *= 0.5 * (1.0 + erf(*x * std::f32::consts::FRAC_1_SQRT_2))),
+        Epilogue::QuickGelu => xs.iter_mut().for_each(|x| *x /= 1.0 + exp(-1.702 * *x)),
+    }
+}
+
+/// `eˣ` within 2 ulp (Cephes `expf`: `2ⁿ · e^r`, `|r| ≤ ln2 / 2`), branch-free so it vectorises;
+/// saturates to 0 / `f32::MAX`-ish outside ±87.
+#[inline(always)]
+fn exp(x: f32) -> f32 {
+    let x = x.clamp(-87.0, 88.0);
+    let n = (x * std::f32::consts::LOG2_E).round_ties_even();
+    let r = n.mul_add(-0.693_359_4, x);
+    let r = n.mul_add(2.121_944_4e-4, r);
+    let p = 1.987_569_1e-4f32
+        .mul_add(r, 1.398_199_9e-3)
+        .mul_add(r, 8.333_452e-3)
+        .mul_add(r, 4.166_579_6e-2)
+        .mul_add(r, 1.666_666_5e-1)
+        .mul_add(r, 0.5);
+    let e_r = (p * r).mul_add(r, r) + 1.0;
+    e_r * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
+/// `erf(x)` within 1.5e-7 (Abramowitz & Stegun 7.1.26), branch-free.
+#[inline(always)]
+fn erf(x: f32) -> f32 {
+    let a = x.abs();
+    let t = 1.0 / 0.327_591_1f32.mul_add(a, 1.0);
+    let poly = 1.061_405_4f32
+        .mul_add(t, -1.453_152_1)
+        .mul_add(t, 1.421_413_8)
+        .mul_add(t, -0.284_496_74)
+        .mul_add(t, 0.254_829_6)
+        * t;
+    (1.0 - poly * exp(-a * a)).copysign(x)
 }
 
 /// The output pointer, shared by threads that write disjoint columns.
@@ -650,6 +735,56 @@ mod tests {
             .fold(0f32, f32::max);
         // Rounding of the subtraction's large operands (~3e4) in f32 adds ~1e-2.
         assert!(err < 0.15, "small blocks lost precision: max error {err}");
+        Ok(())
+    }
+
+    #[test]
+    fn fast_exp_and_erf_match_f64() {
+        // erf by its Maclaurin series in f64 (converges fine for |x| ≤ 4). A&S 7.1.26 is 1.5e-7
+        // in exact arithmetic; f32 rounding adds a little.
+        let erf64 = |x: f64| {
+            let (mut term, mut sum) = (x, x);
+            for n in 1..120 {
+                term *= -x * x / n as f64;
+                sum += term / (2 * n + 1) as f64;
+            }
+            sum * 2.0 / std::f64::consts::PI.sqrt()
+        };
+        for i in -4000..=4000 {
+            let x = i as f32 * 1e-3;
+            let e = f64::from(exp(x * 20.0));
+            let want = f64::from(x * 20.0).exp();
+            assert!(
+                (e - want).abs() <= 3e-7 * want,
+                "exp({}) = {e}, want {want}",
+                x * 20.0
+            );
+            let got = f64::from(erf(x));
+            let want = erf64(f64::from(x));
+            assert!((got - want).abs() < 5e-7, "erf({x}) = {got}, want {want}");
+        }
+    }
+
+    #[test]
+    fn fused_activations_match_candle() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = (Tensor::randn(0f32, 1.0, (9, 40), &dev)? * 3.0)?;
+        let w = Tensor::randn(0f32, 1.0, (33, 40), &dev)?;
+        let packed = PackedLinear::new(&w, None, WeightFormat::F32)?;
+        let y = packed.forward(&x)?;
+        let quick = (&y * candle_nn::ops::sigmoid(&(&y * 1.702)?)?)?;
+        for (act, want) in [
+            (Epilogue::GeluErf, y.gelu_erf()?),
+            (Epilogue::QuickGelu, quick),
+        ] {
+            let got = packed.forward_act(&x, Some(act))?;
+            let err = (got - want)?
+                .abs()?
+                .flatten_all()?
+                .max(0)?
+                .to_scalar::<f32>()?;
+            assert!(err < 1e-5, "{act:?}: max error {err}");
+        }
         Ok(())
     }
 

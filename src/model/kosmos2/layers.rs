@@ -11,7 +11,8 @@ use std::sync::Arc;
 use candle_core::{bail, DType, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
-use crate::model::gemm::{self, PackedLinear, WeightFormat};
+use super::config::Activation;
+use crate::model::gemm::{self, Epilogue, PackedLinear, WeightFormat};
 
 /// `nn.LayerNorm` (weight and bias). Statistics in f32 so bf16/f16 stay stable.
 #[derive(Debug, Clone)]
@@ -80,6 +81,21 @@ impl Linear {
             }
         }
         Ok(())
+    }
+}
+
+impl Linear {
+    /// `act(self(xs))`; packed, the GEMM threads apply the activation to their own columns.
+    pub(crate) fn forward_act(&self, xs: &Tensor, act: Activation) -> Result<Tensor> {
+        let epilogue = match act {
+            Activation::Gelu => Some(Epilogue::GeluErf),
+            Activation::QuickGelu => Some(Epilogue::QuickGelu),
+            _ => None,
+        };
+        match (self, epilogue) {
+            (Self::Packed(p), Some(e)) if !needs_grad(&[xs]) => p.forward_act(xs, Some(e)),
+            _ => act.forward(&self.forward(xs)?),
+        }
     }
 }
 

@@ -38,7 +38,7 @@ impl Ffn {
 
 impl Module for Ffn {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let h = self.act.forward(&self.fc1.forward(xs)?)?;
+        let h = self.fc1.forward_act(xs, self.act)?;
         self.ffn_layernorm.forward(&h)?.apply(&self.fc2)
     }
 }

@@ -106,8 +106,10 @@ impl Module for EncoderLayer {
             .self_attn
             .forward_self(&self.layer_norm1.forward(xs)?, 0, None)?;
         let xs = (xs + h)?;
-        let h = self.layer_norm2.forward(&xs)?.apply(&self.fc1)?;
-        let h = self.act.forward(&h)?.apply(&self.fc2)?;
+        let h = self
+            .fc1
+            .forward_act(&self.layer_norm2.forward(&xs)?, self.act)?;
+        let h = self.fc2.forward(&h)?;
         xs + h
     }
 }

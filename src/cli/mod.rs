@@ -31,6 +31,7 @@ pub enum Command {
 
 /// Entry point shared by the binary: parses arguments, sets up logging, maps errors to exit codes.
 pub fn main() -> ExitCode {
+    crate::model::init_cpu_threads();
     init_logging();
     let cli = Cli::parse();
     let result = match cli.command {

@@ -130,13 +130,13 @@ impl PackedLinear {
                     for c in 0..NR.min(n - j * NR) {
                         let src = &w[(j * NR + c) * k..][..k];
                         let lane = (c / 8) * NR + (c % 8) * 2;
+                        let mut q = [0i16; KC];
                         for (b, block) in src.chunks(KC).enumerate() {
-                            let scale = block_scale(block.iter().fold(0f32, |m, v| m.max(v.abs())));
-                            scales[j * blocks + b][c] = scale;
-                            for (p, &v) in block.iter().enumerate() {
+                            let q = &mut q[..block.len()];
+                            scales[j * blocks + b][c] = quantize(block, q);
+                            for (p, &v) in q.iter().enumerate() {
                                 let kk = b * KC + p;
-                                rows[j * pairs + kk / 2].0[lane + kk % 2] =
-                                    (v / scale).round_ties_even() as i16;
+                                rows[j * pairs + kk / 2].0[lane + kk % 2] = v;
                             }
                         }
                     }

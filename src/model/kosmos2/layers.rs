@@ -69,22 +69,24 @@ pub(crate) fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Li
     candle_nn::linear(in_dim, out_dim, vb).map(Linear::Plain)
 }
 
+/// Whether [`gemm`] takes weight `w` in `format`: on a CPU that runs it, f32 weights in any format,
+/// half-precision ones only into [`WeightFormat::I16`] (f32 panels would double their memory).
+fn packable(w: &Tensor, format: WeightFormat) -> bool {
+    let fits = w.dtype() == DType::F32 || format == WeightFormat::I16;
+    fits && w.device().is_cpu() && gemm::supported()
+}
+
 impl Linear {
-    /// Repacks a CPU weight for [`gemm`] when this CPU runs it: f32 weights as `format`,
-    /// half-precision ones only into [`WeightFormat::I16`] (f32 panels would double their memory).
+    /// Repacks the weight for [`gemm`] where [`packable`]; a no-op otherwise.
     pub(crate) fn pack(&mut self, format: WeightFormat) -> Result<()> {
         if let Self::Plain(l) = self {
-            let w = l.weight();
-            let fits = w.dtype() == DType::F32 || format == WeightFormat::I16;
-            if fits && w.device().is_cpu() && gemm::supported() {
-                *self = Self::Packed(Arc::new(PackedLinear::new(w, l.bias(), format)?));
+            if packable(l.weight(), format) {
+                *self = Self::Packed(Arc::new(PackedLinear::new(l.weight(), l.bias(), format)?));
             }
         }
         Ok(())
     }
-}
 
-impl Linear {
     /// `act(self(xs))`; packed, the GEMM threads apply the activation to their own columns.
     pub(crate) fn forward_act(&self, xs: &Tensor, act: Activation) -> Result<Tensor> {
         let epilogue = match act {
@@ -214,10 +216,8 @@ impl Attention {
         if let (true, Linear::Plain(lq), Linear::Plain(lk), Linear::Plain(lv)) =
             (self_attention, &*q, &*k, &*v)
         {
-            let w = lq.weight();
-            let fits = w.dtype() == DType::F32 || format == WeightFormat::I16;
-            if fits && w.device().is_cpu() && gemm::supported() {
-                let weight = Tensor::cat(&[w, lk.weight(), lv.weight()], 0)?;
+            if packable(lq.weight(), format) {
+                let weight = Tensor::cat(&[lq.weight(), lk.weight(), lv.weight()], 0)?;
                 let bias = match (lq.bias(), lk.bias(), lv.bias()) {
                     (Some(bq), Some(bk), Some(bv)) => Some(Tensor::cat(&[bq, bk, bv], 0)?),
                     _ => None,

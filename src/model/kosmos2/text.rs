@@ -27,9 +27,7 @@ impl Ffn {
             act: cfg.activation_function,
         })
     }
-}
 
-impl Ffn {
     fn pack(&mut self, format: WeightFormat) -> Result<()> {
         self.fc1.pack(format)?;
         self.fc2.pack(format)

@@ -90,9 +90,7 @@ impl EncoderLayer {
             act: cfg.hidden_act,
         })
     }
-}
 
-impl EncoderLayer {
     fn pack(&mut self, format: WeightFormat) -> Result<()> {
         self.self_attn.pack(format, true)?;
         self.fc1.pack(format)?;

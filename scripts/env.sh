@@ -14,8 +14,4 @@ fi
 . "$_mv_root/install/share/mobile_vla/local_setup.bash"
 # DDS stays on loopback; tests pick their own ROS_DOMAIN_ID.
 export ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST
-case " ${RUSTFLAGS:-} " in
-  *"-rpath,$_mv_root/install/lib"*) ;;
-  *) export RUSTFLAGS="${RUSTFLAGS:+$RUSTFLAGS }-C link-arg=-Wl,-rpath,$_mv_root/install/lib" ;;
-esac
 unset _mv_root _mv_ros

@@ -42,7 +42,7 @@ class Rollout:
 
 
 class SimClient:
-    def __init__(self, node, sim_name: str = "sim_node", images: bool = False):
+    def __init__(self, node, sim_name: str = "sim_node", images: bool = False, watch_cmd: bool = False):
         self.node = node
         self.executor = SingleThreadedExecutor(context=node.context)
         self.executor.add_node(node)
@@ -61,6 +61,12 @@ class SimClient:
         node.create_subscription(String, "instruction", lambda m: self._log("/instruction", m), LATCHED)
         if images:
             node.create_subscription(Image, "image", self._on_image, qos_profile_sensor_data)
+        if watch_cmd:  # another node drives: log its commands and, from policy_node, its chunks
+            from mobile_vla.msg import ActionChunk
+
+            node.create_subscription(Twist, "cmd_vel", lambda m: self._log("/cmd_vel", m), 10)
+            node.create_subscription(ActionChunk, "/policy_node/action_chunk",
+                                     lambda m: self._log("/policy_node/action_chunk", m), 10)
         self._track: list[tuple[float, float, float, float]] = []
 
     # --- subscriptions
@@ -140,6 +146,9 @@ class SimClient:
         presses = 0
         deadline = time.monotonic() + wall_timeout
         while not done() and time.monotonic() < deadline:
+            if not getattr(policy, "drives", True):
+                self.spin_until(done, deadline - time.monotonic())
+                break
             key = policy.act(self.pose)
             if key is None:
                 self.send((0.0, 0.0, 0.0))  # a live but idle driver keeps publishing zero

@@ -26,6 +26,7 @@ import time
 import rclpy
 from builtin_interfaces.msg import Time
 from geometry_msgs.msg import PoseStamped, Twist
+from rcl_interfaces.msg import ParameterDescriptor
 from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, QoSProfile, qos_profile_sensor_data
@@ -58,9 +59,13 @@ def stamp(t: float) -> Time:
 class SimNode(Node):
     def __init__(self):
         super().__init__("sim_node")
+        # Dynamic typing, then cast: `timeout_s:=20` (an int on the command line) is a valid 20.0.
         for name, default in PARAMS.items():
-            self.declare_parameter(name, default)
-        p = {name: self.get_parameter(name).value for name in PARAMS}
+            self.declare_parameter(name, default, ParameterDescriptor(dynamic_typing=True))
+        try:
+            p = {name: type(default)(self.get_parameter(name).value) for name, default in PARAMS.items()}
+        except (TypeError, ValueError) as e:
+            raise SystemExit(f"sim_node: bad parameter value: {e}") from e
         if p["task"] not in TASKS:
             raise SystemExit(f"sim_node: parameter task={p['task']!r} is not one of {', '.join(TASKS)}")
         if p["width"] <= 0 or p["height"] <= 0 or p["physics_rate_hz"] <= 0 or p["camera_rate_hz"] <= 0:

@@ -91,6 +91,16 @@ class Random:
         return str(self.rng.choice(list(KEYS)))
 
 
+class External:
+    """Another node drives (policy_node on `cmd_vel`); the client only watches and logs."""
+
+    name = "policy"
+    drives = False
+
+    def __init__(self, layout: Layout):
+        pass
+
+
 POLICIES = {p.name: p for p in (Expert, Zero, Random)}
 
 

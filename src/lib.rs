@@ -10,3 +10,4 @@ pub mod data;
 pub mod model;
 #[cfg(feature = "ros")]
 pub mod ros;
+pub mod train;

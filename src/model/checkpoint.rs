@@ -606,7 +606,7 @@ fn open_ckpt_tensors(path: &Path) -> Result<PthTensors> {
 }
 
 /// Safetensors weight files of a Hugging Face model folder (single file or sharded).
-fn hf_weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
+pub fn hf_weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let single = dir.join(WEIGHTS_FILE);
     if single.is_file() {
         return Ok(vec![single]);

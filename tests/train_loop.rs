@@ -128,7 +128,18 @@ fn it_learns_image_and_instruction_dependent_actions() {
     write_episodes(&data, 8, 6, 1);
     write_episodes(&held_out, 4, 6, 2);
     init_model(&model);
-    let config = TrainConfig::from_file(&write_config(tmp.path(), 60)).unwrap();
+    let text = CONFIG
+        .replace("MAX_STEPS", "80")
+        .replace("learning_rate: 3.0e-3", "learning_rate: 1.0e-2");
+    // Dropout off: on this 36-wide random backbone, 0.1 dropout noise swamps the [ACT] feature's
+    // differences between inputs (with it on the run only learns one of the two factors).
+    let cfg_path = model.join("config.json");
+    let hf = std::fs::read_to_string(&cfg_path)
+        .unwrap()
+        .replace("\"dropout\": 0.1", "\"dropout\": 0.0")
+        .replace("\"attention_dropout\": 0.1", "\"attention_dropout\": 0.0");
+    std::fs::write(&cfg_path, hf).unwrap();
+    let config = TrainConfig::from_value(&serde_yaml::from_str(&text).unwrap()).unwrap();
     let opts = TrainOptions {
         config,
         data,
@@ -155,8 +166,8 @@ fn it_learns_image_and_instruction_dependent_actions() {
     else {
         panic!("not done: {outcome:?}")
     };
-    // Normalised Huber loss; the mean action scores 0.18 (0.36²/2 on two of three dims).
-    assert!(final_loss < 0.03, "final training loss {final_loss}");
+    // Normalised Huber loss per dim; the mean action scores 0.12 (0.6²/2 on two of three dims).
+    assert!(final_loss < 0.02, "final training loss {final_loss}");
 
     // Held-out episodes, served as on the robot: per-step chunk 0 vs the recorded action.
     let mut policy = Policy::load(&model_dir).unwrap();
@@ -179,6 +190,9 @@ fn it_learns_image_and_instruction_dependent_actions() {
         }
     }
     let (mse, base) = (err_model / n as f64, err_mean / n as f64);
+    eprintln!(
+        "final loss {final_loss:.4}; held-out MSE {mse:.4} vs mean-action baseline {base:.4}"
+    );
     assert!(
         mse * 10.0 < base,
         "held-out MSE {mse} vs mean-action baseline {base}: not 10× better"

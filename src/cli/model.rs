@@ -54,7 +54,7 @@ pub struct InitArgs {
     #[arg(long, default_value_t = 4)]
     pub num_layers: usize,
     /// Hidden widths of the action MLP (RoboVLMs: 1024,512,256).
-    #[arg(long, value_delimiter = ',', num_args = 3, default_values_t = [1024, 512, 256])]
+    #[arg(long, value_delimiter = ',', default_values_t = [1024, 512, 256])]
     pub mlp_hidden: Vec<usize>,
     /// Actions are normalised from [-norm, norm] (RoboVLMs norm_min/norm_max).
     #[arg(long, default_value_t = 1.0)]

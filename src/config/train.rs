@@ -159,11 +159,9 @@ impl TrainConfig {
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
         let is_json = path.extension().is_some_and(|e| e == "json");
         let value = if is_json {
-            crate::model::checkpoint::read_robovlms_config(path).map_err(|e| {
-                ConfigError::Parse {
-                    path: path.to_owned(),
-                    msg: e.to_string(),
-                }
+            crate::model::robovlms::config::read_config(path).map_err(|e| ConfigError::Parse {
+                path: path.to_owned(),
+                msg: e.to_string(),
             })?
         } else {
             let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {

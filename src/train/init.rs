@@ -7,11 +7,11 @@ use super::params::ModelFiles;
 use super::TrainError;
 use crate::config::TrainSetup;
 use crate::data::image::ChannelOrder;
-use crate::model::checkpoint::{self, save_model_dir};
 use crate::model::error::ModelError;
 use crate::model::kosmos2::Kosmos2Config;
-use crate::model::policy::{ActionSpec, LstmSpec, NormRange, PolicyConfig};
+use crate::model::model_dir::{self, save_model_dir};
 use crate::model::tokenizer::PromptTokenizer;
+use crate::model::{ActionSpec, LstmSpec, NormRange, PolicyConfig};
 use candle_core::{DType, Device, Tensor};
 use rand::{Rng, SeedableRng};
 use std::collections::HashMap;
@@ -142,9 +142,9 @@ pub fn init_model_dir(
         return Err(ModelError::config(out, "output folder exists and is not empty").into());
     }
     let cfg = opts.policy_config()?;
-    let config_path = hf.join(checkpoint::CONFIG_FILE);
-    let tokenizer_path = hf.join(checkpoint::TOKENIZER_FILE);
-    let weights = checkpoint::hf_weight_files(hf)?;
+    let config_path = hf.join(model_dir::CONFIG_FILE);
+    let tokenizer_path = hf.join(model_dir::TOKENIZER_FILE);
+    let weights = crate::model::kosmos2::weight_files(hf).map_err(ModelError::from)?;
     if weights.is_empty() {
         return Err(ModelError::config(
             hf,

@@ -18,11 +18,11 @@
 //! them (and `model::kosmos2`'s linear layers skip their weight gradients).
 
 use crate::config::TrainSetup;
-use crate::model::checkpoint;
 use crate::model::error::ModelError;
 use crate::model::kosmos2::Kosmos2Config;
-use crate::model::policy::{Policy, PolicyConfig};
+use crate::model::model_dir;
 use crate::model::tokenizer::PromptTokenizer;
+use crate::model::{Policy, PolicyConfig};
 use candle_core::{DType, Device, Shape, Tensor, Var};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{Init, VarBuilder};
@@ -321,9 +321,9 @@ pub struct ModelFiles {
 impl ModelFiles {
     /// Reads a model directory's `config.json`, `tokenizer.json` and `model.safetensors` (as f32).
     pub fn read(dir: &Path) -> Result<Self, ModelError> {
-        let backbone = Kosmos2Config::from_file(dir.join(checkpoint::CONFIG_FILE))?;
-        let tokenizer = PromptTokenizer::from_file(&dir.join(checkpoint::TOKENIZER_FILE))?;
-        let source = dir.join(checkpoint::WEIGHTS_FILE);
+        let backbone = Kosmos2Config::from_file(dir.join(model_dir::CONFIG_FILE))?;
+        let tokenizer = PromptTokenizer::from_file(&dir.join(model_dir::TOKENIZER_FILE))?;
+        let source = dir.join(model_dir::WEIGHTS_FILE);
         let err = |source_err| ModelError::Tensors {
             path: source.clone(),
             source: source_err,

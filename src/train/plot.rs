@@ -31,7 +31,7 @@ pub fn render(metrics: &str, out: &Path) -> Result<(), String> {
     let mut pixels = vec![0u8; (SIZE.0 * SIZE.1 * 3) as usize];
     draw(metrics, &mut pixels)?;
     let img = image::RgbImage::from_raw(SIZE.0, SIZE.1, pixels).ok_or("plot buffer size")?;
-    crate::model::checkpoint::write_atomic(out, |tmp| {
+    crate::fsutil::write_atomic(out, |tmp| {
         img.save_with_format(tmp, image::ImageFormat::Png)
             .map_err(std::io::Error::other)
     })

@@ -7,7 +7,7 @@
 //! replaced atomically after it is written, so a kill at any moment leaves the previous one valid.
 
 use super::TrainError;
-use crate::model::checkpoint::write_atomic;
+use crate::fsutil::write_atomic;
 use crate::train::optim::{AdamW, Moments};
 use crate::train::params::ParamSet;
 use candle_core::{Device, Tensor};
@@ -86,22 +86,27 @@ pub fn save(
         moments.insert(format!("exp_avg_sq.{name}"), m.exp_avg_sq.clone());
     }
     let save_st = |file: &str, t: &HashMap<String, Tensor>| {
-        write_atomic(&tmp.join(file), |p| {
+        let path = tmp.join(file);
+        write_atomic(&path, |p| {
             candle_core::safetensors::save(t, p).map_err(std::io::Error::other)
         })
+        .map_err(|e| io(&path, e))
     };
     save_st(TRAINABLE_FILE, &trainable)?;
     save_st(OPTIMIZER_FILE, &moments)?;
     let json = serde_json::to_vec_pretty(state).map_err(|e| bad(&tmp, e.to_string()))?;
-    write_atomic(&tmp.join(STATE_FILE), |p| std::fs::write(p, &json))?;
+    let state_path = tmp.join(STATE_FILE);
+    write_atomic(&state_path, |p| std::fs::write(p, &json)).map_err(|e| io(&state_path, e))?;
     if dir.exists() {
         std::fs::remove_dir_all(&dir).map_err(|e| io(&dir, e))?;
     }
     std::fs::rename(&tmp, &dir).map_err(|e| io(&dir, e))?;
     let pointer = serde_json::json!({ "checkpoint": rel });
-    write_atomic(&run.join(POINTER_FILE), |p| {
+    let pointer_path = run.join(POINTER_FILE);
+    write_atomic(&pointer_path, |p| {
         std::fs::write(p, serde_json::to_vec_pretty(&pointer)?)
-    })?;
+    })
+    .map_err(|e| io(&pointer_path, e))?;
     // Older checkpoints are superseded only once the pointer names the new one.
     if let Ok(entries) = std::fs::read_dir(run.join("checkpoints")) {
         for e in entries.flatten() {

@@ -13,8 +13,9 @@ use super::TrainError;
 use crate::config::train::Precision;
 use crate::config::TrainConfig;
 use crate::data::dataset::{DatasetConfig, MobileVlaDataset};
-use crate::model::checkpoint::{self, save_model_dir, write_atomic};
-use crate::model::policy::{Policy, PolicyConfig};
+use crate::fsutil::write_atomic;
+use crate::model::model_dir::{self, save_model_dir};
+use crate::model::{Policy, PolicyConfig};
 use candle_core::{Tensor, Var};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -176,7 +177,7 @@ impl Trainer {
         }
         let cfg = &opts.config;
         let dir = &opts.model;
-        let mut policy_cfg = PolicyConfig::from_file(&dir.join(checkpoint::POLICY_FILE))?;
+        let mut policy_cfg = PolicyConfig::from_file(&dir.join(model_dir::POLICY_FILE))?;
         check_claims(cfg, &policy_cfg, dir)?;
         if let Some(w) = cfg.window_size {
             policy_cfg.window_size = w;
@@ -398,7 +399,8 @@ impl Trainer {
                 st
             }
             (false, None) => {
-                write_atomic(&metrics_path, |p| std::fs::write(p, b""))?;
+                write_atomic(&metrics_path, |p| std::fs::write(p, b""))
+                    .map_err(io_err(&metrics_path))?;
                 RunState {
                     format: state::FORMAT.into(),
                     fingerprint: self.fingerprint.clone(),
@@ -549,8 +551,8 @@ impl Trainer {
     fn write_model(&self, out: &Path) -> Result<PathBuf, TrainError> {
         let src = &self.opts.model;
         let read = |f: &str| std::fs::read(src.join(f)).map_err(io_err(&src.join(f)));
-        let config = read(checkpoint::CONFIG_FILE)?;
-        let tokenizer = read(checkpoint::TOKENIZER_FILE)?;
+        let config = read(model_dir::CONFIG_FILE)?;
+        let tokenizer = read(model_dir::TOKENIZER_FILE)?;
         let dest = out.join(MODEL_DIR);
         let tmp = out.join(format!(".model.tmp-{}", std::process::id()));
         let old = out.join(format!(".model.old-{}", std::process::id()));
@@ -671,6 +673,6 @@ impl Metrics {
 fn truncate_lines(path: &Path, n: usize) -> Result<(), TrainError> {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let kept: String = text.lines().take(n).map(|l| format!("{l}\n")).collect();
-    write_atomic(path, |p| std::fs::write(p, kept))?;
+    write_atomic(path, |p| std::fs::write(p, kept)).map_err(io_err(path))?;
     Ok(())
 }

@@ -11,3 +11,4 @@ pub mod fsutil;
 pub mod model;
 #[cfg(feature = "ros")]
 pub mod ros;
+pub mod train;

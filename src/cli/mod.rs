@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 pub mod dataset;
 pub mod model;
+pub mod train;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -27,6 +28,8 @@ pub enum Command {
     Model(model::ModelCommand),
     /// Run frames through a policy and print the predicted action chunks as JSON.
     Infer(model::InferArgs),
+    /// Fine-tune a model directory on a folder of episodes.
+    Train(train::TrainArgs),
 }
 
 /// Entry point shared by the binary: parses arguments, sets up logging, maps errors to exit codes.
@@ -38,6 +41,7 @@ pub fn main() -> ExitCode {
         Command::Dataset(cmd) => dataset::run(cmd),
         Command::Model(cmd) => model::run(cmd),
         Command::Infer(args) => model::infer(args),
+        Command::Train(args) => train::run(args),
     };
     match result {
         Ok(code) => code,

@@ -7,6 +7,8 @@
 pub mod cli;
 pub mod config;
 pub mod data;
+pub mod logging;
 pub mod model;
 #[cfg(feature = "ros")]
 pub mod ros;
+pub mod runtime;

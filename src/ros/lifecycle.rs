@@ -10,10 +10,14 @@
 
 use super::runtime::NodeHandle;
 use futures::{Stream, StreamExt};
+use r2r::lifecycle_msgs::msg::{
+    State, Transition as TransitionMsg, TransitionDescription, TransitionEvent,
+};
+use r2r::lifecycle_msgs::srv::{
+    ChangeState, GetAvailableStates, GetAvailableTransitions, GetState,
+};
 use r2r::ServiceRequest;
 use std::collections::VecDeque;
-use r2r::lifecycle_msgs::msg::{State, Transition as TransitionMsg, TransitionDescription, TransitionEvent};
-use r2r::lifecycle_msgs::srv::{ChangeState, GetAvailableStates, GetAvailableTransitions, GetState};
 use tracing::{info, warn};
 
 /// `lifecycle_msgs/State` ids.
@@ -161,7 +165,8 @@ pub struct Lifecycle {
     change: Box<dyn Stream<Item = ServiceRequest<ChangeState::Service>> + Unpin + Send>,
     get: Box<dyn Stream<Item = ServiceRequest<GetState::Service>> + Unpin + Send>,
     states: Box<dyn Stream<Item = ServiceRequest<GetAvailableStates::Service>> + Unpin + Send>,
-    available: Box<dyn Stream<Item = ServiceRequest<GetAvailableTransitions::Service>> + Unpin + Send>,
+    available:
+        Box<dyn Stream<Item = ServiceRequest<GetAvailableTransitions::Service>> + Unpin + Send>,
     graph: Box<dyn Stream<Item = ServiceRequest<GetAvailableTransitions::Service>> + Unpin + Send>,
     events: r2r::Publisher<TransitionEvent>,
     /// Transitions `autostart` still has to walk.
@@ -177,12 +182,23 @@ pub fn start<P: Clone>(h: &NodeHandle<P>, autostart: bool) -> anyhow::Result<Lif
         state: StateId::Unconfigured,
         change: Box::new(node.create_service::<ChangeState::Service>("~/change_state", qos())?),
         get: Box::new(node.create_service::<GetState::Service>("~/get_state", qos())?),
-        states: Box::new(node.create_service::<GetAvailableStates::Service>("~/get_available_states", qos())?),
-        available: Box::new(
-            node.create_service::<GetAvailableTransitions::Service>("~/get_available_transitions", qos())?,
+        states: Box::new(
+            node.create_service::<GetAvailableStates::Service>("~/get_available_states", qos())?,
         ),
-        graph: Box::new(node.create_service::<GetAvailableTransitions::Service>("~/get_transition_graph", qos())?),
-        events: node.create_publisher::<TransitionEvent>("~/transition_event", r2r::QosProfile::default())?,
+        available: Box::new(node.create_service::<GetAvailableTransitions::Service>(
+            "~/get_available_transitions",
+            qos(),
+        )?),
+        graph: Box::new(
+            node.create_service::<GetAvailableTransitions::Service>(
+                "~/get_transition_graph",
+                qos(),
+            )?,
+        ),
+        events: node.create_publisher::<TransitionEvent>(
+            "~/transition_event",
+            r2r::QosProfile::default(),
+        )?,
         autostart: if autostart {
             VecDeque::from([Transition::Configure, Transition::Activate])
         } else {
@@ -242,11 +258,25 @@ impl Lifecycle {
         }
     }
 
-    fn begin(&mut self, t: Transition, request: Option<ServiceRequest<ChangeState::Service>>) -> Option<Pending> {
+    fn begin(
+        &mut self,
+        t: Transition,
+        request: Option<ServiceRequest<ChangeState::Service>>,
+    ) -> Option<Pending> {
         let from = self.state;
         let (id, via, _) = t.edge(from)?;
-        self.enter(TransitionMsg { id, label: t.label().into() }, via);
-        Some(Pending { transition: t, from, request })
+        self.enter(
+            TransitionMsg {
+                id,
+                label: t.label().into(),
+            },
+            via,
+        );
+        Some(Pending {
+            transition: t,
+            from,
+            request,
+        })
     }
 
     /// Ends a transition the body carried out: `Err(reason)` returns to the state it started
@@ -254,13 +284,31 @@ impl Lifecycle {
     pub fn finish(&mut self, p: Pending, result: Result<(), String>) {
         let ok = result.is_ok();
         let to = p.transition.edge(p.from).map_or(p.from, |(_, _, to)| to);
-        let end = if ok || p.transition == Transition::Shutdown { to } else { p.from };
-        let label = if ok { "transition_success" } else { "transition_failure" };
-        self.enter(TransitionMsg { id: p.transition.result_id(ok), label: label.into() }, end);
+        let end = if ok || p.transition == Transition::Shutdown {
+            to
+        } else {
+            p.from
+        };
+        let label = if ok {
+            "transition_success"
+        } else {
+            "transition_failure"
+        };
+        self.enter(
+            TransitionMsg {
+                id: p.transition.result_id(ok),
+                label: label.into(),
+            },
+            end,
+        );
         match &result {
             Ok(()) => info!("lifecycle: {} -> {}", p.from.label(), end.label()),
             Err(e) => {
-                warn!("lifecycle: `{}` failed, now {}: {e}", p.transition.label(), end.label());
+                warn!(
+                    "lifecycle: `{}` failed, now {}: {e}",
+                    p.transition.label(),
+                    end.label()
+                );
                 self.autostart.clear();
             }
         }
@@ -310,19 +358,43 @@ mod tests {
     use super::*;
 
     fn req(id: u8, label: &str) -> TransitionMsg {
-        TransitionMsg { id, label: label.into() }
+        TransitionMsg {
+            id,
+            label: label.into(),
+        }
     }
 
     #[test]
     fn transitions_follow_the_default_state_machine() {
         use StateId::*;
-        assert_eq!(Transition::from_request(&req(1, ""), Unconfigured), Some(Transition::Configure));
-        assert_eq!(Transition::from_request(&req(0, "activate"), Inactive), Some(Transition::Activate));
-        assert_eq!(Transition::from_request(&req(3, "activate"), Unconfigured), None);
-        assert_eq!(Transition::from_request(&req(7, ""), Active), Some(Transition::Shutdown));
-        assert_eq!(Transition::from_request(&req(7, ""), Inactive), None, "7 is active_shutdown");
-        let from_inactive: Vec<_> = Transition::available(Inactive).map(|(t, id, _)| (t.label(), id)).collect();
-        assert_eq!(from_inactive, [("cleanup", 2), ("activate", 3), ("shutdown", 6)]);
+        assert_eq!(
+            Transition::from_request(&req(1, ""), Unconfigured),
+            Some(Transition::Configure)
+        );
+        assert_eq!(
+            Transition::from_request(&req(0, "activate"), Inactive),
+            Some(Transition::Activate)
+        );
+        assert_eq!(
+            Transition::from_request(&req(3, "activate"), Unconfigured),
+            None
+        );
+        assert_eq!(
+            Transition::from_request(&req(7, ""), Active),
+            Some(Transition::Shutdown)
+        );
+        assert_eq!(
+            Transition::from_request(&req(7, ""), Inactive),
+            None,
+            "7 is active_shutdown"
+        );
+        let from_inactive: Vec<_> = Transition::available(Inactive)
+            .map(|(t, id, _)| (t.label(), id))
+            .collect();
+        assert_eq!(
+            from_inactive,
+            [("cleanup", 2), ("activate", 3), ("shutdown", 6)]
+        );
         assert_eq!(Transition::available(Finalized).count(), 0);
         assert_eq!(Transition::Deactivate.result_id(false), 41);
         // The graph lists every edge once: 7 of them.

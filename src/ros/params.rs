@@ -12,7 +12,9 @@ use serde::de::DeserializeOwned;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 /// A node's typed parameters.
-pub trait NodeParams: RosParams + DeserializeOwned + Clone + std::fmt::Debug + Send + 'static {
+pub trait NodeParams:
+    RosParams + DeserializeOwned + Clone + std::fmt::Debug + Send + 'static
+{
     /// Parameters `ros2 param set` may change while the node runs; any other is rejected.
     const LIVE: &'static [&'static str] = &[];
 

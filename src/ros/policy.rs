@@ -148,7 +148,10 @@ impl NodeParams for PolicyParams {
             }
         }
         if !(self.ensemble_decay.is_finite() && self.ensemble_decay >= 0.0) {
-            return Err(format!("`ensemble_decay` is {}: it must be ≥ 0", self.ensemble_decay));
+            return Err(format!(
+                "`ensemble_decay` is {}: it must be ≥ 0",
+                self.ensemble_decay
+            ));
         }
         Ok(())
     }
@@ -241,7 +244,11 @@ impl State {
             self.watchdog_tripped = false;
             info!("images are back: driving again after the next inference");
         }
-        let Some(worker) = self.worker.as_ref().filter(|_| self.active && self.gate.enabled) else {
+        let Some(worker) = self
+            .worker
+            .as_ref()
+            .filter(|_| self.active && self.gate.enabled)
+        else {
             return;
         };
         if self.instruction.trim().is_empty() || !self.executor.wants_plan(now_ros) {
@@ -270,14 +277,23 @@ impl State {
     /// A finished inference: `Some(chunk message)` to publish when it is current.
     fn on_result(&mut self, event: Event, now_ros: f64) -> Option<ChunkMsg> {
         match event {
-            Event::Chunk { job_stamp, epoch, received, chunk, step_time } => {
+            Event::Chunk {
+                job_stamp,
+                epoch,
+                received,
+                chunk,
+                step_time,
+            } => {
                 self.last_step_ms = step_time.as_secs_f64() * 1e3;
                 if epoch != self.epoch {
                     return None;
                 }
                 let age = received.elapsed().as_secs_f64();
                 if age > self.params.max_inference_s {
-                    warn!("dropping a chunk {age:.2} s after its image (max_inference_s {})", self.params.max_inference_s);
+                    warn!(
+                        "dropping a chunk {age:.2} s after its image (max_inference_s {})",
+                        self.params.max_inference_s
+                    );
                     return None;
                 }
                 self.gate.inference_failed = false;
@@ -288,7 +304,10 @@ impl State {
                 };
                 if !self.executor.push(timed, now_ros) {
                     self.stale_chunks += 1;
-                    warn!("chunk already over when it arrived ({:.0} ms step): holding zero", self.last_step_ms);
+                    warn!(
+                        "chunk already over when it arrived ({:.0} ms step): holding zero",
+                        self.last_step_ms
+                    );
                 }
                 let (sec, nanosec) = split_secs(job_stamp);
                 Some(ChunkMsg {
@@ -337,7 +356,10 @@ impl State {
         let refuse = |req: Option<ServiceRequest<LoadModel::Service>>, message: String| {
             warn!("load_model: {message}");
             if let Some(req) = req {
-                if let Err(e) = req.respond(LoadModel::Response { success: false, message }) {
+                if let Err(e) = req.respond(LoadModel::Response {
+                    success: false,
+                    message,
+                }) {
                     warn!("load_model: cannot respond: {e}");
                 }
             }
@@ -372,15 +394,28 @@ impl State {
             .and_then(Worker::busy_since)
             .map(|t| mono - t.elapsed().as_secs_f64());
         let mut hold = self.gate.hold(mono, p.max_image_age_s, p.max_inference_s);
-        if hold == Some(HoldReason::StaleImage) && !self.watchdog_tripped && self.last_image.is_some() {
-            warn!("watchdog: no image for {} s, holding zero", p.max_image_age_s);
+        if hold == Some(HoldReason::StaleImage)
+            && !self.watchdog_tripped
+            && self.last_image.is_some()
+        {
+            warn!(
+                "watchdog: no image for {} s, holding zero",
+                p.max_image_age_s
+            );
             self.watchdog_tripped = true;
             self.invalidate();
         }
-        if matches!(hold, Some(HoldReason::InferenceLate | HoldReason::InferenceFailed)) {
+        if matches!(
+            hold,
+            Some(HoldReason::InferenceLate | HoldReason::InferenceFailed)
+        ) {
             self.executor.clear();
         }
-        let action = if hold.is_none() { self.executor.action(now_ros) } else { None };
+        let action = if hold.is_none() {
+            self.executor.action(now_ros)
+        } else {
+            None
+        };
         if hold.is_none() && action.is_none() {
             hold = Some(HoldReason::NoAction);
         }
@@ -395,19 +430,30 @@ impl State {
         let (level, message) = match (self.active, self.hold) {
             (false, _) => (DiagnosticStatus::OK as u8, "inactive".to_string()),
             (true, None) => (DiagnosticStatus::OK as u8, "driving".to_string()),
-            (true, Some(HoldReason::Disabled)) => (DiagnosticStatus::OK as u8, "disabled".to_string()),
+            (true, Some(HoldReason::Disabled)) => {
+                (DiagnosticStatus::OK as u8, "disabled".to_string())
+            }
             (true, Some(HoldReason::InferenceFailed)) => (
                 DiagnosticStatus::ERROR as u8,
                 format!("holding zero: inference failed: {}", self.last_error),
             ),
-            (true, Some(r)) => (DiagnosticStatus::WARN as u8, format!("holding zero: {}", r.describe())),
+            (true, Some(r)) => (
+                DiagnosticStatus::WARN as u8,
+                format!("holding zero: {}", r.describe()),
+            ),
         };
-        let kv = |key: &str, value: String| KeyValue { key: key.into(), value };
-        let image_age = self
-            .last_image
-            .map_or("none".into(), |t| format!("{:.3}", t.elapsed().as_secs_f64()));
+        let kv = |key: &str, value: String| KeyValue {
+            key: key.into(),
+            value,
+        };
+        let image_age = self.last_image.map_or("none".into(), |t| {
+            format!("{:.3}", t.elapsed().as_secs_f64())
+        });
         DiagnosticArray {
-            header: Header { stamp, frame_id: String::new() },
+            header: Header {
+                stamp,
+                frame_id: String::new(),
+            },
             status: vec![DiagnosticStatus {
                 level,
                 name: format!("{NAME}: policy"),
@@ -432,7 +478,10 @@ impl State {
 
 fn split_secs(t: f64) -> (i32, u32) {
     let sec = t.floor();
-    (sec as i32, ((t - sec) * 1e9).round().min(999_999_999.0) as u32)
+    (
+        sec as i32,
+        ((t - sec) * 1e9).round().min(999_999_999.0) as u32,
+    )
 }
 
 /// Publishes commands as Twist or TwistStamped.
@@ -447,7 +496,10 @@ impl CmdPublisher {
         let sent = match self {
             Self::Plain(p) => p.publish(&twist),
             Self::Stamped(p, frame_id) => p.publish(&TwistStamped {
-                header: Header { stamp, frame_id: frame_id.clone() },
+                header: Header {
+                    stamp,
+                    frame_id: frame_id.clone(),
+                },
                 twist,
             }),
         };
@@ -457,7 +509,11 @@ impl CmdPublisher {
     }
 }
 
-fn respond<T: r2r::WrappedServiceTypeSupport + 'static>(name: &str, req: ServiceRequest<T>, resp: T::Response) {
+fn respond<T: r2r::WrappedServiceTypeSupport + 'static>(
+    name: &str,
+    req: ServiceRequest<T>,
+    resp: T::Response,
+) {
     if let Err(e) = req.respond(resp) {
         warn!("{name}: cannot respond: {e}");
     }
@@ -474,7 +530,13 @@ pub async fn run(h: NodeHandle<PolicyParams>) -> anyhow::Result<()> {
             node.subscribe::<CompressedImage>(&p.image_topic, image_qos())?
                 .map(|m| {
                     let stamp = stamp_secs(&m.header.stamp);
-                    (CameraFrame::Compressed { format: m.format, data: m.data }, stamp)
+                    (
+                        CameraFrame::Compressed {
+                            format: m.format,
+                            data: m.data,
+                        },
+                        stamp,
+                    )
                 })
                 .boxed()
         } else {
@@ -488,10 +550,12 @@ pub async fn run(h: NodeHandle<PolicyParams>) -> anyhow::Result<()> {
         let heartbeats = if p.heartbeat_topic.is_empty() {
             never()
         } else {
-            node.subscribe::<Bool>(&p.heartbeat_topic, command_qos())?.boxed()
+            node.subscribe::<Bool>(&p.heartbeat_topic, command_qos())?
+                .boxed()
         };
         let ready = if p.follow_trainer {
-            node.subscribe::<StringMsg>(&p.model_ready_topic, status_qos())?.boxed()
+            node.subscribe::<StringMsg>(&p.model_ready_topic, status_qos())?
+                .boxed()
         } else {
             futures::stream::pending().boxed()
         };
@@ -506,11 +570,22 @@ pub async fn run(h: NodeHandle<PolicyParams>) -> anyhow::Result<()> {
             ready,
         )
     };
-    let (cmd_pub, chunk_pub, diag_pub, mut enable_srv, mut reset_srv, mut reset_e_stop_srv, mut load_srv) = {
+    let (
+        cmd_pub,
+        chunk_pub,
+        diag_pub,
+        mut enable_srv,
+        mut reset_srv,
+        mut reset_e_stop_srv,
+        mut load_srv,
+    ) = {
         let mut node = h.node();
         let srv = r2r::QosProfile::services_default;
         let cmd_pub = if p.cmd_stamped {
-            CmdPublisher::Stamped(node.create_publisher(&p.cmd_vel_topic, command_qos())?, p.frame_id.clone())
+            CmdPublisher::Stamped(
+                node.create_publisher(&p.cmd_vel_topic, command_qos())?,
+                p.frame_id.clone(),
+            )
         } else {
             CmdPublisher::Plain(node.create_publisher(&p.cmd_vel_topic, command_qos())?)
         };
@@ -656,7 +731,11 @@ mod tests {
         p.validate().unwrap();
         assert_eq!(p.limits().dead_zone, 0.15);
         for (field, set) in [
-            ("execution_mode", Box::new(|p: &mut PolicyParams| p.execution_mode = "all".into()) as Box<dyn Fn(&mut PolicyParams)>),
+            (
+                "execution_mode",
+                Box::new(|p: &mut PolicyParams| p.execution_mode = "all".into())
+                    as Box<dyn Fn(&mut PolicyParams)>,
+            ),
             ("dtype", Box::new(|p| p.dtype = "f16".into())),
             ("control_rate_hz", Box::new(|p| p.control_rate_hz = 0.0)),
             ("max_vel_wz", Box::new(|p| p.max_vel_wz = -1.0)),

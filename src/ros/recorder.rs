@@ -118,7 +118,9 @@ impl RecorderParams {
 /// the reason instead of being accepted and ignored.
 impl NodeParams for RecorderParams {
     fn validate(&self) -> Result<(), String> {
-        RecorderParams::validate(self).map(drop).map_err(|e| e.to_string())
+        RecorderParams::validate(self)
+            .map(drop)
+            .map_err(|e| e.to_string())
     }
 }
 

@@ -159,7 +159,8 @@ impl Job {
             (!p.config.is_empty()).then(|| PathBuf::from(&p.config))
         } else if goal.config.contains('\n') || !Path::new(&goal.config).exists() {
             // Not a file: inline YAML, kept with the run so it can be repeated.
-            std::fs::create_dir_all(&out).map_err(|e| format!("cannot create {}: {e}", out.display()))?;
+            std::fs::create_dir_all(&out)
+                .map_err(|e| format!("cannot create {}: {e}", out.display()))?;
             let path = out.join("goal_config.yaml");
             crate::model::checkpoint::write_atomic(&path, |tmp| std::fs::write(tmp, &goal.config))
                 .map_err(|e| e.to_string())?;
@@ -170,7 +171,8 @@ impl Job {
         Ok(Self {
             config,
             data: PathBuf::from(&goal.dataset_dir),
-            model: (!goal.init_model_dir.trim().is_empty()).then(|| PathBuf::from(&goal.init_model_dir)),
+            model: (!goal.init_model_dir.trim().is_empty())
+                .then(|| PathBuf::from(&goal.init_model_dir)),
             out,
             resume: goal.resume,
         })
@@ -202,14 +204,26 @@ fn terminate(child: &Child) {
         // SAFETY: kill(2) with a pid we spawned and still own (not yet reaped); no memory involved.
         let rc = unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
         if rc != 0 {
-            warn!("cannot send SIGTERM to the training process {pid}: {}", std::io::Error::last_os_error());
+            warn!(
+                "cannot send SIGTERM to the training process {pid}: {}",
+                std::io::Error::last_os_error()
+            );
         }
     }
 }
 
 fn feedback_of(e: &ChildEvent) -> Option<Finetune::Feedback> {
     match e {
-        ChildEvent::Progress { phase, epoch, epochs, step, total_steps, loss, lr, eta_s } => Some(Finetune::Feedback {
+        ChildEvent::Progress {
+            phase,
+            epoch,
+            epochs,
+            step,
+            total_steps,
+            loss,
+            lr,
+            eta_s,
+        } => Some(Finetune::Feedback {
             epoch: *epoch,
             epochs: *epochs,
             step: *step,
@@ -294,7 +308,13 @@ async fn run_job(
     };
     let mut result = Finetune::Result::default();
     match last_event {
-        Some(ChildEvent::Done { model_dir, checkpoint, metrics, final_loss, best_val_loss }) if status.success() => {
+        Some(ChildEvent::Done {
+            model_dir,
+            checkpoint,
+            metrics,
+            final_loss,
+            best_val_loss,
+        }) if status.success() => {
             result.success = true;
             result.message = format!("trained: {model_dir}");
             result.model_dir = model_dir;
@@ -317,9 +337,13 @@ async fn run_job(
 fn describe_exit(status: std::process::ExitStatus) -> String {
     use std::os::unix::process::ExitStatusExt;
     match (status.code(), status.signal()) {
-        (_, Some(libc::SIGKILL)) => "the training process was killed (SIGKILL: out of memory?)".into(),
+        (_, Some(libc::SIGKILL)) => {
+            "the training process was killed (SIGKILL: out of memory?)".into()
+        }
         (_, Some(sig)) => format!("the training process died of signal {sig}"),
-        (Some(code), _) => format!("the training process exited with status {code} without a result"),
+        (Some(code), _) => {
+            format!("the training process exited with status {code} without a result")
+        }
         (None, None) => "the training process ended without a result".into(),
     }
 }
@@ -333,7 +357,8 @@ pub async fn run(h: NodeHandle<TrainerParams>) -> anyhow::Result<()> {
         let mut node = h.node();
         let name = node.name()?;
         let status = if p.auto_finetune_after > 0 {
-            node.subscribe::<RecordingStatus>(&p.recorder_status_topic, status_qos())?.boxed()
+            node.subscribe::<RecordingStatus>(&p.recorder_status_topic, status_qos())?
+                .boxed()
         } else {
             futures::stream::pending().boxed()
         };
@@ -410,7 +435,8 @@ pub async fn run(h: NodeHandle<TrainerParams>) -> anyhow::Result<()> {
             match req {
                 Some(req) => serve_goal(&exe, &job, req).await,
                 None => {
-                    let mut no_cancel = futures::stream::pending::<r2r::ActionServerCancelRequest>();
+                    let mut no_cancel =
+                        futures::stream::pending::<r2r::ActionServerCancelRequest>();
                     match run_job(&exe, &job, |_| {}, &mut no_cancel).await {
                         Outcome::Done(r) => Some(r.model_dir),
                         Outcome::Cancelled(_) => None,
@@ -473,7 +499,13 @@ async fn serve_goal(exe: &Path, job: &Job, req: GoalRequest) -> Option<String> {
         Outcome::Cancelled(r) => (g.cancel(r), None),
         Outcome::Failed(reason) => {
             warn!("fine-tuning failed: {reason}");
-            (g.abort(Finetune::Result { message: reason, ..Default::default() }), None)
+            (
+                g.abort(Finetune::Result {
+                    message: reason,
+                    ..Default::default()
+                }),
+                None,
+            )
         }
     };
     if let Err(e) = sent {
@@ -490,9 +522,22 @@ mod tests {
     fn contract_lines_parse() {
         let p = ChildEvent::parse(r#"{"event":"progress","phase":"training","epoch":1,"epochs":3,"step":10,"total_steps":30,"loss":0.5,"lr":1e-4,"samples_per_s":2.0,"eta_s":20.0}"#).unwrap();
         let f = feedback_of(&p).unwrap();
-        assert_eq!((f.phase.as_str(), f.epoch, f.step, f.total_steps), ("training", 1, 10, 30));
-        assert!(matches!(ChildEvent::parse(r#"{"event":"done","model_dir":"m","checkpoint":"c","metrics":"x","final_loss":0.1,"best_val_loss":0.2}"#), Some(ChildEvent::Done { .. })));
-        assert_eq!(ChildEvent::parse(r#"{"event":"error","message":"no episodes"}"#), Some(ChildEvent::Error { message: "no episodes".into() }));
+        assert_eq!(
+            (f.phase.as_str(), f.epoch, f.step, f.total_steps),
+            ("training", 1, 10, 30)
+        );
+        assert!(matches!(
+            ChildEvent::parse(
+                r#"{"event":"done","model_dir":"m","checkpoint":"c","metrics":"x","final_loss":0.1,"best_val_loss":0.2}"#
+            ),
+            Some(ChildEvent::Done { .. })
+        ));
+        assert_eq!(
+            ChildEvent::parse(r#"{"event":"error","message":"no episodes"}"#),
+            Some(ChildEvent::Error {
+                message: "no episodes".into()
+            })
+        );
         assert_eq!(ChildEvent::parse("loading weights..."), None);
     }
 

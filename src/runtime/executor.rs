@@ -29,7 +29,9 @@ impl FromStr for ExecutionMode {
             "first" => Ok(Self::First),
             "chunk" => Ok(Self::Chunk),
             "ensemble" => Ok(Self::Ensemble),
-            _ => Err(format!("`{s}` is not an execution mode: use first, chunk or ensemble")),
+            _ => Err(format!(
+                "`{s}` is not an execution mode: use first, chunk or ensemble"
+            )),
         }
     }
 }
@@ -156,7 +158,10 @@ mod tests {
     #[test]
     fn modes_parse_by_name() {
         assert_eq!("chunk".parse(), Ok(ExecutionMode::Chunk));
-        assert!("all".parse::<ExecutionMode>().unwrap_err().contains("first, chunk or ensemble"));
+        assert!("all"
+            .parse::<ExecutionMode>()
+            .unwrap_err()
+            .contains("first, chunk or ensemble"));
     }
 
     #[test]
@@ -171,11 +176,19 @@ mod tests {
 
     #[test]
     fn a_late_chunk_starts_at_the_action_due_now() {
-        for mode in [ExecutionMode::First, ExecutionMode::Chunk, ExecutionMode::Ensemble] {
+        for mode in [
+            ExecutionMode::First,
+            ExecutionMode::Chunk,
+            ExecutionMode::Ensemble,
+        ] {
             let mut e = ChunkExecutor::new(mode, 0.01);
             // Predicted from an image stamped 10.0, arriving 1.1 s later.
             assert!(e.push(chunk(10.0, &[1.0, 2.0, 3.0, 4.0]), 11.1));
-            assert_eq!(xs(&mut e, &[11.1, 11.6, 12.1]), [Some(3.0), Some(4.0), None], "{mode:?}");
+            assert_eq!(
+                xs(&mut e, &[11.1, 11.6, 12.1]),
+                [Some(3.0), Some(4.0), None],
+                "{mode:?}"
+            );
         }
     }
 
@@ -195,7 +208,10 @@ mod tests {
         e.push(chunk(0.3, &[5.0, 6.0, 7.0]), 0.4);
         // An older prediction that finishes late never replaces a newer one.
         assert!(!e.push(chunk(0.2, &[9.0, 9.0, 9.0]), 0.5));
-        assert_eq!(xs(&mut e, &[0.5, 0.8, 1.3, 1.8]), [Some(5.0), Some(6.0), Some(7.0), None]);
+        assert_eq!(
+            xs(&mut e, &[0.5, 0.8, 1.3, 1.8]),
+            [Some(5.0), Some(6.0), Some(7.0), None]
+        );
         assert!(e.wants_plan(1.8));
     }
 
@@ -208,7 +224,15 @@ mod tests {
         e.push(chunk(0.7, &[8.0, 9.0, 10.0]), 0.9); // replaces the waiting one
         assert_eq!(
             xs(&mut e, &[0.0, 0.5, 0.9, 1.0, 1.2, 1.7, 2.2]),
-            [Some(1.0), Some(2.0), Some(2.0), Some(8.0), Some(9.0), Some(10.0), None]
+            [
+                Some(1.0),
+                Some(2.0),
+                Some(2.0),
+                Some(8.0),
+                Some(9.0),
+                Some(10.0),
+                None
+            ]
         );
         assert!(e.wants_plan(2.2));
     }

@@ -24,7 +24,9 @@ impl SafetyLimits {
             for (axis, v) in ["x", "y", "wz"].iter().zip(values) {
                 if !v.is_finite() || v < 0.0 || (strict && v == 0.0) {
                     let bound = if strict { "> 0" } else { "≥ 0" };
-                    return Err(format!("`max_{kind}_{axis}` is {v}: it must be a number {bound}"));
+                    return Err(format!(
+                        "`max_{kind}_{axis}` is {v}: it must be a number {bound}"
+                    ));
                 }
             }
         }
@@ -174,7 +176,10 @@ impl Gate {
         if self.image_age(now).is_none_or(|age| age > max_image_age) {
             return Some(HoldReason::StaleImage);
         }
-        if self.inference_since.is_some_and(|t| now - t > max_inference) {
+        if self
+            .inference_since
+            .is_some_and(|t| now - t > max_inference)
+        {
             return Some(HoldReason::InferenceLate);
         }
         if self.inference_failed {
@@ -234,7 +239,11 @@ mod tests {
         g.e_stop();
         assert_eq!(g.hold(0.0, 1.0, 5.0), Some(HoldReason::EStop));
         g.heartbeat(0.0, true);
-        assert_eq!(g.hold(0.1, 1.0, 5.0), Some(HoldReason::EStop), "e-stop latches");
+        assert_eq!(
+            g.hold(0.1, 1.0, 5.0),
+            Some(HoldReason::EStop),
+            "e-stop latches"
+        );
         g.reset_e_stop();
         assert_eq!(g.hold(0.1, 1.0, 5.0), Some(HoldReason::StaleImage));
         g.image(0.1);

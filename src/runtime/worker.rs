@@ -86,11 +86,16 @@ pub fn load_options(dtype: &str) -> Result<LoadOptions, String> {
 
 /// Loads a model to serve; with `expected`, a model whose action layout differs (another width,
 /// gripper or axis mapping) is refused: its outputs would mean other motions on this robot.
-pub fn load(dir: &Path, opts: &LoadOptions, expected: Option<&ActionSpec>) -> Result<Policy, String> {
+pub fn load(
+    dir: &Path,
+    opts: &LoadOptions,
+    expected: Option<&ActionSpec>,
+) -> Result<Policy, String> {
     let policy = Policy::load_with(dir, opts).map_err(|e| format!("{}: {e}", dir.display()))?;
     if let Some(want) = expected {
         let got = &policy.config().action;
-        if (got.dim, got.gripper, got.robot_indices) != (want.dim, want.gripper, want.robot_indices) {
+        if (got.dim, got.gripper, got.robot_indices) != (want.dim, want.gripper, want.robot_indices)
+        {
             return Err(format!(
                 "{}: action layout (dim {}, gripper {}, robot_indices {:?}) differs from the served model's (dim {}, gripper {}, robot_indices {:?})",
                 dir.display(), got.dim, got.gripper, got.robot_indices, want.dim, want.gripper, want.robot_indices
@@ -140,7 +145,13 @@ impl Worker {
 
     /// Loads `dir` on a thread of its own; on success the worker swaps it in before its next
     /// step (with an empty history). Either way an [`Event::Loaded`] reports it.
-    pub fn load(&self, request: u64, dir: PathBuf, opts: LoadOptions, report: impl Fn(Event) + Send + 'static) {
+    pub fn load(
+        &self,
+        request: u64,
+        dir: PathBuf,
+        opts: LoadOptions,
+        report: impl Fn(Event) + Send + 'static,
+    ) {
         let shared = self.shared.clone();
         let expected = self.action.clone();
         std::thread::spawn(move || match load(&dir, &opts, Some(&expected)) {
@@ -202,7 +213,11 @@ fn run(mut policy: Policy, shared: &Shared, report: impl Fn(Event)) {
             .frame
             .to_stored(ChannelOrder::Rgb)
             .map_err(|e| format!("camera frame: {e}"))
-            .and_then(|image| policy.step(&image, &job.instruction).map_err(|e| e.to_string()));
+            .and_then(|image| {
+                policy
+                    .step(&image, &job.instruction)
+                    .map_err(|e| e.to_string())
+            });
         lock(shared).busy_since = None;
         report(match result {
             Ok(chunk) => Event::Chunk {
@@ -241,7 +256,9 @@ mod tests {
             encoding: "rgb8".into(),
             is_bigendian: false,
             step: w * 3,
-            data: (0..w * h * 3).map(|i| (i as u8).wrapping_mul(seed)).collect(),
+            data: (0..w * h * 3)
+                .map(|i| (i as u8).wrapping_mul(seed))
+                .collect(),
         })
     }
 
@@ -266,29 +283,61 @@ mod tests {
         let next = || rx.recv_timeout(Duration::from_secs(60)).unwrap();
         for seed in [3, 5] {
             worker.submit(job(seed, 1, "go"));
-            let Event::Chunk { chunk, job_stamp, .. } = next() else { panic!("no chunk") };
+            let Event::Chunk {
+                chunk, job_stamp, ..
+            } = next()
+            else {
+                panic!("no chunk")
+            };
             let image = frame(seed).to_stored(ChannelOrder::Rgb).unwrap();
-            assert_eq!(chunk, reference.step(&image, "go").unwrap(), "same history, same chunk");
+            assert_eq!(
+                chunk,
+                reference.step(&image, "go").unwrap(),
+                "same history, same chunk"
+            );
             assert_eq!(job_stamp, f64::from(seed));
         }
         // A corrupt directory is refused; the old model keeps serving.
         let bad = tempfile::tempdir().unwrap();
         worker.load(7, bad.path().to_path_buf(), opts.clone(), report.clone());
-        let Event::Loaded { request: 7, result: Err(reason) } = next() else { panic!("not refused") };
-        assert!(reason.contains(&bad.path().display().to_string()), "{reason}");
+        let Event::Loaded {
+            request: 7,
+            result: Err(reason),
+        } = next()
+        else {
+            panic!("not refused")
+        };
+        assert!(
+            reason.contains(&bad.path().display().to_string()),
+            "{reason}"
+        );
         worker.submit(job(4, 1, "go"));
         assert!(matches!(next(), Event::Chunk { .. }));
         // A good one is swapped in with a fresh history.
         worker.load(8, fixture(), opts, report);
-        let Event::Loaded { request: 8, result: Ok(_) } = next() else { panic!("not loaded") };
+        let Event::Loaded {
+            request: 8,
+            result: Ok(_),
+        } = next()
+        else {
+            panic!("not loaded")
+        };
         worker.submit(job(9, 2, "go"));
-        let Event::Chunk { chunk, epoch: 2, .. } = next() else { panic!("no chunk") };
+        let Event::Chunk {
+            chunk, epoch: 2, ..
+        } = next()
+        else {
+            panic!("no chunk")
+        };
         reference.reset();
         let image = frame(9).to_stored(ChannelOrder::Rgb).unwrap();
         assert_eq!(chunk, reference.step(&image, "go").unwrap());
         // A frame that cannot be decoded fails the step, not the thread.
         let mut broken = job(1, 3, "go");
-        broken.frame = CameraFrame::Compressed { format: "png".into(), data: vec![1, 2, 3] };
+        broken.frame = CameraFrame::Compressed {
+            format: "png".into(),
+            data: vec![1, 2, 3],
+        };
         worker.submit(broken);
         assert!(matches!(next(), Event::Failed { epoch: 3, .. }));
         assert!(load_options("f16").unwrap_err().contains("dtype"));

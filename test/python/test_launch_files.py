@@ -23,6 +23,9 @@ def parse(path: Path):
             for k, v in zip(node.value.keys, node.value.values):
                 args[k.value] = v.elts[1].value
         if isinstance(node, ast.Call):
+            if getattr(node.func, "id", "") == "DeclareLaunchArgument" and isinstance(node.args[0], ast.Constant):
+                desc = [kw.value for kw in node.keywords if kw.arg == "description"]
+                args[node.args[0].value] = desc[0].value if desc and isinstance(desc[0], ast.Constant) else ""
             for kw in node.keywords:
                 if kw.arg == "executable":
                     exes.add(kw.value.value)

@@ -162,8 +162,8 @@ impl Job {
             std::fs::create_dir_all(&out)
                 .map_err(|e| format!("cannot create {}: {e}", out.display()))?;
             let path = out.join("goal_config.yaml");
-            crate::model::checkpoint::write_atomic(&path, |tmp| std::fs::write(tmp, &goal.config))
-                .map_err(|e| e.to_string())?;
+            crate::fsutil::write_atomic(&path, |tmp| std::fs::write(tmp, &goal.config))
+                .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
             Some(path)
         } else {
             Some(PathBuf::from(&goal.config))

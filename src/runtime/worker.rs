@@ -9,8 +9,8 @@
 
 use crate::data::image::ChannelOrder;
 use crate::data::recording::CameraFrame;
-use crate::model::policy::{ActionChunk, ActionSpec, LoadOptions, Policy};
 use crate::model::WeightFormat;
+use crate::model::{ActionChunk, ActionSpec, LoadOptions, Policy};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};

@@ -158,7 +158,9 @@ class Peer:
         spin_until(self.node, lambda: False, timeout=seconds)
 
     def cmds_since(self, t: float):
-        return [(at, m) for at, m in self.cmds if at >= t]
+        """Commands the node stamped at or after `t` (its ROS clock = our clock): robust to
+        delivery delays on a loaded machine."""
+        return [(secs(m.header.stamp), m) for _, m in self.cmds if secs(m.header.stamp) >= t]
 
     def stream(self, seconds: float, seed=1, period=0.1):
         """Camera frames at 1/period for `seconds`."""
@@ -285,8 +287,8 @@ def test_limits_dead_zone_and_live_parameters(start_node, rclpy_node, tmp_path):
                         "max_acc_x:=1.0", "dead_zone:=0.15", "max_image_age_s:=3.0", model=big)
     p = Peer(rclpy_node, proc)
     chunks = p.drive_frames([1, 2])
-    assert all(abs(v) > 1.0 for t in chunks[0].actions for v in vec(t)), "the chunk is before safety"
-    t = time.monotonic()
+    assert all(abs(v) > 0.6 for t in chunks[0].actions for v in vec(t)), "the chunk is before safety"
+    t = p.now()
     p.stream(1.5)
     got = [vec(m.twist) for _, m in p.cmds_since(t)]
     assert all(abs(x) <= 0.3 + 1e-6 and abs(y) <= 0.2 + 1e-6 and abs(z) <= 0.5 + 1e-6 for x, y, z in got), got
@@ -305,8 +307,8 @@ def test_limits_dead_zone_and_live_parameters(start_node, rclpy_node, tmp_path):
     assert abs(abs(p.cmds[-1][1].twist.linear.x) - 0.1) < 1e-6
     # A dead-zone above every output stops the robot although chunks keep coming.
     assert p.set_param("dead_zone", 2.0).successful
-    p.stream(0.4)
-    t = time.monotonic()
+    p.stream(0.4)  # the ramp down to zero (max_acc) ends
+    t = p.now()
     p.stream(1.0)
     assert p.cmds_since(t) and all(is_zero(m) for _, m in p.cmds_since(t)), proc.output()[-3000:]
     assert proc.stop() == 0, proc.output()
@@ -335,7 +337,7 @@ def test_watchdog_e_stop_deadman_and_sigint(start_node, rclpy_node):
     assert not is_zero(p.cmds[-1][1]), f"not driving:\n{proc.output()}"
 
     # Deadman: heartbeats stop while images continue → zero within the timeout + a period.
-    t = time.monotonic()
+    t = p.now()
     beat_and_stream(1.0, beat=False)
     zero_at = next(at for at, m in p.cmds_since(t) if is_zero(m))
     assert zero_at - t <= 0.4 + 2 / RATE + 0.15
@@ -344,24 +346,24 @@ def test_watchdog_e_stop_deadman_and_sigint(start_node, rclpy_node):
     # Watchdog: images stop → zero within max_image_age_s + one period; back only after a fresh chunk.
     beat_and_stream(1.0)
     assert not is_zero(p.cmds[-1][1])
-    t = time.monotonic()
-    end = t + 1.0
+    t = p.now()
+    end = time.monotonic() + 1.0
     while time.monotonic() < end:
         p.heartbeat.publish(Bool(data=True))
         p.pause(0.1)
     zero_at = next(at for at, m in p.cmds_since(t) if is_zero(m))
     assert zero_at - t <= age + 1 / RATE + 0.15
     n_chunks = len(p.chunks)
-    t = time.monotonic()
+    t = p.now()
     beat_and_stream(0.8)
     first_move = next(at for at, m in p.cmds_since(t) if not is_zero(m))
-    assert len(p.chunks) > n_chunks and first_move >= p.chunks[n_chunks][0] - 0.05
+    assert len(p.chunks) > n_chunks and first_move >= secs(p.chunks[n_chunks][1].header.stamp)
 
     # E-stop latches: images and heartbeats continue, the robot stays still until the reset.
     p.e_stop.publish(Bool(data=True))
     p.pause(0.2)
     p.e_stop.publish(Bool(data=False))  # a released button does not clear it
-    t = time.monotonic()
+    t = p.now()
     beat_and_stream(0.8)
     assert all(is_zero(m) for _, m in p.cmds_since(t)), "e-stop did not latch"
     assert p.call(p.reset_e_stop, Trigger.Request()).success
@@ -390,9 +392,13 @@ def test_hot_reload_keeps_driving(start_node, rclpy_node, tmp_path):
     assert p.drive_frames([5])[0].actions, "the old model keeps serving"
     assert proc.alive()
 
+    # The control loop's own jitter on this machine, as a baseline.
+    t_base = p.now()
+    p.stream(1.5, seed=40)
+    base = np.diff([at for at, _ in p.cmds_since(t_base)]).max()
     # Under load: frames stream while the new model loads and swaps.
     fut = p.load_model.call_async(LoadModel.Request(path=str(other)))
-    t = time.monotonic()
+    t, t_ros = time.monotonic(), p.now()
     end = t + 1.5
     seed = 20
     while time.monotonic() < end or not fut.done():
@@ -401,8 +407,11 @@ def test_hot_reload_keeps_driving(start_node, rclpy_node, tmp_path):
         p.pause(0.1)
         assert time.monotonic() - t < 20, "load_model never answered"
     assert fut.result().success, fut.result().message
-    gaps = np.diff([at for at, _ in p.cmds_since(t)])
-    assert gaps.max() < 2.5 / RATE, f"missed control periods: max gap {gaps.max():.3f} s"
+    gaps = np.diff([at for at, _ in p.cmds_since(t_ros)])
+    # At most one missed period beyond what the loop shows without a load (a busy CI machine
+    # delays every period alike).
+    allowed = max(2.5 / RATE, base + 1 / RATE)
+    assert gaps.max() < allowed, f"missed control periods: max gap {gaps.max():.3f} s (baseline {base:.3f} s)"
     after = p.drive_frames([5])[0]
     assert not np.allclose([vec(a) for a in after.actions], [vec(a) for a in before.actions], atol=1e-3), \
         "the new weights' chunks never appeared"

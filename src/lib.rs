@@ -7,6 +7,7 @@
 pub mod cli;
 pub mod config;
 pub mod data;
+pub mod fsutil;
 pub mod model;
 #[cfg(feature = "ros")]
 pub mod ros;

@@ -2,7 +2,7 @@
 
 mod policy_common;
 
-use mobile_vla::model::policy::Policy;
+use mobile_vla::model::Policy;
 use policy_common::*;
 use std::collections::HashMap;
 use std::path::Path;

@@ -1,9 +1,9 @@
 //! `mobile_vla model …` and `mobile_vla infer`: thin wrappers over `crate::model`.
 
 use crate::data::image::ChannelOrder;
-use crate::model::checkpoint::{self, ConfigSource, ImportOptions};
-use crate::model::policy::{ActionChunk, LoadOptions, Policy, PolicyConfig};
-use crate::model::WeightFormat;
+use crate::model::import::{import_robovlms, ConfigSource, ImportOptions};
+use crate::model::model_dir::{model_info, POLICY_FILE};
+use crate::model::{export, ActionChunk, LoadOptions, Policy, PolicyConfig, WeightFormat};
 use anyhow::Context;
 use clap::{Args, Subcommand, ValueEnum};
 use std::path::PathBuf;
@@ -85,7 +85,7 @@ pub fn run(cmd: ModelCommand) -> anyhow::Result<ExitCode> {
         ModelCommand::Import(args) => import(args),
         ModelCommand::Info { dir } => info(&dir),
         ModelCommand::Export { dir, out } => {
-            let n = checkpoint::export_robovlms(&dir, &out)?;
+            let n = export::export_robovlms(&dir, &out)?;
             println!("wrote {} ({n} tensors, RoboVLMs names)", out.display());
             Ok(ExitCode::SUCCESS)
         }
@@ -104,7 +104,7 @@ fn import(args: ImportArgs) -> anyhow::Result<ExitCode> {
         dt: args.dt,
         model_channel_order: args.model_channel_order,
     };
-    let report = checkpoint::import_robovlms(&args.ckpt, &args.hf_model, &args.out, &opts)
+    let report = import_robovlms(&args.ckpt, &args.hf_model, &args.out, &opts)
         .with_context(|| format!("importing {}", args.ckpt.display()))?;
     let source = match &report.config_source {
         ConfigSource::File(p) => p.display().to_string(),
@@ -149,8 +149,8 @@ fn print_policy(p: &PolicyConfig) {
 }
 
 fn info(dir: &std::path::Path) -> anyhow::Result<ExitCode> {
-    let components = checkpoint::model_info(dir)?;
-    let policy = PolicyConfig::from_file(&dir.join(checkpoint::POLICY_FILE))?;
+    let components = model_info(dir)?;
+    let policy = PolicyConfig::from_file(&dir.join(POLICY_FILE))?;
     println!("{}", dir.display());
     print_policy(&policy);
     println!(

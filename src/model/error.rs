@@ -56,3 +56,9 @@ impl ModelError {
         }
     }
 }
+
+impl From<crate::model::kosmos2::Kosmos2Error> for ModelError {
+    fn from(e: crate::model::kosmos2::Kosmos2Error) -> Self {
+        ModelError::Backbone(Box::new(e))
+    }
+}

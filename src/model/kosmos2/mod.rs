@@ -82,7 +82,13 @@ impl Kosmos2 {
     ) -> std::result::Result<Self, Kosmos2Error> {
         let dir = dir.as_ref();
         let cfg = Kosmos2Config::from_file(dir.join("config.json"))?;
-        Self::load(&cfg, &safetensors_files(dir)?, dtype, device)
+        let files = weight_files(dir)?;
+        if files.is_empty() {
+            return Err(Kosmos2Error::NoWeights {
+                dir: dir.to_path_buf(),
+            });
+        }
+        Self::load(&cfg, &files, dtype, device)
     }
 
     /// Repacks every linear weight into the CPU inference GEMM's layout (`model::gemm`, x86-64
@@ -130,17 +136,16 @@ impl Kosmos2 {
     }
 }
 
-/// The weight files of an HF model folder: the single file, else the index's shards.
-fn safetensors_files(dir: &Path) -> std::result::Result<Vec<PathBuf>, Kosmos2Error> {
+/// The safetensors weight files of a Hugging Face model folder: `model.safetensors`, else the
+/// shards `model.safetensors.index.json` lists (sorted, each once), else none.
+pub fn weight_files(dir: &Path) -> std::result::Result<Vec<PathBuf>, Kosmos2Error> {
     let single = dir.join("model.safetensors");
     if single.is_file() {
         return Ok(vec![single]);
     }
     let index = dir.join("model.safetensors.index.json");
     if !index.is_file() {
-        return Err(Kosmos2Error::NoWeights {
-            dir: dir.to_path_buf(),
-        });
+        return Ok(vec![]);
     }
     let bad = |message: String| Kosmos2Error::WeightIndex {
         path: index.clone(),

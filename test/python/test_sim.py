@@ -31,16 +31,15 @@ def sim_client(rclpy_node):
 
 
 def test_camera_instruction_and_cmd_vel(start_node, rclpy_node, sim_client):
-    from sensor_msgs.msg import Image
     from rclpy.qos import qos_profile_sensor_data
-
-    proc = start_sim(start_node, "task:=red_box", "seed:=5", "real_time_factor:=1.0")
-    frames = []
-    rclpy_node.create_subscription(Image, "image", frames.append, qos_profile_sensor_data)
-    instructions = []
+    from sensor_msgs.msg import Image
     from std_msgs.msg import String
+
     from sim.client import LATCHED
 
+    proc = start_sim(start_node, "task:=red_box", "seed:=5", "real_time_factor:=1.0")
+    frames, instructions = [], []
+    rclpy_node.create_subscription(Image, "image", frames.append, qos_profile_sensor_data)
     rclpy_node.create_subscription(String, "instruction", lambda m: instructions.append(m.data), LATCHED)
     assert sim_client.wait_ready(30), proc.output()
     assert sim_client.spin_until(lambda: frames and instructions and sim_client.pose, 10), proc.output()
@@ -99,8 +98,7 @@ def test_recording_through_recorder_node(start_node, sim_client, tmp_path):
         rollout, saved = recorder.record(task, seed, name)
         assert saved, rollout.outcome
         runs[name] = (task, rollout)
-    deadline_ok = spin_until(sim_client.node, lambda: len(list(out.glob("*.h5"))) == 2, timeout=15)
-    assert deadline_ok, rec.output()
+    assert spin_until(sim_client.node, lambda: len(list(out.glob("*.h5"))) == 2, timeout=15), rec.output()
 
     res = subprocess.run([str(bin_path("mobile_vla")), "dataset", "validate", str(out)], capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr

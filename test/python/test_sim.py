@@ -66,17 +66,18 @@ def test_camera_instruction_and_cmd_vel(start_node, rclpy_node, sim_client):
     assert proc.stop() == 0, proc.output()
 
 
-@pytest.mark.parametrize("task", ["1box_hori_left", "blue_box"])
-def test_expert_succeeds_and_zero_policy_times_out(start_node, sim_client, task):
+def test_expert_succeeds_and_zero_policy_times_out(start_node, sim_client):
     from sim.policies import Expert, Zero
 
     proc = start_sim(start_node)
     assert sim_client.wait_ready(30), proc.output()
-    for seed in (1000, 1001):
+    for task, seed in (("1box_hori_left", 1000), ("1box_hori_right", 1000), ("blue_box", 1001)):
         r = sim_client.drive(Expert(sim_client.reset(task, seed)))
-        assert r.outcome["outcome"] == "success", (seed, r.outcome, proc.output())
+        assert r.outcome["outcome"] == "success", (task, seed, r.outcome, proc.output())
         assert r.presses >= 3 and r.track[-1][1] > r.track[0][1] + 1.0  # it drove forward
-    r = sim_client.drive(Zero(sim_client.reset(task, 1000)))
+        if task.startswith("1box"):
+            assert r.outcome["side"] == task.rsplit("_", 1)[1]
+    r = sim_client.drive(Zero(sim_client.reset("red_box", 1000)))
     assert r.outcome["outcome"] == "timeout" and r.outcome["time_s"] >= 7.0, r.outcome
     assert proc.stop() == 0, proc.output()
 

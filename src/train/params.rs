@@ -324,9 +324,9 @@ impl ModelFiles {
         let backbone = Kosmos2Config::from_file(dir.join(model_dir::CONFIG_FILE))?;
         let tokenizer = PromptTokenizer::from_file(&dir.join(model_dir::TOKENIZER_FILE))?;
         let source = dir.join(model_dir::WEIGHTS_FILE);
-        let err = |source_err| ModelError::Tensors {
+        let err = |cause| ModelError::Tensors {
             path: source.clone(),
-            source: source_err,
+            cause,
         };
         let tensors = candle_core::safetensors::load(&source, &Device::Cpu)
             .map_err(err)?
@@ -366,7 +366,7 @@ impl ModelFiles {
         let policy = Policy::new(cfg, &self.backbone, self.tokenizer, vb).map_err(|e| {
             ModelError::Tensors {
                 path: source.clone(),
-                source: e,
+                cause: e,
             }
         })?;
         let params = handed.lock().map(|p| p.clone()).unwrap_or_default();

@@ -3,7 +3,10 @@
 use crate::data::image::ChannelOrder;
 use crate::model::import::{import_robovlms, ConfigSource, ImportOptions};
 use crate::model::model_dir::{model_info, POLICY_FILE};
-use crate::model::{export, ActionChunk, LoadOptions, Policy, PolicyConfig, WeightFormat};
+use crate::model::{
+    export, ActionChunk, LoadOptions, LstmSpec, Policy, PolicyConfig, WeightFormat,
+};
+use crate::train::init::{init_model_dir, InitOptions};
 use anyhow::Context;
 use clap::{Args, Subcommand, ValueEnum};
 use std::path::PathBuf;
@@ -11,6 +14,8 @@ use std::process::ExitCode;
 
 #[derive(Debug, Subcommand)]
 pub enum ModelCommand {
+    /// Make a model directory from a Hugging Face Kosmos-2 folder with a fresh action token and head.
+    Init(InitArgs),
     /// Import a RoboVLMs / Mobile VLA PyTorch Lightning checkpoint into a model directory.
     Import(ImportArgs),
     /// Parameters per component, dtypes and memory of a model directory.
@@ -25,6 +30,43 @@ pub enum ModelCommand {
         #[arg(long)]
         out: PathBuf,
     },
+}
+
+#[derive(Debug, Args)]
+pub struct InitArgs {
+    /// Hugging Face Kosmos-2 folder (config.json, tokenizer.json, model.safetensors or shards).
+    #[arg(long)]
+    pub hf_model: PathBuf,
+    /// New model directory (must not exist or be empty).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Frames of history (the fork's 16; a training setting the config may change).
+    #[arg(long, default_value_t = 16)]
+    pub window_size: usize,
+    /// Future actions predicted per frame (the fork's 2).
+    #[arg(long, default_value_t = 2)]
+    pub fwd_pred_next_n: usize,
+    /// 3: [vx, vy, wz]; 4: + gripper; 7: the fork's [x, y, 0, 0, 0, rz, gripper].
+    #[arg(long, default_value_t = 3)]
+    pub action_dim: usize,
+    /// LSTM width (RoboVLMs: 1024).
+    #[arg(long, default_value_t = 1024)]
+    pub hidden_size: usize,
+    /// LSTM layers (RoboVLMs: 4).
+    #[arg(long, default_value_t = 4)]
+    pub num_layers: usize,
+    /// Hidden widths of the action MLP (RoboVLMs: 1024,512,256).
+    #[arg(long, value_delimiter = ',', default_values_t = [1024, 512, 256])]
+    pub mlp_hidden: Vec<usize>,
+    /// Actions are normalised from [-norm, norm] (RoboVLMs norm_min/norm_max).
+    #[arg(long, default_value_t = 1.0)]
+    pub norm: f32,
+    /// Seconds each chunk step spans on the robot.
+    #[arg(long, default_value_t = 0.4)]
+    pub dt: f32,
+    /// Seed of the head's initialisation.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
 }
 
 #[derive(Debug, Args)]
@@ -103,6 +145,7 @@ pub struct InferArgs {
 
 pub fn run(cmd: ModelCommand) -> anyhow::Result<ExitCode> {
     match cmd {
+        ModelCommand::Init(args) => init(args),
         ModelCommand::Import(args) => import(args),
         ModelCommand::Info { dir } => info(&dir),
         ModelCommand::Export { dir, out } => {
@@ -111,6 +154,35 @@ pub fn run(cmd: ModelCommand) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+fn init(args: InitArgs) -> anyhow::Result<ExitCode> {
+    let mlp_hidden = match args.mlp_hidden.as_slice() {
+        &[a, b, c] => [a, b, c],
+        other => anyhow::bail!("--mlp-hidden needs 3 widths, got {other:?}"),
+    };
+    let opts = InitOptions {
+        window_size: args.window_size,
+        fwd_pred_next_n: args.fwd_pred_next_n,
+        action_dim: args.action_dim,
+        head: LstmSpec {
+            hidden_size: args.hidden_size,
+            num_layers: args.num_layers,
+            mlp_hidden,
+        },
+        norm: args.norm,
+        dt: args.dt,
+        seed: args.seed,
+    };
+    let cfg = init_model_dir(&args.hf_model, &args.out, &opts)
+        .with_context(|| format!("initialising {}", args.out.display()))?;
+    println!(
+        "new model directory {} (backbone {})",
+        args.out.display(),
+        args.hf_model.display()
+    );
+    print_policy(&cfg);
+    Ok(ExitCode::SUCCESS)
 }
 
 fn import(args: ImportArgs) -> anyhow::Result<ExitCode> {

@@ -14,6 +14,7 @@ mod text;
 mod vision;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Result, Tensor, D};
 use candle_nn::VarBuilder;
@@ -22,6 +23,7 @@ use crate::model::gemm::WeightFormat;
 
 pub use config::{Activation, Kosmos2Config, Kosmos2TextConfig, Kosmos2VisionConfig};
 pub use error::Kosmos2Error;
+pub use layers::TrainMode;
 
 use projection::ImageToTextProjection;
 use text::TextTransformer;
@@ -35,18 +37,31 @@ pub struct Kosmos2 {
     text: TextTransformer,
     cfg: Kosmos2Config,
     dtype: DType,
+    train: Arc<TrainMode>,
 }
 
 impl Kosmos2 {
-    /// Builds the model; `vb` sits at the checkpoint root (HF names).
+    /// Builds the model (dropout off); `vb` sits at the checkpoint root (HF names).
     pub fn new(cfg: &Kosmos2Config, vb: VarBuilder) -> Result<Self> {
+        let train = Arc::new(TrainMode::default());
         Ok(Self {
-            vision: VisionTransformer::new(&cfg.vision_config, vb.pp("vision_model").pp("model"))?,
-            projection: ImageToTextProjection::new(cfg, vb.pp("image_to_text_projection"))?,
-            text: TextTransformer::new(&cfg.text_config, vb.pp("text_model").pp("model"))?,
+            vision: VisionTransformer::new(
+                &cfg.vision_config,
+                &train,
+                vb.pp("vision_model").pp("model"),
+            )?,
+            projection: ImageToTextProjection::new(cfg, &train, vb.pp("image_to_text_projection"))?,
+            text: TextTransformer::new(&cfg.text_config, &train, vb.pp("text_model").pp("model"))?,
             cfg: cfg.clone(),
             dtype: vb.dtype(),
+            train,
         })
+    }
+
+    /// Train-mode dropout switch (`dropout`, `attention_dropout`, `activation_dropout` of the
+    /// config, placed as transformers does); off after construction.
+    pub fn train_mode(&self) -> &TrainMode {
+        &self.train
     }
 
     /// Loads weights from safetensors files (memory-mapped), converting to

@@ -157,7 +157,7 @@ pub fn init_model_dir(
         let loaded = candle_core::safetensors::load(f, &Device::Cpu).map_err(|source| {
             ModelError::Tensors {
                 path: f.clone(),
-                source,
+                cause: source,
             }
         })?;
         tensors.extend(loaded);

@@ -57,3 +57,29 @@ impl From<crate::model::kosmos2::Kosmos2Error> for ModelError {
         ModelError::Backbone(Box::new(e))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chain_printers_show_each_cause_once() {
+        let missing = || std::io::Error::from(std::io::ErrorKind::NotFound);
+        let backbone = crate::model::kosmos2::Kosmos2Config::from_file("/nonexistent/config.json")
+            .map(|_| ())
+            .unwrap_err();
+        for err in [
+            ModelError::io("/nonexistent/policy.json", missing()),
+            backbone.into(),
+        ] {
+            // What the CLI prints: anyhow's `{:#}` joins the source chain with ": ".
+            let text = format!("{:#}", anyhow::Error::from(err));
+            assert!(text.contains("/nonexistent/"), "{text}");
+            assert_eq!(
+                text.matches("not found").count() + text.matches("(os error 2)").count(),
+                1,
+                "{text}"
+            );
+        }
+    }
+}

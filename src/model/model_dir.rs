@@ -34,7 +34,8 @@ pub struct LoadOptions {
     pub dtype: DType,
     pub device: Device,
     /// Repack the backbone's CPU weights for the inference GEMM
-    /// ([`crate::model::kosmos2::Kosmos2::pack_for_inference`]); `None` keeps them trainable, for fine-tuning.
+    /// ([`crate::model::kosmos2::Kosmos2::pack_for_inference`]); `None` keeps them trainable, for
+    /// fine-tuning (and in half precision, which the GEMM does not hold).
     pub packing: Option<WeightFormat>,
 }
 
@@ -108,41 +109,38 @@ impl Policy {
 
     /// Loads a model directory. Missing, misshaped or unused tensors are errors naming them.
     pub fn load_with(dir: &Path, opts: &LoadOptions) -> Result<Self> {
-        load_policy(dir, opts)
+        let backbone_cfg = Kosmos2Config::from_file(dir.join(CONFIG_FILE))?;
+        let cfg = PolicyConfig::from_file(&dir.join(POLICY_FILE))?;
+        let tokenizer = PromptTokenizer::from_file(&dir.join(TOKENIZER_FILE))?;
+        let weights = dir.join(WEIGHTS_FILE);
+        let tensors_err = |cause| ModelError::Tensors {
+            path: weights.clone(),
+            cause,
+        };
+        if !weights.is_file() {
+            return Err(ModelError::io(
+                &weights,
+                std::io::ErrorKind::NotFound.into(),
+            ));
+        }
+        // SAFETY: mapped read-only; model files are replaced by atomic rename, never rewritten
+        // in place.
+        let st = unsafe { MmapedSafetensors::new(&weights) }.map_err(tensors_err)?;
+        let names: BTreeSet<String> = st.tensors().into_iter().map(|(n, _)| n).collect();
+        let (mut policy, used) =
+            build_policy(st, cfg, &backbone_cfg, tokenizer, opts).map_err(tensors_err)?;
+        let unused: Vec<String> = names.difference(&used).cloned().collect();
+        if !unused.is_empty() {
+            return Err(ModelError::UnusedTensors {
+                path: weights,
+                names: unused,
+            });
+        }
+        if let Some(format) = opts.packing {
+            policy.pack_for_inference(format).map_err(tensors_err)?;
+        }
+        Ok(policy)
     }
-}
-
-fn load_policy(dir: &Path, opts: &LoadOptions) -> Result<Policy> {
-    let backbone_cfg = Kosmos2Config::from_file(dir.join(CONFIG_FILE))?;
-    let cfg = PolicyConfig::from_file(&dir.join(POLICY_FILE))?;
-    let tokenizer = PromptTokenizer::from_file(&dir.join(TOKENIZER_FILE))?;
-    let weights = dir.join(WEIGHTS_FILE);
-    let tensors_err = |cause| ModelError::Tensors {
-        path: weights.clone(),
-        cause,
-    };
-    if !weights.is_file() {
-        return Err(ModelError::io(
-            &weights,
-            std::io::ErrorKind::NotFound.into(),
-        ));
-    }
-    // SAFETY: mapped read-only; model files are replaced by atomic rename, never rewritten in place.
-    let st = unsafe { MmapedSafetensors::new(&weights) }.map_err(tensors_err)?;
-    let names: BTreeSet<String> = st.tensors().into_iter().map(|(n, _)| n).collect();
-    let (mut policy, used) =
-        build_policy(st, cfg, &backbone_cfg, tokenizer, opts).map_err(tensors_err)?;
-    let unused: Vec<String> = names.difference(&used).cloned().collect();
-    if !unused.is_empty() {
-        return Err(ModelError::UnusedTensors {
-            path: weights,
-            names: unused,
-        });
-    }
-    if let Some(format) = opts.packing {
-        policy.pack_for_inference(format).map_err(tensors_err)?;
-    }
-    Ok(policy)
 }
 
 fn write_bytes(path: &Path, bytes: &[u8]) -> Result<()> {

@@ -156,7 +156,12 @@ def inspect(args) -> None:
 # ---------------------------------------------------------------- 3./5. staged: trainer_node, policy_node
 MODEL_INIT = OUT / "model_init"
 TRAIN_OUT = OUT / "train"
-BACKBONE = Path(os.environ.get("MOBILE_VLA_DEMO_BACKBONE", ROOT / "test/fixtures/kosmos2/tiny_even"))
+# No pretrained Kosmos-2 can be downloaded here: the demo's backbone is the project's tiny Kosmos-2-shaped
+# fixture (random weights, with its tokenizer); on a robot, pass kosmos-2-patch14-224 instead.
+BACKBONE = Path(os.environ.get("MOBILE_VLA_DEMO_BACKBONE", ROOT / "test/fixtures/policy/hf_robovlms7"))
+HEAD = ["--window-size", "4", "--fwd-pred-next-n", "2", "--action-dim", "3", "--hidden-size", "64",
+        "--num-layers", "1", "--mlp-hidden", "64,64,32"]
+TRAIN_CONFIG = ROOT / "config" / "demo_finetune.yaml"
 
 
 def pending(stage_file: str, what: str) -> None:
@@ -204,7 +209,7 @@ def finetune(args) -> None:
     from mobile_vla.action import Finetune
 
     shutil.rmtree(MODEL_INIT, ignore_errors=True)
-    run([BIN / "mobile_vla", "model", "init", "--hf-model", BACKBONE, "--out", MODEL_INIT])
+    run([BIN / "mobile_vla", "model", "init", "--hf-model", BACKBONE, "--out", MODEL_INIT, *HEAD])
     t0 = time.monotonic()
     with processes(("trainer_node", [BIN / "trainer_node"])), ros_node("demo_finetune") as node:
         sim = SimClient(node)
@@ -213,7 +218,8 @@ def finetune(args) -> None:
             raise SystemExit(f"trainer_node offers no Finetune action (log: {LOGS / 'trainer_node.log'})")
         client = ActionClient(node, Finetune, name)
         client.wait_for_server(timeout_sec=30)
-        goal = Finetune.Goal(dataset_dir=str(EPISODES), output_dir=str(TRAIN_OUT), init_model_dir=str(MODEL_INIT))
+        goal = Finetune.Goal(dataset_dir=str(EPISODES), config=str(TRAIN_CONFIG), output_dir=str(TRAIN_OUT),
+                             init_model_dir=str(MODEL_INIT))
         feedback = lambda m: say(f"   {m.feedback.phase} epoch {m.feedback.epoch}/{m.feedback.epochs} step "  # noqa: E731
                                  f"{m.feedback.step}/{m.feedback.total_steps} loss {m.feedback.loss:.4f} "
                                  f"ETA {m.feedback.eta_s:.0f} s")

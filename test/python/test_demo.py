@@ -1,6 +1,7 @@
 """`make demo`, shortened: scripts/demo.py's steps end to end on a private domain and output dir
-(2 recorded episodes, one held-out seed per task, short episodes). Checks the loop, not the rates;
-the report step (matplotlib) is left to `make demo`."""
+(2 recorded episodes, one held-out seed per task, short episodes). Checks the loop, not the rates.
+Left to `make demo`: the report (matplotlib) and the fine-tune/drive stages (trainer_node and
+policy_node have their own integration tests)."""
 
 import json
 import os
@@ -13,7 +14,7 @@ from conftest import REPO
 def test_demo_steps_end_to_end(tmp_path, ros_domain):
     out = tmp_path / "demo"
     env = dict(os.environ, MOBILE_VLA_DEMO_OUT=str(out), MOBILE_VLA_DEMO_DOMAIN=str(ros_domain))
-    steps = ["record", "inspect", "finetune", "baselines", "drive"]
+    steps = ["record", "inspect", "baselines"]
     res = subprocess.run(
         [sys.executable, "scripts/demo.py", *steps, "--episodes", "2", "--per-task", "1", "--timeout", "8"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=400,
@@ -31,8 +32,5 @@ def test_demo_steps_end_to_end(tmp_path, ros_domain):
         outcomes[name] = [r["outcome"] for r in rollouts]
     assert outcomes["expert"] == ["success"] * 4, outcomes
     assert outcomes["zero"] == ["timeout"] * 4, outcomes
-    # The trainer/policy stages either ran or said they are pending; they never pretend.
-    for stage in ("finetune.json", "drive.json"):
-        assert json.loads((out / stage).read_text())["status"] in ("pending", "done")
     timing = json.loads((out / "timing.json").read_text())
     assert list(timing) == steps

@@ -14,4 +14,6 @@ fi
 . "$_mv_root/install/share/mobile_vla/local_setup.bash"
 # DDS stays on loopback; tests pick their own ROS_DOMAIN_ID.
 export ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST
+# build.rs puts this in our binaries' RPATH; exported so a moved checkout relinks.
+export MOBILE_VLA_INSTALL_LIB="$_mv_root/install/lib"
 unset _mv_root _mv_ros

@@ -3,8 +3,6 @@ model: chunks equal `mobile_vla infer`, each execution mode's Twist sequence, sa
 dead-zone, watchdog, e-stop, deadman, SIGINT/SIGTERM), lifecycle services and hot reload."""
 
 import json
-
-import pytest
 import math
 import shutil
 import signal

@@ -58,7 +58,8 @@ def test_camera_instruction_and_cmd_vel(start_node, rclpy_node, sim_client):
     sim_client.send((0.0, 0.0, 0.0))
     sim_client.sim_sleep(0.3)
     x1, y1, _ = sim_client.pose
-    assert 0.2 < y1 - y0 < 0.3 and abs(x1 - x0) < 0.1, (x0, y0, x1, y1)
+    # Commands and sim steps are not in lock step over DDS: allow a step either way.
+    assert 0.15 < y1 - y0 < 0.35 and abs(x1 - x0) < 0.1, (x0, y0, x1, y1)
     assert sim_client.sim_time - t0 >= 0.8 - 1e-6  # sim time advances in float steps
     # The camera saw the move: the newest frame differs from the first.
     moved = np.frombuffer(bytes(frames[-1].data), np.uint8).reshape(SIZE, SIZE, 3)

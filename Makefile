@@ -8,7 +8,7 @@ ROOT := $(CURDIR)
 export CARGO_TARGET_DIR ?= $(ROOT)/target
 BIN_DIR := $(CARGO_TARGET_DIR)/debug
 ENV := source $(ROOT)/scripts/env.sh
-NODE_BINS := mobile_vla echo_node recorder_node
+NODE_BINS := mobile_vla echo_node recorder_node policy_node trainer_node
 PY := $(ENV) && python
 # Loopback-only DDS and a domain of our own for every ROS process started here.
 export ROS_AUTOMATIC_DISCOVERY_RANGE := LOCALHOST

@@ -1,6 +1,7 @@
 """`make demo`: the robot loop in simulation, recorded through ROS 2 exactly as on a robot.
 
-    python scripts/demo.py [all]                  every step below, in order (what `make demo` runs)
+    python scripts/demo.py [all]                  every step below, in order (what `make demo` runs;
+                                                  several step names run those, in order)
     python scripts/demo.py record --episodes 40   sim_node + recorder_node + scripted expert -> out/demo/episodes
     python scripts/demo.py inspect                mobile_vla dataset validate + info on the episodes
     python scripts/demo.py finetune               trainer_node's Finetune action (pending until it exists)
@@ -9,7 +10,7 @@
     python scripts/demo.py report                 out/demo/report.{md,json} + trajectories.png
 
 Every step starts the processes it needs (sim_node from sim/, the Rust nodes from MOBILE_VLA_BIN_DIR) on a
-private loopback ROS domain and stops them; outputs go to out/demo/ (logs in out/demo/logs/). The success
+private loopback ROS domain and stops them; outputs go to out/demo/ (MOBILE_VLA_DEMO_OUT; logs in logs/). The success
 of every episode is judged by the simulator from the base's pose, never by the driver.
 """
 
@@ -30,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 BIN = Path(os.environ.get("MOBILE_VLA_BIN_DIR", ROOT / "target/debug"))
-OUT = ROOT / "out" / "demo"
+OUT = Path(os.environ.get("MOBILE_VLA_DEMO_OUT", ROOT / "out" / "demo"))
 LOGS = OUT / "logs"
 EPISODES = OUT / "episodes"
 DOMAIN = int(os.environ.get("MOBILE_VLA_DEMO_DOMAIN", "87"))
@@ -110,7 +111,7 @@ def record(args) -> dict:
     from sim.client import RecorderClient, SimClient
 
     shutil.rmtree(EPISODES, ignore_errors=True)
-    say(f"== record: {args.episodes} expert episodes through recorder_node -> {EPISODES.relative_to(ROOT)}")
+    say(f"== record: {args.episodes} expert episodes through recorder_node -> {EPISODES}")
     t0 = time.monotonic()
     rec = ("recorder_node", [BIN / "recorder_node", "--ros-args", "-p", f"output_dir:={EPISODES}"])
     kept, failed = [], []
@@ -149,7 +150,7 @@ def inspect(args) -> None:
     write_json(OUT / "dataset_info.json", info)
     first = sorted(EPISODES.glob("*.h5"))[0]
     run([BIN / "mobile_vla", "dataset", "export-mcap", first, "--out", OUT / "episode0.mcap"])
-    say(f"dataset info -> {(OUT / 'dataset_info.json').relative_to(ROOT)}; {first.name} as MCAP -> out/demo/episode0.mcap")
+    say(f"dataset info -> {OUT / 'dataset_info.json'}; {first.name} as MCAP -> {OUT / 'episode0.mcap'}")
 
 
 # ---------------------------------------------------------------- 3./5. staged: trainer_node, policy_node
@@ -293,7 +294,7 @@ def evaluate(args, policies: dict, rtf: float, extra=(), watch_cmd: bool = False
             wins = sum(r["outcome"] == "success" for r in rollouts)
             write_json(OUT / "rollouts" / f"{name}.json",
                        {"policy": name, "wall_s": round(time.monotonic() - t0, 1), "rollouts": rollouts})
-            say(f"  {name}: {wins}/{len(rollouts)} succeeded; rollouts -> out/demo/rollouts/{name}.{{json,mcap}}")
+            say(f"  {name}: {wins}/{len(rollouts)} succeeded; rollouts -> {OUT / 'rollouts' / name}.{{json,mcap}}")
 
 
 # ---------------------------------------------------------------- 6. report
@@ -388,12 +389,12 @@ def report(args) -> None:
     lines += ["", "![trajectories](trajectories.png)", ""]
     (OUT / "report.md").write_text("\n".join(lines))
     print("\n".join(lines[:6 + len(order) + 3]))
-    say(f"report -> out/demo/report.md, report.json, trajectories.png")
+    say(f"report -> {OUT}/report.md, report.json, trajectories.png")
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("step", nargs="?", default="all",
+    ap.add_argument("step", nargs="*", default=["all"],
                     choices=["all", "record", "inspect", "finetune", "baselines", "drive", "report"])
     ap.add_argument("--episodes", type=int, default=int(os.environ.get("MOBILE_VLA_DEMO_EPISODES", 40)),
                     help="expert demonstrations to record (tasks in turn)")
@@ -406,15 +407,16 @@ def main() -> int:
     OUT.mkdir(parents=True, exist_ok=True)
     steps = {"record": record, "inspect": inspect, "finetune": finetune, "baselines": baselines,
              "drive": drive, "report": report}
-    todo = list(steps) if args.step == "all" else [args.step]
+    everything = "all" in args.step
+    todo = list(steps) if everything else args.step
     timing_path = OUT / "timing.json"
-    timing = json.loads(timing_path.read_text()) if timing_path.exists() and args.step != "all" else {}
+    timing = json.loads(timing_path.read_text()) if timing_path.exists() and not everything else {}
     for step in todo:
         t0 = time.monotonic()
         steps[step](args)
         timing[step] = round(time.monotonic() - t0, 1)
         write_json(timing_path, timing)
-    say(f"demo {'done' if args.step == 'all' else args.step + ' done'}: outputs in {OUT.relative_to(ROOT)}/")
+    say(f"demo {'done' if everything else ' + '.join(todo) + ' done'}: outputs in {OUT}/")
     return 0
 
 

@@ -40,7 +40,7 @@ else
   # The prefix lives outside the source tree: CMake refuses exported include paths
   # (numpy's, from the wheels' CMake files) that point into the package's own source dir.
   mkdir -p "$ros_dir"
-  JAZZY_EXTRA_PKGS="ros-jazzy-std-srvs ros-jazzy-action-msgs h5py rosbags pytest pillow" \
+  JAZZY_EXTRA_PKGS="ros-jazzy-std-srvs ros-jazzy-action-msgs ros-jazzy-lifecycle-msgs ros-jazzy-diagnostic-msgs h5py rosbags pytest pillow" \
     bash scripts/ros-env.sh "$ros_dir" >/dev/null
   # shellcheck disable=SC1091
   . "$ros_dir/jazzy.env"

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import uuid
 from dataclasses import dataclass, field
 
 from geometry_msgs.msg import PoseStamped, Twist
@@ -118,11 +119,11 @@ class SimClient:
 
     def reset(self, task: str, seed: int, timeout: float = 15.0) -> Layout:
         """Starts a new episode and returns its layout once the simulator confirmed it."""
-        before = self.episode["episode"] if self.episode else 0
-        fresh = lambda: self.episode and self.episode["episode"] > before  # noqa: E731
+        request = uuid.uuid4().hex  # resends of one request start one episode
+        fresh = lambda: self.episode and self.episode.get("request") == request  # noqa: E731
         deadline = time.monotonic() + timeout
         while not fresh() and time.monotonic() < deadline:
-            self.reset_pub.publish(String(data=json.dumps({"task": task, "seed": seed})))
+            self.reset_pub.publish(String(data=json.dumps({"task": task, "seed": seed, "request": request})))
             self.spin_until(fresh, 1.0)
         if not fresh():
             raise TimeoutError(f"sim_node did not start {task} seed {seed} within {timeout} s")

@@ -4,7 +4,8 @@
     ros2 launch mobile_vla sim.launch.py task:=1box_hori_left       # installed package
 
 Subscribes `cmd_vel` (geometry_msgs/Twist, robot frame; a command older than `cmd_timeout_s` counts as
-zero, like a base driver's watchdog) and `~/reset` (std_msgs/String, JSON `{"task": ..., "seed": ...}`).
+zero, like a base driver's watchdog) and `~/reset` (std_msgs/String, JSON `{"task": ..., "seed": ...}`, with
+an optional `request` id that is echoed in `~/episode`; a repeated id is ignored, so clients may resend).
 Publishes `image` (sensor_msgs/Image bgr8, sensor-data QoS, `camera_rate_hz` of sim time), `instruction`
 (std_msgs/String, transient-local), `pose` (geometry_msgs/PoseStamped, frame `map`), `/clock`
 (sim time, for `use_sim_time`), `~/episode` (JSON: id, task, seed, instruction and the layout, which only
@@ -86,6 +87,7 @@ class SimNode(Node):
         self.world: World | None = None
         self.cmd = (0.0, 0.0, 0.0)
         self.cmd_at = -math.inf
+        self.request = None  # id of the last reset request served
         self.steps = 0
         self.render_s = 0.0
         self.frames = 0
@@ -98,6 +100,9 @@ class SimNode(Node):
     def on_reset(self, msg: String) -> None:
         try:
             req = json.loads(msg.data)
+            if req.get("request") is not None and req["request"] == self.request:
+                return  # a resend of the request already served
+            self.request = req.get("request")
             self.reset(str(req["task"]), int(req["seed"]))
         except (ValueError, KeyError, TypeError) as e:
             self.get_logger().error(f"bad reset request {msg.data!r}: {e} (want {{\"task\": ..., \"seed\": ...}})")
@@ -113,7 +118,8 @@ class SimNode(Node):
         self.cmd, self.cmd_at = (0.0, 0.0, 0.0), -math.inf
         lay = self.world.layout
         self.instruction_pub.publish(String(data=lay.instruction))
-        info = {"episode": self.episode_id, "task": task, "seed": seed, "instruction": lay.instruction,
+        info = {"episode": self.episode_id, "request": self.request, "task": task, "seed": seed,
+                "instruction": lay.instruction,
                 "stamp": self.t, "layout": lay.to_json()}
         self.episode_pub.publish(String(data=json.dumps(info)))
         self.get_logger().info(f"episode {self.episode_id}: {task} seed {seed}: {lay.instruction!r}")

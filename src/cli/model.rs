@@ -95,15 +95,36 @@ pub struct ImportArgs {
     pub model_channel_order: ChannelOrder,
 }
 
-#[derive(Debug, Clone, Copy, ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum WeightDtype {
-    /// f32, exact.
+    /// f32 weights in the packed f32 GEMM (x86-64 with AVX2; candle's matmul elsewhere).
     F32,
     /// f32 weights packed as 12-bit integer blocks (x86-64 with AVX2): half the memory of f32
     /// and faster, within ~1e-3 of f32.
     I16,
+    /// Weights and activations in f16 through candle's matmul (no packed GEMM): half the memory
+    /// of f32, several times slower on CPUs without native f16 arithmetic.
     F16,
+    /// As `f16`, in bf16 (~1e-2 from f32).
     Bf16,
+}
+
+impl WeightDtype {
+    /// How the policy is loaded for inference with this choice.
+    pub fn load_options(self) -> LoadOptions {
+        let (dtype, packing) = match self {
+            Self::F32 => (candle_core::DType::F32, Some(WeightFormat::F32)),
+            Self::I16 => (candle_core::DType::F32, Some(WeightFormat::I16)),
+            // The packed GEMM holds f32 or i16 panels only; half precision stays in candle.
+            Self::F16 => (candle_core::DType::F16, None),
+            Self::Bf16 => (candle_core::DType::BF16, None),
+        };
+        LoadOptions {
+            dtype,
+            device: candle_core::Device::Cpu,
+            packing,
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -117,7 +138,7 @@ pub struct InferArgs {
     /// Frames in order (PNG/JPEG, true RGB); each is one policy step with history carried.
     #[arg(long = "image", required = true)]
     pub images: Vec<PathBuf>,
-    /// Compute dtype of the weights.
+    /// Weight format and compute dtype.
     #[arg(long, value_enum, default_value = "f32")]
     pub dtype: WeightDtype,
 }
@@ -257,30 +278,37 @@ fn info(dir: &std::path::Path) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// An image file that cannot be read. Holds the image crate's message, not its error: that error
+/// repeats its own cause as its `source()`, so a chain printer showed it twice
+/// (`Invalid PNG signature.: Invalid PNG signature.`).
+#[derive(Debug, thiserror::Error)]
+#[error("cannot read image {path}: {msg}")]
+pub struct FrameError {
+    path: PathBuf,
+    msg: String,
+}
+
+/// Reads a frame file as true RGB.
+fn read_frame(path: &std::path::Path) -> Result<image::RgbImage, FrameError> {
+    image::open(path)
+        .map(|i| i.to_rgb8())
+        .map_err(|e| FrameError {
+            path: path.to_owned(),
+            msg: e.to_string(),
+        })
+}
+
 #[derive(serde::Serialize)]
 struct InferOutput {
     steps: Vec<ActionChunk>,
 }
 
 pub fn infer(args: InferArgs) -> anyhow::Result<ExitCode> {
-    let (dtype, format) = match args.dtype {
-        WeightDtype::F32 => (candle_core::DType::F32, WeightFormat::F32),
-        WeightDtype::I16 => (candle_core::DType::F32, WeightFormat::I16),
-        WeightDtype::F16 => (candle_core::DType::F16, WeightFormat::F32),
-        WeightDtype::Bf16 => (candle_core::DType::BF16, WeightFormat::F32),
-    };
-    let opts = LoadOptions {
-        dtype,
-        device: candle_core::Device::Cpu,
-        packing: Some(format),
-    };
-    let mut policy = Policy::load_with(&args.model, &opts)
+    let mut policy = Policy::load_with(&args.model, &args.dtype.load_options())
         .with_context(|| format!("loading {}", args.model.display()))?;
     let mut steps = Vec::with_capacity(args.images.len());
     for path in &args.images {
-        let image = image::open(path)
-            .with_context(|| format!("reading image {}", path.display()))?
-            .to_rgb8();
+        let image = read_frame(path)?;
         let started = std::time::Instant::now();
         steps.push(policy.step(&image, &args.instruction)?);
         tracing::info!(

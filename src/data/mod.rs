@@ -1,7 +1,9 @@
-//! Data on its way in: the image bridge, episodes (HDF5), live recording, datasets and bag import.
+//! Data on its way in: the image bridge, episodes (HDF5), live recording, datasets and bag import;
+//! and out: episodes as MCAP.
 
 pub mod bag;
 pub mod dataset;
 pub mod episode;
 pub mod image;
+pub mod mcap_export;
 pub mod recording;

@@ -11,10 +11,10 @@ use std::path::Path;
 /// (`model.backbone.<HF name>`, `model.action_token`, `model.act_head.*`).
 pub fn export_robovlms(dir: &Path, out: &Path) -> Result<usize> {
     let weights = dir.join(WEIGHTS_FILE);
-    let tensors = candle_core::safetensors::load(&weights, &Device::Cpu).map_err(|source| {
+    let tensors = candle_core::safetensors::load(&weights, &Device::Cpu).map_err(|cause| {
         ModelError::Tensors {
             path: weights.clone(),
-            source,
+            cause,
         }
     })?;
     let renamed: HashMap<String, Tensor> = tensors

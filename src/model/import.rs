@@ -172,20 +172,20 @@ pub fn import_robovlms(
     let hf_files = kosmos2::weight_files(hf_model)?;
     if !hf_files.is_empty() {
         // SAFETY: read-only mapping of files nobody rewrites during the import.
-        let st = unsafe { MmapedSafetensors::multi(&hf_files) }.map_err(|source| {
+        let st = unsafe { MmapedSafetensors::multi(&hf_files) }.map_err(|cause| {
             ModelError::Tensors {
                 path: hf_model.to_owned(),
-                source,
+                cause,
             }
         })?;
         for (name, _) in st.tensors() {
             if let std::collections::hash_map::Entry::Vacant(slot) = tensors.entry(name) {
-                let t =
-                    st.load(slot.key(), &Device::Cpu)
-                        .map_err(|source| ModelError::Tensors {
-                            path: hf_model.to_owned(),
-                            source,
-                        })?;
+                let t = st
+                    .load(slot.key(), &Device::Cpu)
+                    .map_err(|cause| ModelError::Tensors {
+                        path: hf_model.to_owned(),
+                        cause,
+                    })?;
                 from_hf.push(slot.key().clone());
                 slot.insert(t);
             }
@@ -202,9 +202,9 @@ pub fn import_robovlms(
         tokenizer,
         &load,
     )
-    .map_err(|source| ModelError::Tensors {
+    .map_err(|cause| ModelError::Tensors {
         path: ckpt.to_owned(),
-        source,
+        cause,
     })?;
     let mut unused: Vec<String> = tensors
         .keys()

@@ -117,9 +117,9 @@ fn load_policy(dir: &Path, opts: &LoadOptions) -> Result<Policy> {
     let cfg = PolicyConfig::from_file(&dir.join(POLICY_FILE))?;
     let tokenizer = PromptTokenizer::from_file(&dir.join(TOKENIZER_FILE))?;
     let weights = dir.join(WEIGHTS_FILE);
-    let tensors_err = |source| ModelError::Tensors {
+    let tensors_err = |cause| ModelError::Tensors {
         path: weights.clone(),
-        source,
+        cause,
     };
     if !weights.is_file() {
         return Err(ModelError::io(
@@ -191,9 +191,9 @@ pub struct ComponentInfo {
 pub fn model_info(dir: &Path) -> Result<BTreeMap<&'static str, ComponentInfo>> {
     let weights = dir.join(WEIGHTS_FILE);
     // SAFETY: read-only mapping, header only.
-    let st = unsafe { MmapedSafetensors::new(&weights) }.map_err(|source| ModelError::Tensors {
+    let st = unsafe { MmapedSafetensors::new(&weights) }.map_err(|cause| ModelError::Tensors {
         path: weights.clone(),
-        source,
+        cause,
     })?;
     let mut out: BTreeMap<&'static str, ComponentInfo> = BTreeMap::new();
     for (name, view) in st.tensors() {

@@ -72,13 +72,13 @@ impl Kosmos2 {
         dtype: DType,
         device: &Device,
     ) -> std::result::Result<Self, Kosmos2Error> {
-        let wrap = |source| Kosmos2Error::Weights {
+        let wrap = |cause| Kosmos2Error::Weights {
             files: files
                 .iter()
                 .map(|f| f.as_ref().display().to_string())
                 .collect::<Vec<_>>()
                 .join(", "),
-            source,
+            cause,
         };
         cfg.validate()?;
         // SAFETY: the files are mapped read-only; like every mmap reader we rely

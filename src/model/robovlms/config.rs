@@ -5,7 +5,7 @@ use crate::data::image::ChannelOrder;
 use crate::model::config::{ActionSpec, LstmSpec, NormRange, PolicyConfig};
 use crate::model::error::{ModelError, Result};
 use serde_json::Value;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// Typed access to a RoboVLMs JSON config by dotted path (`act_head.hidden_size`); a null counts as
 /// absent, and errors name the field.
@@ -64,8 +64,28 @@ impl Fields<'_> {
 }
 
 /// Reads a RoboVLMs JSON config, merging its `parent` chain like RoboVLMs' `load_config`
-/// (a relative `parent` is resolved against the child's folder).
+/// (a relative `parent` is resolved against the child's folder). A chain that comes back to a file
+/// it already holds is an error naming the files of the loop.
 pub fn read_config(path: &Path) -> Result<Value> {
+    read_chain(path, &mut Vec::new())
+}
+
+/// [`read_config`] of `path`, below the configs in `chain` (children first, canonical paths).
+fn read_chain(path: &Path, chain: &mut Vec<PathBuf>) -> Result<Value> {
+    // A file that does not exist fails the read below, with its own message.
+    let id = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_owned());
+    if let Some(first) = chain.iter().position(|p| *p == id) {
+        let files: Vec<String> = chain[first..]
+            .iter()
+            .chain(std::iter::once(&id))
+            .map(|p| p.display().to_string())
+            .collect();
+        return Err(ModelError::config(
+            path,
+            format!("`parent` chain loops: {}", files.join(" → ")),
+        ));
+    }
+    chain.push(id);
     let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
     let child: Value =
         serde_json::from_str(&text).map_err(|e| ModelError::config(path, e.to_string()))?;
@@ -77,7 +97,7 @@ pub fn read_config(path: &Path) -> Result<Value> {
             } else {
                 p.to_owned()
             };
-            read_config(&p)?
+            read_chain(&p, chain)?
         }
         None => Value::Object(Default::default()),
     };
@@ -232,5 +252,48 @@ mod tests {
             base,
             serde_json::json!({"a": {"x": 1, "y": 5}, "b": 3, "c": 4})
         );
+    }
+
+    #[test]
+    fn parent_chains_merge_and_loops_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, json: &str| std::fs::write(dir.path().join(name), json).unwrap();
+        write(
+            "base.json",
+            r#"{"window_size": 8, "act_head": {"type": "LSTMDecoder"}}"#,
+        );
+        write(
+            "child.json",
+            r#"{"parent": "base.json", "act_head": {"action_dim": 7}}"#,
+        );
+        let merged = read_config(&dir.path().join("child.json")).unwrap();
+        assert_eq!(merged["window_size"], 8);
+        assert_eq!(merged["act_head"]["type"], "LSTMDecoder");
+        assert_eq!(merged["act_head"]["action_dim"], 7);
+
+        // a → b → c → b: before the fix this recursed until the stack overflowed.
+        write("a.json", r#"{"parent": "b.json"}"#);
+        write("b.json", r#"{"parent": "sub/../c.json"}"#);
+        write("c.json", r#"{"parent": "b.json"}"#);
+        std::fs::create_dir(dir.path().join("sub")).unwrap();
+        let msg = read_config(&dir.path().join("a.json"))
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("`parent` chain loops"), "{msg}");
+        let (b, c) = ("b.json", "c.json");
+        assert!(
+            msg.contains(&format!("{b} → ")) && msg.contains(&format!("{c} → ")),
+            "{msg}"
+        );
+        assert!(
+            !msg.contains("a.json →"),
+            "a.json is not in the loop: {msg}"
+        );
+
+        write("self.json", r#"{"parent": "self.json"}"#);
+        let msg = read_config(&dir.path().join("self.json"))
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("`parent` chain loops"), "{msg}");
     }
 }

@@ -154,10 +154,10 @@ pub fn init_model_dir(
     }
     let mut tensors = HashMap::new();
     for f in &weights {
-        let loaded = candle_core::safetensors::load(f, &Device::Cpu).map_err(|source| {
+        let loaded = candle_core::safetensors::load(f, &Device::Cpu).map_err(|cause| {
             ModelError::Tensors {
                 path: f.clone(),
-                source,
+                cause,
             }
         })?;
         tensors.extend(loaded);

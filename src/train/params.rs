@@ -326,7 +326,7 @@ impl ModelFiles {
         let source = dir.join(model_dir::WEIGHTS_FILE);
         let err = |source_err| ModelError::Tensors {
             path: source.clone(),
-            source: source_err,
+            cause: source_err,
         };
         let tensors = candle_core::safetensors::load(&source, &Device::Cpu)
             .map_err(err)?
@@ -366,7 +366,7 @@ impl ModelFiles {
         let policy = Policy::new(cfg, &self.backbone, self.tokenizer, vb).map_err(|e| {
             ModelError::Tensors {
                 path: source.clone(),
-                source: e,
+                cause: e,
             }
         })?;
         let params = handed.lock().map(|p| p.clone()).unwrap_or_default();

@@ -463,7 +463,8 @@ impl Trainer {
                     let batch = self.load_batch(&idx, false)?;
                     // Masks depend only on (seed, epoch, batch): a resumed run draws the same.
                     let mask_seed = cfg.seed
-                        ^ ((pos.epoch as u64) << 32 | b as u64).wrapping_mul(0xD6E8_FEB8_6659_FD93);
+                        ^ (((pos.epoch as u64) << 32) | b as u64)
+                            .wrapping_mul(0xD6E8_FEB8_6659_FD93);
                     self.policy.backbone().train_mode().enable(mask_seed);
                     let value = group.add(
                         &self.policy,

@@ -1,7 +1,9 @@
-//! Data on its way in: the image bridge, episodes (HDF5), live recording, datasets and bag import.
+//! Data on its way in: the image bridge, episodes (HDF5), step sampling, live recording, datasets
+//! and bag import.
 
 pub mod bag;
 pub mod dataset;
 pub mod episode;
 pub mod image;
 pub mod recording;
+pub mod sampling;

@@ -8,16 +8,20 @@ ROOT := $(CURDIR)
 export CARGO_TARGET_DIR ?= $(ROOT)/target
 BIN_DIR := $(CARGO_TARGET_DIR)/debug
 ENV := source $(ROOT)/scripts/env.sh
-NODE_BINS := mobile_vla echo_node recorder_node
+NODE_BINS := mobile_vla echo_node recorder_node policy_node trainer_node
 PY := $(ENV) && python
 # Loopback-only DDS and a domain of our own for every ROS process started here.
 export ROS_AUTOMATIC_DISCOVERY_RANGE := LOCALHOST
 export ROS_DOMAIN_ID ?= 73
 
-.PHONY: setup build test test-rust test-python demo bench lint fmt colcon-check clean
+.PHONY: setup setup-sim build test test-rust test-python demo bench lint fmt colcon-check clean
 
 setup:
 	@bash scripts/setup.sh
+
+# The simulator's extras (MuJoCo, osmesa, mcap): only for the targets that run it.
+setup-sim: setup
+	@bash scripts/setup.sh sim
 
 # Also links the executables into install/lib/mobile_vla, where `ros2 run` and
 # launch files look for them, so the dev tree works like an installed package.
@@ -28,7 +32,7 @@ build: setup
 test-rust: build
 	@$(ENV) && cargo test --features ros
 
-test-python: build
+test-python: build setup-sim
 	@$(ENV) && MOBILE_VLA_BIN_DIR=$(BIN_DIR) python -m pytest -q -p no:cacheprovider test/python
 
 # Rust first, then the rclpy integration tests; pytest's summary line closes the run.
@@ -40,8 +44,10 @@ lint: setup
 fmt:
 	@cargo fmt
 
+# Simulated loop (scripts/demo.py; one step alone: python scripts/demo.py <step>); outputs in out/demo/.
 demo: build
-	@$(ENV) && MOBILE_VLA_BIN_DIR=$(BIN_DIR) python scripts/demo.py
+	@bash scripts/setup.sh demo
+	@$(ENV) && MOBILE_VLA_BIN_DIR=$(BIN_DIR) python scripts/demo.py $(DEMO_ARGS)
 
 # policy_step runs the full Kosmos-2 shape too (minutes, ~7 GB); MOBILE_VLA_BENCH_FULL=0 skips it.
 bench: build

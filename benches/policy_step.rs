@@ -25,9 +25,9 @@ use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 use mobile_vla::model::head::History;
 use mobile_vla::model::kosmos2::Kosmos2Config;
-use mobile_vla::model::policy::{LstmSpec, Policy, PolicyConfig};
 use mobile_vla::model::tokenizer::PromptTokenizer;
 use mobile_vla::model::WeightFormat;
+use mobile_vla::model::{LstmSpec, Policy, PolicyConfig};
 use serde::{Deserialize, Serialize};
 
 /// Mobile VLA fork's window; prompt `<s> + 14 words + </s>` (RoboVLMs' prompt with a short instruction).

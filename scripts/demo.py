@@ -1,182 +1,422 @@
-"""`make demo`: record → inspect → serve, end to end on embedded defaults.
+"""`make demo`: the robot loop in simulation, recorded through ROS 2 exactly as on a robot.
 
-1. Record: starts `recorder_node` on a private ROS domain; an rclpy "robot" publishes a
-   synthetic camera (a box in front of the robot that shifts as it turns), an instruction
-   and a scripted teleop drive on /cmd_vel; the episode is started and stopped through the
-   node's services and written in the Mobile VLA HDF5 format.
-2. Inspect: `mobile_vla dataset validate` and `dataset info` on what was recorded.
-3. Serve: the recorded frames go through `mobile_vla infer` (Kosmos-2 → [ACT] → LSTM head,
-   history carried across frames) and the predicted chunks are printed next to the
-   recorded commands.
+    python scripts/demo.py [all]                  every step below, in order (what `make demo` runs;
+                                                  several step names run those, in order)
+    python scripts/demo.py record --episodes 40   sim_node + recorder_node + scripted expert -> out/demo/episodes
+    python scripts/demo.py inspect                mobile_vla dataset validate + info on the episodes
+    python scripts/demo.py finetune               trainer_node's Finetune action (pending until it exists)
+    python scripts/demo.py baselines              expert / zero / random rollouts on held-out seeds (+ MCAP)
+    python scripts/demo.py drive                  policy_node drives the held-out seeds (pending until it exists)
+    python scripts/demo.py report                 out/demo/report.{md,json} + trajectories.png
 
-Until the on-device training issue lands, step 3 uses the tiny random-weight test model
-shipped in test/fixtures/policy/native, so its actions show the serving path, not skill.
-Outputs go to out/demo/.
+Every step starts the processes it needs (sim_node from sim/, the Rust nodes from MOBILE_VLA_BIN_DIR) on a
+private loopback ROS domain and stops them; outputs go to out/demo/ (MOBILE_VLA_DEMO_OUT; logs in logs/). The success
+of every episode is judged by the simulator from the base's pose, never by the driver.
 """
 
+from __future__ import annotations
+
+import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
-import h5py
-import numpy as np
-import rclpy
-from geometry_msgs.msg import Twist
-from mobile_vla.srv import StartEpisode
-from PIL import Image as PILImage
-from sensor_msgs.msg import Image
-from std_msgs.msg import String
-from std_srvs.srv import Trigger
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
 BIN = Path(os.environ.get("MOBILE_VLA_BIN_DIR", ROOT / "target/debug"))
-OUT = ROOT / "out" / "demo"
+OUT = Path(os.environ.get("MOBILE_VLA_DEMO_OUT", ROOT / "out" / "demo"))
+LOGS = OUT / "logs"
+EPISODES = OUT / "episodes"
 DOMAIN = int(os.environ.get("MOBILE_VLA_DEMO_DOMAIN", "87"))
-MODEL = ROOT / "test/fixtures/policy/native"
-INSTRUCTION = "navigate around the box on the left side and reach the cup"
-W, H = 160, 120
-# (vx, vy, wz) per key press, as a keyboard teleop would send them; zeros release the key.
-DRIVE = [(0.5, 0, 0), (0, 0, 0), (0, 0.5, 0), (0, 0, 0), (0.5, 0, 0.3), (0, 0, 0), (0.5, 0, 0), (0, 0, 0)]
+TASKS = ["1box_hori_left", "1box_hori_right", "red_box", "blue_box"]
+HELD_OUT_SEED0 = 1000  # evaluation seeds start here; recording uses 0..N-1
+T0 = time.monotonic()
 
 
-def camera(yaw: float, x: float) -> np.ndarray:
-    """A BGR frame: grey floor, white wall, a brown box that moves as the robot drives."""
-    img = np.full((H, W, 3), (90, 90, 90), np.uint8)
-    img[: H // 2] = (230, 230, 230)
-    cx = int(W / 2 - yaw * 60)
-    size = int(20 + 15 * x)
-    img[H // 2 - size // 2 : H // 2 + size, max(cx - size, 0) : max(cx + size, 0)] = (40, 80, 140)
-    return img
+def say(msg: str) -> None:
+    print(f"[{time.monotonic() - T0:6.1f}s] {msg}", flush=True)
 
 
-def image_msg(bgr: np.ndarray) -> Image:
-    msg = Image(width=W, height=H, encoding="bgr8", step=W * 3)
-    msg.data = bgr.tobytes()
-    return msg
+@contextmanager
+def processes(*specs):
+    """Starts (name, argv) processes on the demo's domain, logs to out/demo/logs/<name>.log; stops them
+    with SIGINT on exit."""
+    LOGS.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, ROS_DOMAIN_ID=str(DOMAIN), ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST",
+               PYTHONPATH=f"{ROOT}:{os.environ.get('PYTHONPATH', '')}")
+    procs = []
+    try:
+        for name, argv in specs:
+            log = open(LOGS / f"{name}.log", "w")
+            procs.append((name, subprocess.Popen([str(a) for a in argv], env=env, stdout=log,
+                                                 stderr=subprocess.STDOUT), log))
+        yield
+    finally:
+        for _, p, _ in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGINT)
+        for name, p, log in procs:
+            try:
+                p.wait(15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+                say(f"{name} did not stop on SIGINT: killed (log: {LOGS / (name + '.log')})")
+            log.close()
 
 
-def run(cmd):
-    print("$", " ".join(str(c) for c in cmd))
+def sim_argv(rtf: float, timeout_s: float, width: int = 128) -> tuple[str, list]:
+    return ("sim_node", [sys.executable, "-m", "sim.node", "--ros-args", "-p", f"real_time_factor:={rtf}",
+                         "-p", f"timeout_s:={timeout_s}", "-p", f"width:={width}", "-p", f"height:={width}"])
+
+
+@contextmanager
+def ros_node(name: str):
+    import rclpy
+
+    rclpy.init(domain_id=DOMAIN)
+    node = rclpy.create_node(name)
+    try:
+        yield node
+    finally:
+        node.destroy_node()
+        rclpy.try_shutdown()
+
+
+def write_json(path: Path, data) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+def run(cmd) -> str:
+    say("$ " + " ".join(str(c) for c in cmd))
     res = subprocess.run([str(c) for c in cmd], capture_output=True, text=True)
-    print(res.stdout.rstrip() or res.stderr.rstrip())
     if res.returncode != 0:
-        raise SystemExit(f"{cmd[0]} failed:\n{res.stderr}")
+        raise SystemExit(f"{cmd[0]} failed:\n{res.stdout}{res.stderr}")
     return res.stdout
 
 
-def record(episodes: Path) -> Path:
-    print(f"== 1. record: recorder_node -> {episodes}")
-    env = dict(os.environ, ROS_DOMAIN_ID=str(DOMAIN), ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST")
-    log = open(OUT / "recorder_node.log", "w")
-    node = subprocess.Popen(
-        [str(BIN / "recorder_node"), "--ros-args", "-p", f"output_dir:={episodes}",
-         "-p", "scenario:=1box_hori_left"],
-        env=env, stdout=log, stderr=subprocess.STDOUT,
-    )
-    rclpy.init(domain_id=DOMAIN)
-    robot = rclpy.create_node("demo_robot")
-    cam = robot.create_publisher(Image, "image", 10)
-    cmd = robot.create_publisher(Twist, "cmd_vel", 10)
-    instr = robot.create_publisher(String, "instruction", 10)
-    start = robot.create_client(StartEpisode, "/recorder_node/start_episode")
-    stop = robot.create_client(Trigger, "/recorder_node/stop_episode")
+# ---------------------------------------------------------------- 1. record
+def record(args) -> dict:
+    """The expert drives sim_node through cmd_vel; recorder_node records image + instruction + cmd_vel in
+    event mode (one frame per command change); a failed demonstration is discarded, not saved."""
+    from sim.client import RecorderClient, SimClient
 
-    def spin(seconds):
-        end = time.monotonic() + seconds
-        while time.monotonic() < end:
-            rclpy.spin_once(robot, timeout_sec=0.02)
+    shutil.rmtree(EPISODES, ignore_errors=True)
+    say(f"== record: {args.episodes} expert episodes through recorder_node -> {EPISODES}")
+    t0 = time.monotonic()
+    rec = ("recorder_node", [BIN / "recorder_node", "--ros-args", "-p", f"output_dir:={EPISODES}"])
+    kept, failed = [], []
+    with processes(sim_argv(args.rtf, args.timeout), rec), ros_node("demo_teleop") as node:
+        sim = SimClient(node)
+        recorder = RecorderClient(sim)
+        if not (sim.wait_ready(60) and recorder.wait_ready(30)):
+            raise SystemExit(f"sim_node or recorder_node did not come up (logs: {LOGS})")
+        for i in range(args.episodes):
+            task, seed = TASKS[i % len(TASKS)], i
+            name = f"episode_sim_{task}_s{seed:04d}"
+            r, ok = recorder.record(task, seed, name)
+            (kept if ok else failed).append(name)
+            say(f"  {i + 1}/{args.episodes} {task} seed {seed}: {r.outcome['outcome']} in "
+                f"{r.outcome['time_s']:.1f} s sim, {r.presses} presses -> {'saved' if ok else 'discarded'}")
+    deadline = time.monotonic() + 15
+    while len(list(EPISODES.glob("*.h5"))) < len(kept) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    files = sorted(EPISODES.glob("*.h5"))
+    summary = {"episodes_requested": args.episodes, "episodes_saved": len(files), "expert_failures": failed,
+               "expert_success_rate": len(kept) / max(1, args.episodes), "wall_s": round(time.monotonic() - t0, 1),
+               "real_time_factor": args.rtf}
+    write_json(OUT / "record.json", summary)
+    say(f"recorded {len(files)} episodes in {summary['wall_s']} s (expert success "
+        f"{100 * summary['expert_success_rate']:.0f} %)")
+    if len(files) != len(kept):
+        raise SystemExit(f"recorder_node saved {len(files)} of {len(kept)} episodes (log: {LOGS / 'recorder_node.log'})")
+    return summary
 
-    def call(client, req):
-        fut = client.call_async(req)
-        end = time.monotonic() + 10
-        while not fut.done() and time.monotonic() < end:
-            rclpy.spin_once(robot, timeout_sec=0.05)
-        if not fut.done():
-            raise SystemExit("recorder_node did not answer")
-        return fut.result()
 
-    try:
-        if not start.wait_for_service(timeout_sec=30):
-            raise SystemExit(f"recorder_node did not come up (log: {OUT / 'recorder_node.log'})")
-        # Discovery: publish only once the node's subscriptions have matched ours.
-        end = time.monotonic() + 20
-        while min(p.get_subscription_count() for p in (cam, cmd, instr)) == 0 and time.monotonic() < end:
-            spin(0.05)
-        yaw = x = 0.0
-        for _ in range(10):
-            instr.publish(String(data=INSTRUCTION))
-            cam.publish(image_msg(camera(yaw, x)))
-            spin(0.1)
-        resp = call(start, StartEpisode.Request())
-        print(f"start_episode: {resp.message}")
-        for vx, vy, wz in DRIVE:
-            t = Twist()
-            t.linear.x, t.linear.y, t.angular.z = float(vx), float(vy), float(wz)
-            cmd.publish(t)
-            # The robot moves for 0.4 s per key press (the fork's collector), the camera follows.
-            x += 0.4 * vx
-            yaw += 0.4 * wz
-            for _ in range(4):
-                cam.publish(image_msg(camera(yaw, x)))
-                spin(0.1)
-        resp = call(stop, Trigger.Request())
-        print(f"stop_episode: {resp.message}")
-        deadline = time.monotonic() + 15
-        while not list(episodes.glob("*.h5")) and time.monotonic() < deadline:
-            time.sleep(0.1)
-    finally:
-        robot.destroy_node()
-        rclpy.shutdown()
-        node.send_signal(signal.SIGINT)
-        node.wait(15)
-        log.close()
-    files = sorted(episodes.glob("*.h5"))
-    if not files:
-        raise SystemExit(f"no episode written (log: {OUT / 'recorder_node.log'})")
-    return files[-1]
+# ---------------------------------------------------------------- 2. inspect
+def inspect(args) -> None:
+    say("== inspect: mobile_vla dataset validate + info")
+    print(run([BIN / "mobile_vla", "dataset", "validate", EPISODES]).rstrip())
+    info = json.loads(run([BIN / "mobile_vla", "dataset", "info", "--json", EPISODES]))
+    write_json(OUT / "dataset_info.json", info)
+    first = sorted(EPISODES.glob("*.h5"))[0]
+    run([BIN / "mobile_vla", "dataset", "export-mcap", first, "--out", OUT / "episode0.mcap"])
+    say(f"dataset info -> {OUT / 'dataset_info.json'}; {first.name} as MCAP -> {OUT / 'episode0.mcap'}")
+
+
+# ---------------------------------------------------------------- 3./5. staged: trainer_node, policy_node
+MODEL_INIT = OUT / "model_init"
+TRAIN_OUT = OUT / "train"
+BACKBONE = Path(os.environ.get("MOBILE_VLA_DEMO_BACKBONE", ROOT / "test/fixtures/kosmos2/tiny_even"))
+
+
+def pending(stage_file: str, what: str) -> None:
+    say(f"   pending: {what}; stage skipped")
+    write_json(OUT / stage_file, {"status": "pending", "missing": what})
+
+
+def has_train_subcommand() -> bool:
+    if not (BIN / "mobile_vla").exists():
+        return False
+    res = subprocess.run([str(BIN / "mobile_vla"), "train", "--help"], capture_output=True, text=True)
+    return res.returncode == 0
+
+
+def find_endpoint(sim, lister, type_name: str, timeout: float = 30.0, suffix: str = "") -> str | None:
+    """The name of the action/service of `type_name` (ending in `suffix`) on the graph."""
+    found = []
+    sim.spin_until(lambda: found.extend(n for n, types in lister(sim.node)
+                                        if type_name in types and n.endswith(suffix)) or found, timeout)
+    return found[0] if found else None
+
+
+def call_trigger(sim, name: str) -> None:
+    from std_srvs.srv import Trigger
+
+    client = sim.node.create_client(Trigger, name)
+    if client.wait_for_service(timeout_sec=5):
+        fut = client.call_async(Trigger.Request())
+        sim.spin_until(fut.done, 10)
+    sim.node.destroy_client(client)
+
+
+def finetune(args) -> None:
+    """`model init` makes the starting model directory; trainer_node fine-tunes it on the recorded
+    episodes through its Finetune action, printing the feedback."""
+    from rclpy.action import ActionClient, get_action_names_and_types
+
+    from sim.client import SimClient
+
+    say("== finetune: trainer_node's Finetune action on the recorded episodes")
+    missing = ([] if (BIN / "trainer_node").exists() else ["trainer_node"]) + \
+        ([] if has_train_subcommand() else ["`mobile_vla train`"])
+    if missing:
+        return pending("finetune.json", f"{' and '.join(missing)} not built yet (the fine-tuning and nodes issues)")
+    from mobile_vla.action import Finetune
+
+    shutil.rmtree(MODEL_INIT, ignore_errors=True)
+    run([BIN / "mobile_vla", "model", "init", "--hf-model", BACKBONE, "--out", MODEL_INIT])
+    t0 = time.monotonic()
+    with processes(("trainer_node", [BIN / "trainer_node"])), ros_node("demo_finetune") as node:
+        sim = SimClient(node)
+        name = find_endpoint(sim, get_action_names_and_types, "mobile_vla/action/Finetune")
+        if not name:
+            raise SystemExit(f"trainer_node offers no Finetune action (log: {LOGS / 'trainer_node.log'})")
+        client = ActionClient(node, Finetune, name)
+        client.wait_for_server(timeout_sec=30)
+        goal = Finetune.Goal(dataset_dir=str(EPISODES), output_dir=str(TRAIN_OUT), init_model_dir=str(MODEL_INIT))
+        feedback = lambda m: say(f"   {m.feedback.phase} epoch {m.feedback.epoch}/{m.feedback.epochs} step "  # noqa: E731
+                                 f"{m.feedback.step}/{m.feedback.total_steps} loss {m.feedback.loss:.4f} "
+                                 f"ETA {m.feedback.eta_s:.0f} s")
+        sent = client.send_goal_async(goal, feedback_callback=feedback)
+        sim.spin_until(sent.done, 30)
+        if not sent.done() or not sent.result().accepted:
+            raise SystemExit("trainer_node rejected the Finetune goal")
+        done = sent.result().get_result_async()
+        sim.spin_until(done.done, 3600)
+        result = done.result().result
+    if not result.success:
+        raise SystemExit(f"fine-tuning failed: {result.message}")
+    write_json(OUT / "finetune.json", {"status": "done", "model_dir": result.model_dir, "final_loss": result.final_loss,
+                                       "best_val_loss": result.best_val_loss, "metrics": result.metrics_path,
+                                       "wall_s": round(time.monotonic() - t0, 1)})
+    say(f"   model -> {result.model_dir} (final loss {result.final_loss:.4f})")
+
+
+def drive(args) -> None:
+    """policy_node (camera + instruction in, cmd_vel out) drives sim_node on the held-out seeds, in real
+    time; the simulator judges every episode, as for the baselines."""
+    from sim.policies import External
+
+    say("== drive: policy_node drives sim_node on held-out seeds")
+    done = json.loads((OUT / "finetune.json").read_text()) if (OUT / "finetune.json").exists() else {}
+    if not (BIN / "policy_node").exists():
+        return pending("drive.json", "policy_node not built yet (the nodes issue)")
+    if done.get("status") != "done":
+        return pending("drive.json", "no fine-tuned model (the finetune stage has not run)")
+    node = ("policy_node", [BIN / "policy_node", "--ros-args", "-p", f"model_dir:={done['model_dir']}",
+                            "-p", "autostart:=true", "-p", "use_sim_time:=true"])
+    evaluate(args, {"policy": External}, rtf=1.0, extra=[node], watch_cmd=True)
+    write_json(OUT / "drive.json", {"status": "done"})
+
+
+# ---------------------------------------------------------------- 4. baselines
+def baselines(args) -> None:
+    """Expert, zero and random drivers on held-out seeds."""
+    from sim.policies import POLICIES
+
+    evaluate(args, POLICIES, rtf=args.eval_rtf)
+
+
+def evaluate(args, policies: dict, rtf: float, extra=(), watch_cmd: bool = False) -> None:
+    """Each policy on every task x held-out seed; the simulator judges each episode. A policy's rollouts
+    go to out/demo/rollouts/<name>.json (outcomes, tracks) and <name>.mcap (camera, cmd_vel, pose,
+    instruction, episodes, outcomes; with policy_node also its action chunks)."""
+    import numpy as np
+
+    from sim.client import SimClient
+    from sim.mcap_log import McapLog
+
+    seeds = [HELD_OUT_SEED0 + i for i in range(args.per_task)]
+    say(f"== evaluate {' / '.join(policies)}: {len(TASKS)} tasks x seeds {seeds[0]}..{seeds[-1]}")
+    with processes(sim_argv(rtf, args.timeout), *extra), ros_node("demo_eval") as node:
+        sim = SimClient(node, images=True, watch_cmd=watch_cmd)
+        if not sim.wait_ready(60):
+            raise SystemExit(f"sim_node did not come up (log: {LOGS / 'sim_node.log'})")
+        reset_policy = find_endpoint(sim, lambda n: n.get_service_names_and_types(), "std_srvs/srv/Trigger", 5,
+                                     "/policy_node/reset") \
+            if watch_cmd else None
+        for name, make in policies.items():
+            t0 = time.monotonic()
+            sim.log = McapLog(OUT / "rollouts" / f"{name}.mcap")
+            rollouts = []
+            for task in TASKS:
+                for seed in seeds:
+                    layout = sim.reset(task, seed)
+                    if reset_policy:  # a new episode: policy_node forgets the last one's history
+                        call_trigger(sim, reset_policy)
+                    policy = make(layout, np.random.default_rng([seed, TASKS.index(task)])) \
+                        if name == "random" else make(layout)
+                    r = sim.drive(policy)
+                    rollouts.append(r.to_json())
+                    say(f"  {name:6s} {task:15s} seed {seed}: {r.outcome['outcome']} ({r.outcome['time_s']:.1f} s)")
+            sim.log.close()
+            sim.log = None
+            wins = sum(r["outcome"] == "success" for r in rollouts)
+            write_json(OUT / "rollouts" / f"{name}.json",
+                       {"policy": name, "wall_s": round(time.monotonic() - t0, 1), "rollouts": rollouts})
+            say(f"  {name}: {wins}/{len(rollouts)} succeeded; rollouts -> {OUT / 'rollouts' / name}.{{json,mcap}}")
+
+
+# ---------------------------------------------------------------- 6. report
+def report(args) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Circle, Rectangle
+
+    say("== report")
+    runs = {}
+    for path in sorted((OUT / "rollouts").glob("*.json")):
+        data = json.loads(path.read_text())
+        runs[data["policy"]] = data
+    order = [p for p in ("policy", "expert", "zero", "random") if p in runs]
+    table = {}
+    for name in order:
+        per_task = {}
+        for r in runs[name]["rollouts"]:
+            per_task.setdefault(r["task"], []).append(r["outcome"])
+        all_out = [o for outs in per_task.values() for o in outs]
+        table[name] = {
+            "success_rate": sum(o == "success" for o in all_out) / len(all_out),
+            "episodes": len(all_out),
+            "per_task": {t: sum(o == "success" for o in outs) / len(outs) for t, outs in per_task.items()},
+            "outcomes": {o: all_out.count(o) for o in sorted(set(all_out))},
+        }
+    fps = [r["render_fps"] for n in order for r in runs[n]["rollouts"] if r.get("render_fps")]
+    rec = json.loads((OUT / "record.json").read_text()) if (OUT / "record.json").exists() else {}
+    info = json.loads((OUT / "dataset_info.json").read_text()) if (OUT / "dataset_info.json").exists() else None
+    pending = [json.loads((OUT / f).read_text()) for f in ("finetune.json", "drive.json") if (OUT / f).exists()]
+    summary = {"success": table, "recording": rec, "render_fps": round(sum(fps) / len(fps), 1) if fps else None,
+               "pending": [p for p in pending if p.get("status") == "pending"],
+               "dataset_frames": info["total_frames"] if info else None,
+               "step_wall_s": json.loads((OUT / "timing.json").read_text()) if (OUT / "timing.json").exists() else {}}
+    write_json(OUT / "report.json", summary)
+
+    # Top view: one panel per (task family, policy), every rollout's track coloured by its outcome.
+    colours = {"success": "tab:green", "collision": "tab:red", "timeout": "tab:gray",
+               "wrong_side": "tab:orange", "wrong_target": "tab:purple"}
+    families = [("1box", "around the box, left/right"), ("color", "red / blue box")]
+    fig, axes = plt.subplots(len(families), len(order), figsize=(4 * len(order), 6.5), squeeze=False)
+    for col, name in enumerate(order):
+        for row, (fam, title) in enumerate(families):
+            ax = axes[row][col]
+            for r in runs[name]["rollouts"]:
+                if r["task"].startswith("1box") != (fam == "1box"):
+                    continue
+                lay = r["layout"]
+                for b in lay["boxes"]:
+                    fc = {"red": "red", "blue": "blue"}.get(b["name"], "saddlebrown")
+                    ax.add_patch(Rectangle((b["x"] - b["hx"], b["y"] - b["hy"]), 2 * b["hx"], 2 * b["hy"],
+                                           color=fc, alpha=0.12, lw=0))
+                if lay["cup"]:
+                    ax.add_patch(Circle(lay["cup"], 0.06, color="green", alpha=0.3))
+                track = [(p[1], p[2]) for p in r["track"]]
+                if track:
+                    xs, ys = zip(*track)
+                    ax.plot(xs, ys, color=colours[r["outcome"]], lw=1.2, alpha=0.8)
+                    ax.plot(xs[:1], ys[:1], "o", color=colours[r["outcome"]], ms=3)
+            x0, x1, y0, y1 = runs[name]["rollouts"][0]["layout"]["arena"]
+            ax.set_xlim(x0, x1)
+            ax.set_ylim(y0, y1)
+            ax.set_aspect("equal")
+            rate = [r["outcome"] == "success" for r in runs[name]["rollouts"] if r["task"].startswith("1box") == (fam == "1box")]
+            ax.set_title(f"{name}: {title}\n{sum(rate)}/{len(rate)} success", fontsize=9)
+    handles = [plt.Line2D([], [], color=c, label=o) for o, c in colours.items()]
+    fig.legend(handles=handles, loc="lower center", ncol=len(colours), fontsize=8)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    fig.savefig(OUT / "trajectories.png", dpi=90)
+    plt.close(fig)
+
+    lines = ["# mobile_vla simulated demo", "",
+             "Success rates on held-out seeds, judged by the simulator from the base pose.", "",
+             "| driver | success | " + " | ".join(TASKS) + " | outcomes |", "|---|---|" + "---|" * len(TASKS) + "---|"]
+    for name in order:
+        t = table[name]
+        cells = [f"{100 * t['per_task'].get(task, 0):.0f} %" for task in TASKS]
+        outs = ", ".join(f"{o} {n}" for o, n in t["outcomes"].items())
+        lines.append(f"| {name} | **{100 * t['success_rate']:.0f} %** ({t['episodes']}) | " + " | ".join(cells) + f" | {outs} |")
+    lines.append("")
+    if rec:
+        lines.append(f"Recording: {rec['episodes_saved']} expert episodes saved through recorder_node (expert success "
+                     f"while recording {100 * rec['expert_success_rate']:.0f} %) in {rec['wall_s']} s at "
+                     f"{rec['real_time_factor']}x real time, {summary['dataset_frames']} frames.")
+    steps = ", ".join(f"{k} {v:.0f} s" for k, v in summary["step_wall_s"].items())
+    lines += [f"Camera render rate (MuJoCo, osmesa on the CPU): {summary['render_fps']} fps.",
+              f"Wall time per step (2-core machine): {steps}." if steps else "", "",
+              "Pending stages:" if summary["pending"] else ""]
+    lines += [f"- {p['missing']}" for p in summary["pending"]]
+    lines += ["", "![trajectories](trajectories.png)", ""]
+    (OUT / "report.md").write_text("\n".join(lines))
+    print("\n".join(lines[:6 + len(order) + 3]))
+    say(f"report -> {OUT}/report.md, report.json, trajectories.png")
 
 
 def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("step", nargs="*", default=["all"],
+                    choices=["all", "record", "inspect", "finetune", "baselines", "drive", "report"])
+    ap.add_argument("--episodes", type=int, default=int(os.environ.get("MOBILE_VLA_DEMO_EPISODES", 40)),
+                    help="expert demonstrations to record (tasks in turn)")
+    ap.add_argument("--per-task", type=int, default=int(os.environ.get("MOBILE_VLA_DEMO_EVAL_SEEDS", 4)),
+                    help="held-out seeds per task for the evaluations")
+    ap.add_argument("--rtf", type=float, default=2.0, help="sim real-time factor while recording")
+    ap.add_argument("--eval-rtf", type=float, default=4.0, help="sim real-time factor for the baselines")
+    ap.add_argument("--timeout", type=float, default=15.0, help="episode time limit [s of sim time]")
+    args = ap.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
-    episodes = OUT / "episodes"
-    for old in episodes.glob("*.h5"):
-        old.unlink()
-    episode = record(episodes)
-
-    print("\n== 2. inspect")
-    run([BIN / "mobile_vla", "dataset", "validate", episodes])
-    run([BIN / "mobile_vla", "dataset", "info", episode])
-
-    print(f"\n== 3. serve: mobile_vla infer over the recorded frames (model: {MODEL.relative_to(ROOT)},")
-    print("   tiny random weights until on-device training lands)")
-    frames_dir = OUT / "frames"
-    frames_dir.mkdir(exist_ok=True)
-    with h5py.File(episode, "r") as f:
-        order = f.attrs.get("image_channel_order", "bgr")
-        images, actions = f["images"][:], f["actions"][:]
-    paths = []
-    for i, frame in enumerate(images):
-        rgb = frame[:, :, ::-1] if order == "bgr" else frame
-        path = frames_dir / f"f{i:02d}.png"
-        PILImage.fromarray(np.ascontiguousarray(rgb)).save(path)
-        paths.append(path)
-    args = [BIN / "mobile_vla", "infer", "--model", MODEL, "--instruction", INSTRUCTION]
-    for p in paths:
-        args += ["--image", p]
-    res = subprocess.run([str(a) for a in args], capture_output=True, text=True)
-    if res.returncode != 0:
-        raise SystemExit(f"infer failed:\n{res.stderr}")
-    steps = json.loads(res.stdout)["steps"]
-    print(f"{'step':>4}  {'recorded (vx, vy, wz)':>24}  predicted chunk[0] (vx, vy, wz)")
-    for i, (rec, step) in enumerate(zip(actions, steps)):
-        pred = step["actions"][0]
-        print(f"{i:>4}  {rec[0]:+.2f} {rec[1]:+.2f} {rec[2]:+.2f}{'':>9}  "
-              f"{pred[0]:+.3f} {pred[1]:+.3f} {pred[2]:+.3f}  (chunk of {len(step['actions'])}, dt {step['dt']:.2f} s)")
-    print(f"\ndemo done: episode {episode.relative_to(ROOT)}, {len(steps)} policy steps")
+    steps = {"record": record, "inspect": inspect, "finetune": finetune, "baselines": baselines,
+             "drive": drive, "report": report}
+    everything = "all" in args.step
+    todo = list(steps) if everything else args.step
+    timing_path = OUT / "timing.json"
+    timing = json.loads(timing_path.read_text()) if timing_path.exists() and not everything else {}
+    for step in todo:
+        t0 = time.monotonic()
+        steps[step](args)
+        timing[step] = round(time.monotonic() - t0, 1)
+        write_json(timing_path, timing)
+    say(f"demo {'done' if everything else ' + '.join(todo) + ' done'}: outputs in {OUT}/")
     return 0
 
 

@@ -4,7 +4,7 @@
 _mv_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # r2r generates Rust types for exactly these interface packages (ours + what it uses);
 # the same list is in CMakeLists.txt so both builds share r2r's cache.
-export IDL_PACKAGE_FILTER="mobile_vla;std_msgs;geometry_msgs;sensor_msgs;std_srvs;builtin_interfaces;action_msgs;unique_identifier_msgs"
+export IDL_PACKAGE_FILTER="mobile_vla;std_msgs;geometry_msgs;sensor_msgs;std_srvs;builtin_interfaces;action_msgs;unique_identifier_msgs;lifecycle_msgs;diagnostic_msgs;rosgraph_msgs"
 _mv_ros="${MOBILE_VLA_ROS_DIR:-$HOME/.cache/mobile_vla/ros-jazzy}"
 if [ -f "$_mv_ros/jazzy.env" ] && { [ -z "${ROS_DISTRO:-}" ] || [ -n "${JAZZY_VENV:-}" ]; }; then
   # shellcheck disable=SC1091

@@ -7,6 +7,10 @@
 pub mod cli;
 pub mod config;
 pub mod data;
+pub mod fsutil;
+pub mod logging;
 pub mod model;
 #[cfg(feature = "ros")]
 pub mod ros;
+pub mod runtime;
+pub mod train;

@@ -5,8 +5,10 @@
 mod policy_common;
 
 use mobile_vla::data::image::ChannelOrder;
-use mobile_vla::model::checkpoint::{self, ImportOptions, ImportReport};
-use mobile_vla::model::policy::Policy;
+use mobile_vla::model::export::export_robovlms;
+use mobile_vla::model::import::{import_robovlms, ConfigSource, ImportOptions, ImportReport};
+use mobile_vla::model::robovlms::{map_ckpt_key, robovlms_key};
+use mobile_vla::model::Policy;
 use policy_common::*;
 use std::path::{Path, PathBuf};
 
@@ -26,7 +28,7 @@ fn import(
     out: &Path,
     config: Option<PathBuf>,
 ) -> mobile_vla::model::error::Result<ImportReport> {
-    checkpoint::import_robovlms(&policy_fixtures().join(ckpt), hf, out, &opts(config))
+    import_robovlms(&policy_fixtures().join(ckpt), hf, out, &opts(config))
 }
 
 /// Rolls the imported policy over the fixture frames and returns the max error vs the reference.
@@ -58,7 +60,7 @@ fn lightning_ckpt_imports_and_reproduces_reference_actions() {
     .unwrap();
     assert!(matches!(
         report.config_source,
-        checkpoint::ConfigSource::CheckpointHyperParameters
+        ConfigSource::CheckpointHyperParameters
     ));
     assert_eq!(report.unmatched, vec!["model.unrelated.weight".to_string()]);
     assert_eq!(report.unused, vec!["text_model.lm_head.weight".to_string()]);
@@ -124,7 +126,7 @@ fn truncated_ckpt_fails_and_leaves_nothing() {
     let cut = tmp.path().join("cut.ckpt");
     std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
     let out = tmp.path().join("model");
-    let err = checkpoint::import_robovlms(
+    let err = import_robovlms(
         &cut,
         &policy_fixtures().join("hf_robovlms7"),
         &out,
@@ -208,23 +210,20 @@ fn export_writes_robovlms_names() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("robovlms.safetensors");
     let dir = policy_fixtures().join("robovlms7");
-    let n = checkpoint::export_robovlms(&dir, &out).unwrap();
+    let n = export_robovlms(&dir, &out).unwrap();
     let exported = candle_core::safetensors::load(&out, &candle_core::Device::Cpu).unwrap();
     let original =
         candle_core::safetensors::load(dir.join("model.safetensors"), &candle_core::Device::Cpu)
             .unwrap();
     assert_eq!(n, original.len());
     for (name, t) in &original {
-        let key = checkpoint::robovlms_key(name);
+        let key = robovlms_key(name);
         let e = exported
             .get(&key)
             .unwrap_or_else(|| panic!("{key} missing"));
         assert_eq!(max_abs(e, t), 0.0, "{key}");
         // Import's key mapping is the inverse.
-        assert_eq!(
-            checkpoint::map_ckpt_key(&key).as_deref(),
-            Some(name.as_str())
-        );
+        assert_eq!(map_ckpt_key(&key).as_deref(), Some(name.as_str()));
     }
     assert!(exported.contains_key("model.action_token"));
     assert!(exported.contains_key("model.act_head.gripper.mlp.6.bias"));

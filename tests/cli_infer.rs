@@ -10,10 +10,17 @@ fn bin() -> Command {
 }
 
 fn infer(model: &std::path::Path) -> serde_json::Value {
+    infer_as(model, "f32")
+}
+
+fn infer_as(model: &std::path::Path, dtype: &str) -> serde_json::Value {
     let mut cmd = bin();
-    cmd.args(["infer", "--model"])
-        .arg(model)
-        .args(["--instruction", INSTRUCTION]);
+    cmd.args(["infer", "--model"]).arg(model).args([
+        "--instruction",
+        INSTRUCTION,
+        "--dtype",
+        dtype,
+    ]);
     for t in 0..FRAMES {
         cmd.arg("--image").arg(frame_path(t));
     }
@@ -27,6 +34,13 @@ fn infer(model: &std::path::Path) -> serde_json::Value {
 }
 
 fn check_against_reference(json: &serde_json::Value, name: &str) {
+    let err = error_vs_reference(json, name);
+    eprintln!("{name} via CLI: max abs err {err:.2e}");
+    assert!(err <= 1e-4, "{name}: {err}");
+}
+
+/// Largest difference of the printed actions and raw step-0 outputs from the PyTorch reference.
+fn error_vs_reference(json: &serde_json::Value, name: &str) -> f32 {
     let exp = expected(name);
     let steps = json["steps"].as_array().unwrap();
     assert_eq!(steps.len(), FRAMES);
@@ -46,13 +60,24 @@ fn check_against_reference(json: &serde_json::Value, name: &str) {
         ));
         assert_eq!(step["dt"].as_f64().map(|v| v as f32), Some(0.4));
     }
-    eprintln!("{name} via CLI: max abs err {err:.2e}");
-    assert!(err <= 1e-4, "{name}: {err}");
+    err
 }
 
 #[test]
 fn infer_prints_reference_actions() {
     check_against_reference(&infer(&policy_fixtures().join("native")), "native");
+}
+
+#[test]
+fn half_precision_dtypes_compute_in_half_precision() {
+    // Before, `--dtype f16|bf16` asked for the f32 packing; now they run candle's half-precision
+    // matmul, so they differ from the f32 reference, by the rounding of their format.
+    let model = policy_fixtures().join("native");
+    for (dtype, tol) in [("bf16", 5e-2), ("f16", 1e-2)] {
+        let err = error_vs_reference(&infer_as(&model, dtype), "native");
+        eprintln!("{dtype} via CLI: max abs err {err:.2e}");
+        assert!(err > 0.0 && err < tol, "{dtype}: max abs err {err}");
+    }
 }
 
 #[test]
@@ -98,6 +123,18 @@ fn import_then_infer_and_info() {
     }
 }
 
+/// `stderr`'s error line, checked to hold `cause` exactly once (error chains used to repeat it).
+fn error_with_cause_once(out: &std::process::Output, cause: &str) -> String {
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(
+        stderr.matches(cause).count(),
+        1,
+        "`{cause}` once in: {stderr}"
+    );
+    stderr
+}
+
 #[test]
 fn bad_inputs_fail_with_a_message() {
     let out = bin()
@@ -106,8 +143,22 @@ fn bad_inputs_fail_with_a_message() {
         .args(["--instruction", "go", "--image", "/nonexistent.png"])
         .output()
         .unwrap();
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent.png"));
+    let err = error_with_cause_once(&out, "(os error 2)");
+    assert!(err.contains("/nonexistent.png"), "{err}");
+
+    let tmp = tempfile::tempdir().unwrap();
+    let not_png = tmp.path().join("frame.png");
+    std::fs::write(&not_png, b"not an image").unwrap();
+    let out = bin()
+        .args(["infer", "--model"])
+        .arg(policy_fixtures().join("native"))
+        .args(["--instruction", "go", "--image"])
+        .arg(&not_png)
+        .output()
+        .unwrap();
+    let err = error_with_cause_once(&out, "signature");
+    assert!(err.contains("frame.png"), "{err}");
+
     let out = bin()
         .args([
             "infer",
@@ -120,6 +171,6 @@ fn bad_inputs_fail_with_a_message() {
         ])
         .output()
         .unwrap();
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent"));
+    let err = error_with_cause_once(&out, "(os error 2)");
+    assert!(err.contains("/nonexistent"), "{err}");
 }

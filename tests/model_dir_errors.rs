@@ -2,7 +2,7 @@
 
 mod policy_common;
 
-use mobile_vla::model::policy::Policy;
+use mobile_vla::model::Policy;
 use policy_common::*;
 use std::collections::HashMap;
 use std::path::Path;
@@ -114,5 +114,33 @@ fn missing_files_are_named() {
     ] {
         let err = damaged(|d| std::fs::remove_file(d.join(f)).unwrap());
         assert!(err.contains(f), "{f}: {err}");
+    }
+}
+
+#[test]
+fn non_finite_weights_are_reported_in_every_weight_format() {
+    // A NaN in a packed linear weight: 12-bit integers cannot hold it, and the i16 packing used to
+    // round it to 0, so the policy printed finite actions from a corrupt model.
+    use mobile_vla::model::{LoadOptions, WeightFormat};
+    let tmp = tempfile::tempdir().unwrap();
+    copy_dir(&policy_fixtures().join("native"), tmp.path());
+    edit_tensors(tmp.path(), |t| {
+        let name = "text_model.model.layers.0.ffn.fc2.weight";
+        let w = &t[name];
+        let mut v = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        v[7] = f32::NAN;
+        let w = candle_core::Tensor::from_vec(v, w.shape(), &candle_core::Device::Cpu).unwrap();
+        t.insert(name.into(), w);
+    });
+    for format in [WeightFormat::F32, WeightFormat::I16] {
+        let opts = LoadOptions {
+            packing: Some(format),
+            ..LoadOptions::default()
+        };
+        let mut policy = Policy::load_with(tmp.path(), &opts).unwrap();
+        match policy.step(&frame(0), INSTRUCTION) {
+            Err(mobile_vla::model::error::ModelError::NonFiniteAction { .. }) => {}
+            other => panic!("{format:?}: expected a non-finite action error, got {other:?}"),
+        }
     }
 }

@@ -6,8 +6,8 @@
 mod policy_common;
 
 use mobile_vla::model::head::History;
-use mobile_vla::model::policy::Policy;
 use mobile_vla::model::preprocess;
+use mobile_vla::model::Policy;
 use policy_common::*;
 
 const TOL: f32 = 1e-4;
@@ -181,8 +181,8 @@ fn training_gradients_match_torch_autograd() {
     use candle_core::{DType, Device};
     use candle_nn::{VarBuilder, VarMap};
     use mobile_vla::model::kosmos2::Kosmos2Config;
-    use mobile_vla::model::policy::PolicyConfig;
     use mobile_vla::model::tokenizer::PromptTokenizer;
+    use mobile_vla::model::PolicyConfig;
 
     for name in ["native", "robovlms7"] {
         let dir = policy_fixtures().join(name);
@@ -225,7 +225,7 @@ fn training_gradients_match_torch_autograd() {
 #[test]
 fn reduced_precision_weights_stay_close() {
     use candle_core::{DType, Device};
-    use mobile_vla::model::policy::LoadOptions;
+    use mobile_vla::model::LoadOptions;
     use mobile_vla::model::WeightFormat;
     let exp = expected("native");
     for (dtype, format) in [

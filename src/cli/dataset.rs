@@ -1,4 +1,4 @@
-//! `mobile_vla dataset …`: inspect, validate, recover and import episodes.
+//! `mobile_vla dataset …`: inspect, validate, recover, import and export episodes.
 
 use crate::data::bag::{import_bag, ImportOptions};
 use crate::data::dataset::ActionStats;
@@ -7,6 +7,7 @@ use crate::data::episode::{
     ReadOptions, WriteOptions, PARTIAL_SUFFIX,
 };
 use crate::data::image::ChannelOrder;
+use crate::data::mcap_export::export_mcap;
 use crate::data::sampling::{period, seconds, SampleMode, SamplerConfig};
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand, ValueEnum};
@@ -25,6 +26,8 @@ pub enum DatasetCommand {
     Recover(RecoverArgs),
     /// Convert a rosbag2 recording (MCAP or sqlite3) into episodes.
     ImportBag(ImportBagArgs),
+    /// Write episodes as one MCAP file (ros2 profile, CDR) that Foxglove and `ros2 bag play` open.
+    ExportMcap(ExportMcapArgs),
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -86,6 +89,17 @@ pub struct ValidateArgs {
 #[derive(Debug, Args)]
 pub struct RecoverArgs {
     pub dir: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct ExportMcapArgs {
+    /// An episode file or a directory of them (exported one after another).
+    pub path: PathBuf,
+    /// The MCAP file to write.
+    #[arg(long)]
+    pub out: PathBuf,
+    #[command(flatten)]
+    pub read: ReadArgs,
 }
 
 #[derive(Debug, Args)]
@@ -159,6 +173,7 @@ pub fn run(cmd: DatasetCommand) -> anyhow::Result<ExitCode> {
         DatasetCommand::Validate(a) => validate(a),
         DatasetCommand::Recover(a) => recover(a),
         DatasetCommand::ImportBag(a) => import(a),
+        DatasetCommand::ExportMcap(a) => export(a),
     }
 }
 
@@ -362,6 +377,22 @@ fn recover(a: RecoverArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+fn export(a: ExportMcapArgs) -> anyhow::Result<ExitCode> {
+    let episodes = episode_files(&a.path)?
+        .iter()
+        .map(|f| EpisodeReader::open_with(f, a.read.options()))
+        .collect::<Result<Vec<_>, _>>()?;
+    let s = export_mcap(&episodes, &a.out)?;
+    println!(
+        "wrote {}: {} episode(s), {} frames, {} messages (/image, /cmd_vel, /instruction, /action_event)",
+        a.out.display(),
+        s.episodes,
+        s.frames,
+        s.messages
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 fn import(a: ImportBagArgs) -> anyhow::Result<ExitCode> {

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 pub mod dataset;
 pub mod model;
+pub mod train;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -27,17 +28,20 @@ pub enum Command {
     Model(model::ModelCommand),
     /// Run frames through a policy and print the predicted action chunks as JSON.
     Infer(model::InferArgs),
+    /// Fine-tune a model directory on a folder of episodes.
+    Train(train::TrainArgs),
 }
 
 /// Entry point shared by the binary: parses arguments, sets up logging, maps errors to exit codes.
 pub fn main() -> ExitCode {
     crate::model::init_cpu_threads();
-    init_logging();
+    crate::logging::init();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Dataset(cmd) => dataset::run(cmd),
         Command::Model(cmd) => model::run(cmd),
         Command::Infer(args) => model::infer(args),
+        Command::Train(args) => train::run(args),
     };
     match result {
         Ok(code) => code,
@@ -46,16 +50,4 @@ pub fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-/// `tracing` to stderr, filtered by `RUST_LOG` (default `info`).
-pub fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        // Colour codes only on a terminal: node logs often end up in files.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .try_init();
 }

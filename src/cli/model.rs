@@ -1,9 +1,12 @@
 //! `mobile_vla model …` and `mobile_vla infer`: thin wrappers over `crate::model`.
 
 use crate::data::image::ChannelOrder;
-use crate::model::checkpoint::{self, ConfigSource, ImportOptions};
-use crate::model::policy::{ActionChunk, LoadOptions, Policy, PolicyConfig};
-use crate::model::WeightFormat;
+use crate::model::import::{import_robovlms, ConfigSource, ImportOptions};
+use crate::model::model_dir::{model_info, POLICY_FILE};
+use crate::model::{
+    export, ActionChunk, LoadOptions, LstmSpec, Policy, PolicyConfig, WeightFormat,
+};
+use crate::train::init::{init_model_dir, InitOptions};
 use anyhow::Context;
 use clap::{Args, Subcommand, ValueEnum};
 use std::path::PathBuf;
@@ -11,6 +14,8 @@ use std::process::ExitCode;
 
 #[derive(Debug, Subcommand)]
 pub enum ModelCommand {
+    /// Make a model directory from a Hugging Face Kosmos-2 folder with a fresh action token and head.
+    Init(InitArgs),
     /// Import a RoboVLMs / Mobile VLA PyTorch Lightning checkpoint into a model directory.
     Import(ImportArgs),
     /// Parameters per component, dtypes and memory of a model directory.
@@ -25,6 +30,43 @@ pub enum ModelCommand {
         #[arg(long)]
         out: PathBuf,
     },
+}
+
+#[derive(Debug, Args)]
+pub struct InitArgs {
+    /// Hugging Face Kosmos-2 folder (config.json, tokenizer.json, model.safetensors or shards).
+    #[arg(long)]
+    pub hf_model: PathBuf,
+    /// New model directory (must not exist or be empty).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Frames of history (the fork's 16; a training setting the config may change).
+    #[arg(long, default_value_t = 16)]
+    pub window_size: usize,
+    /// Future actions predicted per frame (the fork's 2).
+    #[arg(long, default_value_t = 2)]
+    pub fwd_pred_next_n: usize,
+    /// 3: [vx, vy, wz]; 4: + gripper; 7: the fork's [x, y, 0, 0, 0, rz, gripper].
+    #[arg(long, default_value_t = 3)]
+    pub action_dim: usize,
+    /// LSTM width (RoboVLMs: 1024).
+    #[arg(long, default_value_t = 1024)]
+    pub hidden_size: usize,
+    /// LSTM layers (RoboVLMs: 4).
+    #[arg(long, default_value_t = 4)]
+    pub num_layers: usize,
+    /// Hidden widths of the action MLP (RoboVLMs: 1024,512,256).
+    #[arg(long, value_delimiter = ',', default_values_t = [1024, 512, 256])]
+    pub mlp_hidden: Vec<usize>,
+    /// Actions are normalised from [-norm, norm] (RoboVLMs norm_min/norm_max).
+    #[arg(long, default_value_t = 1.0)]
+    pub norm: f32,
+    /// Seconds each chunk step spans on the robot.
+    #[arg(long, default_value_t = 0.4)]
+    pub dt: f32,
+    /// Seed of the head's initialisation.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
 }
 
 #[derive(Debug, Args)]
@@ -53,15 +95,36 @@ pub struct ImportArgs {
     pub model_channel_order: ChannelOrder,
 }
 
-#[derive(Debug, Clone, Copy, ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum WeightDtype {
-    /// f32, exact.
+    /// f32 weights in the packed f32 GEMM (x86-64 with AVX2; candle's matmul elsewhere).
     F32,
     /// f32 weights packed as 12-bit integer blocks (x86-64 with AVX2): half the memory of f32
     /// and faster, within ~1e-3 of f32.
     I16,
+    /// Weights and activations in f16 through candle's matmul (no packed GEMM): half the memory
+    /// of f32, several times slower on CPUs without native f16 arithmetic.
     F16,
+    /// As `f16`, in bf16 (~1e-2 from f32).
     Bf16,
+}
+
+impl WeightDtype {
+    /// How the policy is loaded for inference with this choice.
+    pub fn load_options(self) -> LoadOptions {
+        let (dtype, packing) = match self {
+            Self::F32 => (candle_core::DType::F32, Some(WeightFormat::F32)),
+            Self::I16 => (candle_core::DType::F32, Some(WeightFormat::I16)),
+            // The packed GEMM holds f32 or i16 panels only; half precision stays in candle.
+            Self::F16 => (candle_core::DType::F16, None),
+            Self::Bf16 => (candle_core::DType::BF16, None),
+        };
+        LoadOptions {
+            dtype,
+            device: candle_core::Device::Cpu,
+            packing,
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -75,21 +138,51 @@ pub struct InferArgs {
     /// Frames in order (PNG/JPEG, true RGB); each is one policy step with history carried.
     #[arg(long = "image", required = true)]
     pub images: Vec<PathBuf>,
-    /// Compute dtype of the weights.
+    /// Weight format and compute dtype.
     #[arg(long, value_enum, default_value = "f32")]
     pub dtype: WeightDtype,
 }
 
 pub fn run(cmd: ModelCommand) -> anyhow::Result<ExitCode> {
     match cmd {
+        ModelCommand::Init(args) => init(args),
         ModelCommand::Import(args) => import(args),
         ModelCommand::Info { dir } => info(&dir),
         ModelCommand::Export { dir, out } => {
-            let n = checkpoint::export_robovlms(&dir, &out)?;
+            let n = export::export_robovlms(&dir, &out)?;
             println!("wrote {} ({n} tensors, RoboVLMs names)", out.display());
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+fn init(args: InitArgs) -> anyhow::Result<ExitCode> {
+    let mlp_hidden = match args.mlp_hidden.as_slice() {
+        &[a, b, c] => [a, b, c],
+        other => anyhow::bail!("--mlp-hidden needs 3 widths, got {other:?}"),
+    };
+    let opts = InitOptions {
+        window_size: args.window_size,
+        fwd_pred_next_n: args.fwd_pred_next_n,
+        action_dim: args.action_dim,
+        head: LstmSpec {
+            hidden_size: args.hidden_size,
+            num_layers: args.num_layers,
+            mlp_hidden,
+        },
+        norm: args.norm,
+        dt: args.dt,
+        seed: args.seed,
+    };
+    let cfg = init_model_dir(&args.hf_model, &args.out, &opts)
+        .with_context(|| format!("initialising {}", args.out.display()))?;
+    println!(
+        "new model directory {} (backbone {})",
+        args.out.display(),
+        args.hf_model.display()
+    );
+    print_policy(&cfg);
+    Ok(ExitCode::SUCCESS)
 }
 
 fn import(args: ImportArgs) -> anyhow::Result<ExitCode> {
@@ -104,7 +197,7 @@ fn import(args: ImportArgs) -> anyhow::Result<ExitCode> {
         dt: args.dt,
         model_channel_order: args.model_channel_order,
     };
-    let report = checkpoint::import_robovlms(&args.ckpt, &args.hf_model, &args.out, &opts)
+    let report = import_robovlms(&args.ckpt, &args.hf_model, &args.out, &opts)
         .with_context(|| format!("importing {}", args.ckpt.display()))?;
     let source = match &report.config_source {
         ConfigSource::File(p) => p.display().to_string(),
@@ -149,8 +242,8 @@ fn print_policy(p: &PolicyConfig) {
 }
 
 fn info(dir: &std::path::Path) -> anyhow::Result<ExitCode> {
-    let components = checkpoint::model_info(dir)?;
-    let policy = PolicyConfig::from_file(&dir.join(checkpoint::POLICY_FILE))?;
+    let components = model_info(dir)?;
+    let policy = PolicyConfig::from_file(&dir.join(POLICY_FILE))?;
     println!("{}", dir.display());
     print_policy(&policy);
     println!(
@@ -185,30 +278,37 @@ fn info(dir: &std::path::Path) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// An image file that cannot be read. Holds the image crate's message, not its error: that error
+/// repeats its own cause as its `source()`, so a chain printer showed it twice
+/// (`Invalid PNG signature.: Invalid PNG signature.`).
+#[derive(Debug, thiserror::Error)]
+#[error("cannot read image {path}: {msg}")]
+pub struct FrameError {
+    path: PathBuf,
+    msg: String,
+}
+
+/// Reads a frame file as true RGB.
+fn read_frame(path: &std::path::Path) -> Result<image::RgbImage, FrameError> {
+    image::open(path)
+        .map(|i| i.to_rgb8())
+        .map_err(|e| FrameError {
+            path: path.to_owned(),
+            msg: e.to_string(),
+        })
+}
+
 #[derive(serde::Serialize)]
 struct InferOutput {
     steps: Vec<ActionChunk>,
 }
 
 pub fn infer(args: InferArgs) -> anyhow::Result<ExitCode> {
-    let (dtype, format) = match args.dtype {
-        WeightDtype::F32 => (candle_core::DType::F32, WeightFormat::F32),
-        WeightDtype::I16 => (candle_core::DType::F32, WeightFormat::I16),
-        WeightDtype::F16 => (candle_core::DType::F16, WeightFormat::F32),
-        WeightDtype::Bf16 => (candle_core::DType::BF16, WeightFormat::F32),
-    };
-    let opts = LoadOptions {
-        dtype,
-        device: candle_core::Device::Cpu,
-        packing: Some(format),
-    };
-    let mut policy = Policy::load_with(&args.model, &opts)
+    let mut policy = Policy::load_with(&args.model, &args.dtype.load_options())
         .with_context(|| format!("loading {}", args.model.display()))?;
     let mut steps = Vec::with_capacity(args.images.len());
     for path in &args.images {
-        let image = image::open(path)
-            .with_context(|| format!("reading image {}", path.display()))?
-            .to_rgb8();
+        let image = read_frame(path)?;
         let started = std::time::Instant::now();
         steps.push(policy.step(&image, &args.instruction)?);
         tracing::info!(

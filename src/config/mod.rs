@@ -1,2 +1,5 @@
-//! Typed configuration: node parameters (YAML defaults in `config/`), and later
-//! training and model configs.
+//! Typed configuration: node parameters (YAML defaults in `config/`) and the training config.
+
+pub mod train;
+
+pub use train::{TrainConfig, TrainSetup};

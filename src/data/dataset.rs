@@ -36,7 +36,9 @@ pub enum DatasetError {
     BadValFraction(f64),
     #[error("sample {index} out of range ({len} samples)")]
     Index { index: usize, len: usize },
-    #[error("normalisation bounds min {min:?} must be below max {max:?} in every dimension")]
+    #[error(
+        "normalisation bounds min {min:?} must be finite and below max {max:?} in every dimension"
+    )]
     BadBounds { min: Action, max: Action },
 }
 
@@ -279,7 +281,34 @@ impl ActionStats {
     }
 }
 
-/// RoboVLMs' action normalisation into [-1, 1] and back.
+/// One dimension's RoboVLMs action normalisation into [-1, 1] and back: the single formula the
+/// dataset (training targets) and the policy (`policy.json`'s `action.norm`, de-normalising its
+/// output) share.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NormRange {
+    pub min: f32,
+    pub max: f32,
+}
+
+impl NormRange {
+    /// Finite bounds with `min < max`: the only ranges the formulas can invert.
+    pub fn is_valid(&self) -> bool {
+        self.min.is_finite() && self.max.is_finite() && self.min < self.max
+    }
+
+    /// RoboVLMs' `normalize_action`: clip to `[min, max]`, then `2 (a - min) / (max - min) - 1`.
+    pub fn normalize(&self, a: f32) -> f32 {
+        2.0 * (a.clamp(self.min, self.max) - self.min) / (self.max - self.min) - 1.0
+    }
+
+    /// RoboVLMs' `unnoramalize_action`: `0.5 (a + 1) (max - min) + min` (no clipping).
+    pub fn denormalize(&self, a: f32) -> f32 {
+        0.5 * (a + 1.0) * (self.max - self.min) + self.min
+    }
+}
+
+/// RoboVLMs' action normalisation into [-1, 1] and back, per dimension ([`NormRange`]).
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ActionNormalizer {
     pub min: Action,
@@ -294,22 +323,27 @@ impl ActionNormalizer {
 
     /// Per-dimension bounds, e.g. from [`ActionStats`].
     pub fn new(min: Action, max: Action) -> Result<Self> {
-        if !(0..ACTION_DIM).all(|d| min[d] < max[d]) {
+        let n = Self { min, max };
+        if !(0..ACTION_DIM).all(|d| n.range(d).is_valid()) {
             return Err(DatasetError::BadBounds { min, max });
         }
-        Ok(Self { min, max })
+        Ok(n)
     }
 
-    /// Clip to `[min, max]`, then `2 (a - min) / (max - min) - 1`.
+    fn range(&self, d: usize) -> NormRange {
+        NormRange {
+            min: self.min[d],
+            max: self.max[d],
+        }
+    }
+
+    /// [`NormRange::normalize`] per dimension.
     pub fn normalize(&self, a: Action) -> Action {
-        std::array::from_fn(|d| {
-            let (lo, hi) = (self.min[d], self.max[d]);
-            2.0 * (a[d].clamp(lo, hi) - lo) / (hi - lo) - 1.0
-        })
+        std::array::from_fn(|d| self.range(d).normalize(a[d]))
     }
 
-    /// `0.5 (a + 1) (max - min) + min` (no clipping, as RoboVLMs).
+    /// [`NormRange::denormalize`] per dimension.
     pub fn denormalize(&self, a: Action) -> Action {
-        std::array::from_fn(|d| 0.5 * (a[d] + 1.0) * (self.max[d] - self.min[d]) + self.min[d])
+        std::array::from_fn(|d| self.range(d).denormalize(a[d]))
     }
 }

@@ -1,36 +1,31 @@
 //! Errors of the policy, its model directory and checkpoint import. Each names the file, field or
 //! tensor at fault.
+//!
+//! A variant's message includes its cause's, so the cause is not also returned by `source()`:
+//! chain printers (anyhow's `{:#}`, the CLI's `error:` line) would print it twice.
 
 use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
-    #[error("cannot read {path}: {source}")]
+    #[error("{path}: {cause}")]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("invalid {path}: {msg}")]
     Config { path: PathBuf, msg: String },
     #[error("tokenizer {path}: {msg}")]
     Tokenizer { path: PathBuf, msg: String },
-    #[error("{path}: {source}")]
+    #[error("{path}: {cause}")]
     Tensors {
         path: PathBuf,
-        #[source]
-        source: candle_core::Error,
+        cause: candle_core::Error,
     },
     #[error("{path}: tensors not used by the model (remove them or fix their names): {names:?}")]
     UnusedTensors { path: PathBuf, names: Vec<String> },
     #[error("checkpoint {path}: {msg}")]
     Checkpoint { path: PathBuf, msg: String },
-    #[error("tensor `{name}` has shape {got:?} but the model needs {expected:?}")]
-    ShapeMismatch {
-        name: String,
-        expected: Vec<usize>,
-        got: Vec<usize>,
-    },
     #[error("the policy produced a non-finite action at chunk step {step}: {values:?}")]
     NonFiniteAction { step: usize, values: Vec<f32> },
     #[error(transparent)]
@@ -42,10 +37,10 @@ pub enum ModelError {
 pub type Result<T> = std::result::Result<T, ModelError>;
 
 impl ModelError {
-    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+    pub(crate) fn io(path: impl Into<PathBuf>, cause: std::io::Error) -> Self {
         Self::Io {
             path: path.into(),
-            source,
+            cause,
         }
     }
 
@@ -54,5 +49,11 @@ impl ModelError {
             path: path.into(),
             msg: msg.into(),
         }
+    }
+}
+
+impl From<crate::model::kosmos2::Kosmos2Error> for ModelError {
+    fn from(e: crate::model::kosmos2::Kosmos2Error) -> Self {
+        ModelError::Backbone(Box::new(e))
     }
 }

@@ -11,7 +11,11 @@
 //!   twice the f32 throughput, half the weight memory, and a relative error per block below
 //!   1/4094 of its largest value (finer than bf16's 1/256 mantissa step).
 //!
-//! Other CPUs (and half-precision or trainable weights) keep candle's matmul.
+//! Other CPUs (and half-precision or trainable weights) keep candle's matmul. Portable versions of
+//! the kernels define what the x86 ones compute; tests run both.
+//!
+//! One cohesive unit (packing, the threaded driver and its kernels share the panel layout), hence
+//! its length.
 
 use candle_core::{DType, Device, Result, Storage, Tensor};
 use rayon::prelude::*;
@@ -55,12 +59,33 @@ enum Panels {
     },
 }
 
+/// Which micro-kernels a layer runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kernels {
+    /// AVX2 + FMA intrinsics (checked present at construction).
+    #[cfg(target_arch = "x86_64")]
+    X86,
+    /// Plain Rust: the definition the x86 kernels must match.
+    Portable,
+}
+
+impl Kernels {
+    fn detect() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        if supported() {
+            return Self::X86;
+        }
+        Self::Portable
+    }
+}
+
 /// `y = x · Wᵀ + b` with `W` (N, K) repacked into `ceil(N / 16)` column panels.
 pub(crate) struct PackedLinear {
     n: usize,
     k: usize,
     panels: Panels,
     bias: Option<Vec<f32>>,
+    kernels: Kernels,
 }
 
 impl std::fmt::Debug for PackedLinear {
@@ -148,7 +173,20 @@ impl PackedLinear {
             Some(b) => Some(b.to_dtype(DType::F32)?.to_vec1::<f32>()?),
             None => None,
         };
-        Ok(Self { n, k, panels, bias })
+        Ok(Self {
+            n,
+            k,
+            panels,
+            bias,
+            kernels: Kernels::detect(),
+        })
+    }
+
+    /// The same layer running the portable kernels (which an AVX2 host never picks itself).
+    #[cfg(test)]
+    fn portable(mut self) -> Self {
+        self.kernels = Kernels::Portable;
+        self
     }
 
     pub(crate) fn format(&self) -> WeightFormat {
@@ -193,7 +231,13 @@ impl PackedLinear {
     }
 
     /// `y (m, N) = act(x (m, K) · Wᵀ + b)`, row-major.
+    ///
+    /// # Panics
+    /// If `x` is not `m · K` or `y` not `m · N` long: the kernels write through raw pointers, and
+    /// these sizes are what keeps every write inside `y`.
     fn matmul(&self, x: &[f32], m: usize, y: &mut [f32], act: Option<Epilogue>) {
+        assert_eq!(x.len(), m * self.k, "packed linear: input is not m × K");
+        assert_eq!(y.len(), m * self.n, "packed linear: output is not m × N");
         if m == 0 || self.n == 0 {
             return;
         }
@@ -210,8 +254,8 @@ impl PackedLinear {
             // every row tile; the (smaller) packed activation is what gets re-read, from L2/L3.
             for j in t * per..((t + 1) * per).min(panel_count) {
                 for k0 in (0..self.k).step_by(KC) {
-                    // SAFETY: thread `t` writes only the columns of its own panels; `y` outlives
-                    // the parallel loop.
+                    // SAFETY: `y` is m × N (asserted above) and outlives the parallel loop; thread
+                    // `t` writes only the columns of its own panels.
                     unsafe { self.panel_block(&a, m, j, k0, &out) };
                 }
                 if let Some(act) = act {
@@ -256,7 +300,7 @@ impl PackedLinear {
                     let next = &next[..KC.min(next.len())];
                     let prefetch = &next[i * next.len() / tiles..(i + 1) * next.len() / tiles];
                     let a_tile = &a[(k0 * tiles + i * kc) * MR..][..kc * MR];
-                    micro_kernel(a_tile, b_block, prefetch, out);
+                    micro_kernel(self.kernels, a_tile, b_block, prefetch, out);
                 }
                 (Panels::I16 { rows: w, scales }, Rows::I16(a)) => {
                     let (pairs, kcp, block) = (k.div_ceil(2), kc.div_ceil(2), k0 / KC);
@@ -264,7 +308,7 @@ impl PackedLinear {
                     let a_tile = &a.data[(k0 / 2 * tiles + i * kcp) * MR..][..kcp * MR];
                     let a_scale = &a.scales[(block * tiles + i) * MR..][..MR];
                     let b_scale = &scales[j * k.div_ceil(KC) + block];
-                    micro_kernel_i16(a_tile, b_block, a_scale, b_scale, out);
+                    micro_kernel_i16(self.kernels, a_tile, b_block, a_scale, b_scale, out);
                 }
                 _ => unreachable!("activations are packed for the weight's format"),
             };
@@ -370,6 +414,9 @@ fn erf(x: f32) -> f32 {
 
 /// The output pointer, shared by threads that write disjoint columns.
 struct SharedOut(*mut f32);
+// SAFETY: the pointer is only dereferenced in `PackedLinear::matmul`'s parallel loop, where each
+// thread writes a disjoint set of columns of a buffer that outlives the loop; nothing reads what
+// another thread writes.
 unsafe impl Sync for SharedOut {}
 
 /// What a tile's product is added to: the 16 bias values (first `k` block) or what `c` holds.
@@ -466,7 +513,9 @@ fn quantize_rows(x: &[f32], m: usize, k: usize) -> QuantRows {
     QuantRows { data, scales }
 }
 
-/// `q = round(x / scale)` with `scale` mapping `max |x|` onto [`QMAX`]; returns `scale`.
+/// `q = round(x / scale)` with `scale` mapping `max |x|` onto [`QMAX`]; returns `scale`, which is
+/// NaN when `x` holds a NaN (an infinity gives an infinite scale): integers cannot hold either, so
+/// the scale carries them into every product of the block, as an f32 product would.
 fn quantize(x: &[f32], q: &mut [i16]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if supported() {
@@ -485,7 +534,10 @@ unsafe fn quantize_avx2(x: &[f32], q: &mut [i16]) -> f32 {
 
 #[inline(always)]
 fn quantize_portable(x: &[f32], q: &mut [i16]) -> f32 {
-    let scale = block_scale(x.iter().fold(0f32, |m, v| m.max(v.abs())));
+    // `f32::max` skips NaN, so NaN is looked for separately (branch-free, so this vectorises).
+    let nan = x.iter().fold(false, |seen, v| seen | v.is_nan());
+    let max = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let scale = if nan { f32::NAN } else { block_scale(max) };
     let inv = 1.0 / scale;
     for (q, &v) in q.iter_mut().zip(x) {
         *q = (v * inv).round_ties_even() as i16;
@@ -498,14 +550,21 @@ fn quantize_portable(x: &[f32], q: &mut [i16]) -> f32 {
 ///
 /// # Safety
 /// `out.c` must address `out.rows` rows of 16 writable floats `out.ldc` apart.
-unsafe fn micro_kernel(a: &[f32], b: &[PanelRow], prefetch: &[PanelRow], out: Tile) {
+unsafe fn micro_kernel(
+    kernels: Kernels,
+    a: &[f32],
+    b: &[PanelRow],
+    prefetch: &[PanelRow],
+    out: Tile,
+) {
     assert_eq!(a.len(), b.len() * MR);
     #[cfg(target_arch = "x86_64")]
-    if supported() {
+    if kernels == Kernels::X86 {
+        // SAFETY: `Kernels::X86` is only chosen where AVX2 and FMA are present.
         x86::micro_kernel(a, b, prefetch, out);
         return;
     }
-    let _ = prefetch;
+    let _ = (kernels, prefetch);
     let mut acc = [[0f32; NR]; MR];
     for (ak, bk) in a.chunks_exact(MR).zip(b) {
         for (acc_r, &av) in acc.iter_mut().zip(ak) {
@@ -522,6 +581,7 @@ unsafe fn micro_kernel(a: &[f32], b: &[PanelRow], prefetch: &[PanelRow], out: Ti
 /// # Safety
 /// As [`micro_kernel`].
 unsafe fn micro_kernel_i16(
+    kernels: Kernels,
     a: &[i32],
     b: &[PairRow],
     a_scale: &[f32],
@@ -530,10 +590,12 @@ unsafe fn micro_kernel_i16(
 ) {
     assert!(a.len() == b.len() * MR && a_scale.len() == MR);
     #[cfg(target_arch = "x86_64")]
-    if supported() {
+    if kernels == Kernels::X86 {
+        // SAFETY: as in `micro_kernel`.
         x86::micro_kernel_i16(a, b, a_scale, b_scale, out);
         return;
     }
+    let _ = kernels;
     let mut acc = [[0f32; NR]; MR];
     for (r, acc_r) in acc.iter_mut().enumerate() {
         for (col, t) in acc_r.iter_mut().enumerate() {
@@ -554,6 +616,9 @@ unsafe fn micro_kernel_i16(
 }
 
 /// The portable kernels' epilogue.
+///
+/// # Safety
+/// As [`micro_kernel`].
 unsafe fn store(acc: &[[f32; NR]; MR], out: Tile) {
     for (r, acc_r) in acc.iter().enumerate().take(out.rows) {
         for (col, v) in acc_r.iter().enumerate() {
@@ -686,18 +751,78 @@ mod tests {
             );
             // f32 is exact up to summation order; 12-bit blocks err by ~|x||w|/4094 per product.
             for (format, tol) in [(WeightFormat::F32, 1e-4), (WeightFormat::I16, 4e-3)] {
-                let packed = PackedLinear::new(&w, Some(&b), format)?;
-                let got = packed.forward(&x)?.flatten_all()?.to_vec1::<f32>()?;
-                let err = got
-                    .iter()
-                    .zip(&want)
-                    .map(|(g, w)| (g - w).abs())
-                    .fold(0f32, f32::max);
-                let bound = tol * (k as f32).sqrt();
-                assert!(
-                    err < bound,
-                    "{format:?} {m}×{n}×{k}: max error {err} ≥ {bound}"
-                );
+                for packed in each_kernel(PackedLinear::new(&w, Some(&b), format)?) {
+                    let got = packed.forward(&x)?.flatten_all()?.to_vec1::<f32>()?;
+                    let err = got
+                        .iter()
+                        .zip(&want)
+                        .map(|(g, w)| (g - w).abs())
+                        .fold(0f32, f32::max);
+                    let bound = tol * (k as f32).sqrt();
+                    assert!(
+                        err < bound,
+                        "{format:?} {:?} {m}×{n}×{k}: max error {err} ≥ {bound}",
+                        packed.kernels
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The layer as this host runs it and, where that is x86, with the portable kernels too.
+    fn each_kernel(packed: PackedLinear) -> Vec<PackedLinear> {
+        if packed.kernels == Kernels::Portable {
+            return vec![packed];
+        }
+        let portable = PackedLinear {
+            panels: match &packed.panels {
+                Panels::F32(rows) => Panels::F32(rows.clone()),
+                Panels::I16 { rows, scales } => Panels::I16 {
+                    rows: rows.clone(),
+                    scales: scales.clone(),
+                },
+            },
+            bias: packed.bias.clone(),
+            ..packed
+        }
+        .portable();
+        vec![packed, portable]
+    }
+
+    #[test]
+    fn non_finite_inputs_and_weights_give_non_finite_outputs() -> Result<()> {
+        // Integers cannot hold NaN or ∞: before the fix an i16 layer turned a NaN activation into
+        // 0 and the policy's non-finite check never fired.
+        let dev = Device::Cpu;
+        let (m, n, k) = (7, 19, 300);
+        let w = Tensor::randn(0f32, 1.0, (n, k), &dev)?;
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            let mut xv = Tensor::randn(0f32, 1.0, (m, k), &dev)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            // Row 2, in the second `k` block.
+            xv[2 * k + 260] = bad;
+            let x = Tensor::from_vec(xv, (m, k), &dev)?;
+            let mut wv = w.flatten_all()?.to_vec1::<f32>()?;
+            // Column 5, in the first `k` block.
+            wv[5 * k + 3] = bad;
+            let w_bad = Tensor::from_vec(wv, (n, k), &dev)?;
+            for format in [WeightFormat::F32, WeightFormat::I16] {
+                for packed in each_kernel(PackedLinear::new(&w, None, format)?) {
+                    let y = packed.forward(&x)?.to_vec2::<f32>()?;
+                    let what = format!("{format:?} {:?} input {bad}", packed.kernels);
+                    assert!(y[2].iter().all(|v| !v.is_finite()), "{what}: {:?}", y[2]);
+                    let finite_rows = y.iter().enumerate().filter(|(r, _)| *r != 2);
+                    assert!(finite_rows.flat_map(|(_, row)| row).all(|v| v.is_finite()));
+                }
+                let x_ok = Tensor::randn(0f32, 1.0, (m, k), &dev)?;
+                for packed in each_kernel(PackedLinear::new(&w_bad, None, format)?) {
+                    let y = packed.forward(&x_ok)?.to_vec2::<f32>()?;
+                    let what = format!("{format:?} {:?} weight {bad}", packed.kernels);
+                    assert!(y.iter().all(|row| !row[5].is_finite()), "{what}");
+                    assert!(y.iter().all(|row| row[4].is_finite()), "{what}");
+                }
             }
         }
         Ok(())

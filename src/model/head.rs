@@ -54,20 +54,21 @@ impl Mlp {
 impl Module for Mlp {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let [l0, l1, l2, l3] = &self.layers;
-        let xs = xs
-            .apply(l0)?
-            .relu()?
-            .apply(l1)?
-            .relu()?
-            .apply(l2)?
-            .relu()?
-            .apply(l3)?;
+        let xs = relu(&xs.apply(l0)?)?.apply(l1)?;
+        let xs = relu(&xs)?.apply(l2)?;
+        let xs = relu(&xs)?.apply(l3)?;
         if self.tanh {
             xs.tanh()
         } else {
             Ok(xs)
         }
     }
+}
+
+/// PyTorch's `relu`, which keeps NaN: candle's (`max(x, 0)`) turns it into 0, and a model gone
+/// non-finite upstream would then print finite actions instead of failing the policy's check.
+fn relu(xs: &Tensor) -> Result<Tensor> {
+    xs.ne(xs)?.where_cond(xs, &xs.relu()?)
 }
 
 /// One LSTM layer with PyTorch's gate order (i, f, g, o) and parameter names. Weights are kept as

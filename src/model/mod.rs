@@ -1,14 +1,25 @@
 //! The VLA model: Kosmos-2 backbone, action token, LSTM policy head.
-pub mod checkpoint;
+//!
+//! Dependencies run one way: `config` (the `policy.json` types) ← `policy` ← `model_dir`
+//! (loading and writing model directories) ← `import` / `export` (RoboVLMs checkpoints, read by
+//! `robovlms`).
+pub mod config;
 pub mod error;
+pub mod export;
 pub(crate) mod gemm;
 pub mod head;
+pub mod import;
 pub mod kosmos2;
+pub mod model_dir;
 pub mod policy;
 pub mod preprocess;
+pub mod robovlms;
 pub mod tokenizer;
 
+pub use config::{ActionSpec, LstmSpec, NormRange, PolicyConfig};
 pub use gemm::WeightFormat;
+pub use model_dir::LoadOptions;
+pub use policy::{ActionChunk, Policy};
 
 /// Keeps candle's element-wise thread pool at one thread unless `CANDLE_NUM_THREADS` says
 /// otherwise. That pool spin-waits between ops and takes the cores the GEMM threads need: on 2

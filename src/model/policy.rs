@@ -5,196 +5,16 @@
 //! Upstream: `robovlms/model/backbone/base_backbone.py` (`forward_continuous`, `merge_multi_modal_input`).
 
 use crate::data::image::ChannelOrder;
+use crate::model::config::PolicyConfig;
 use crate::model::error::{ModelError, Result};
 use crate::model::gemm::WeightFormat;
-use crate::model::head::{HeadConfig, HeadOutput, History, LstmDecoder};
+use crate::model::head::{HeadOutput, History, LstmDecoder};
 use crate::model::kosmos2::{Kosmos2, Kosmos2Config};
 use crate::model::preprocess;
 use crate::model::tokenizer::PromptTokenizer;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use serde::{Deserialize, Serialize};
-use std::path::Path;
-
-/// `policy.json`: everything about the policy that the backbone's `config.json` does not say.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PolicyConfig {
-    /// Frames of history the head fuses (RoboVLMs `window_size`).
-    pub window_size: usize,
-    /// Future steps predicted per frame (RoboVLMs `fwd_pred_next_n`).
-    pub fwd_pred_next_n: usize,
-    #[serde(default)]
-    pub head: LstmSpec,
-    pub action: ActionSpec,
-    /// Side of the square model input; `None` = the vision config's `image_size`.
-    #[serde(default)]
-    pub image_size: Option<usize>,
-    /// Channel order the model was trained on. `step` takes true-RGB frames and swaps them when this
-    /// is `bgr` (e.g. a Mobile VLA fork checkpoint trained on stored BGR frames fed unconverted).
-    #[serde(default = "default_channel_order")]
-    pub model_channel_order: ChannelOrder,
-    /// Seconds each chunk step spans on the robot.
-    pub dt: f32,
-}
-
-fn default_channel_order() -> ChannelOrder {
-    ChannelOrder::Rgb
-}
-
-/// Sizes of `LSTMDecoder` (RoboVLMs: LSTM hidden 1024 × 4 layers, MLP widths 1024, 512, 256).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct LstmSpec {
-    pub hidden_size: usize,
-    pub num_layers: usize,
-    pub mlp_hidden: [usize; 3],
-}
-
-impl Default for LstmSpec {
-    fn default() -> Self {
-        Self {
-            hidden_size: 1024,
-            num_layers: 4,
-            mlp_hidden: [1024, 512, 256],
-        }
-    }
-}
-
-/// The checkpoint's action layout and how it maps to the robot's `(vx, vy, wz)`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ActionSpec {
-    /// Width of the checkpoint's action vector, gripper included (3 native; 7 for RoboVLMs' manipulator head).
-    pub dim: usize,
-    /// The last dim is a gripper predicted as a logit by its own MLP (RoboVLMs heads); it is dropped
-    /// for the robot.
-    #[serde(default)]
-    pub gripper: bool,
-    /// Indices in the checkpoint layout of `linear_x`, `linear_y`, `angular_z`
-    /// (`[0, 1, 2]` native; `[0, 1, 5]` for the Mobile VLA fork's `[x, y, 0, 0, 0, rz, gripper]`).
-    pub robot_indices: [usize; 3],
-    /// Action normalisation range (`norm_min`/`norm_max`); `None` = the head predicts raw actions.
-    #[serde(default)]
-    pub norm: Option<NormRange>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct NormRange {
-    pub min: f32,
-    pub max: f32,
-}
-
-impl NormRange {
-    /// RoboVLMs' `unnoramalize_action`: `0.5·(a+1)·(max−min)+min`.
-    pub fn denormalize(&self, a: f32) -> f32 {
-        0.5 * (a + 1.0) * (self.max - self.min) + self.min
-    }
-
-    /// RoboVLMs' `normalize_action`: clip to [min, max], then `2·(a−min)/(max−min) − 1`.
-    pub fn normalize(&self, a: f32) -> f32 {
-        2.0 * (a.clamp(self.min, self.max) - self.min) / (self.max - self.min) - 1.0
-    }
-}
-
-impl ActionSpec {
-    /// Continuous dims predicted by the tanh MLP.
-    pub fn arm_dim(&self) -> usize {
-        self.dim - usize::from(self.gripper)
-    }
-}
-
-impl PolicyConfig {
-    /// A native 3-DoF head `[linear_x, linear_y, angular_z]`, actions normalised to ±`norm`.
-    pub fn native(window_size: usize, fwd_pred_next_n: usize, norm: f32, dt: f32) -> Self {
-        Self {
-            window_size,
-            fwd_pred_next_n,
-            head: LstmSpec::default(),
-            action: ActionSpec {
-                dim: 3,
-                gripper: false,
-                robot_indices: [0, 1, 2],
-                norm: Some(NormRange {
-                    min: -norm,
-                    max: norm,
-                }),
-            },
-            image_size: None,
-            model_channel_order: ChannelOrder::Rgb,
-            dt,
-        }
-    }
-
-    pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
-        let cfg: Self =
-            serde_json::from_str(&text).map_err(|e| ModelError::config(path, e.to_string()))?;
-        cfg.validate()
-            .map_err(|msg| ModelError::config(path, msg))?;
-        Ok(cfg)
-    }
-
-    /// Checks the values describe a working policy; the message names the field.
-    pub fn validate(&self) -> std::result::Result<(), String> {
-        let a = &self.action;
-        if self.window_size == 0 {
-            return Err("`window_size` must be ≥ 1".into());
-        }
-        if self.fwd_pred_next_n == 0 {
-            return Err("`fwd_pred_next_n` must be ≥ 1".into());
-        }
-        if self.head.hidden_size == 0
-            || self.head.num_layers == 0
-            || self.head.mlp_hidden.contains(&0)
-        {
-            return Err(
-                "`head.hidden_size`, `head.num_layers` and `head.mlp_hidden` must be ≥ 1".into(),
-            );
-        }
-        if a.dim < 1 + usize::from(a.gripper) {
-            return Err(format!("`action.dim` {} leaves no continuous dims", a.dim));
-        }
-        if let Some(i) = a.robot_indices.iter().find(|&&i| i >= a.arm_dim()) {
-            return Err(format!(
-                "`action.robot_indices` holds {i}, outside the {} continuous dims",
-                a.arm_dim()
-            ));
-        }
-        if let Some(n) = a.norm {
-            if !(n.min.is_finite() && n.max.is_finite() && n.min < n.max) {
-                return Err(format!(
-                    "`action.norm` needs finite min < max, got {} / {}",
-                    n.min, n.max
-                ));
-            }
-        }
-        if self.image_size == Some(0) {
-            return Err("`image_size` must be ≥ 1".into());
-        }
-        if !(self.dt.is_finite() && self.dt > 0.0) {
-            return Err(format!(
-                "`dt` must be a positive number of seconds, got {}",
-                self.dt
-            ));
-        }
-        Ok(())
-    }
-
-    fn head_config(&self, in_features: usize) -> HeadConfig {
-        HeadConfig {
-            in_features,
-            hidden_size: self.head.hidden_size,
-            num_layers: self.head.num_layers,
-            fwd_pred_next_n: self.fwd_pred_next_n,
-            window_size: self.window_size,
-            arm_dim: self.action.arm_dim(),
-            gripper: self.action.gripper,
-            mlp_hidden: self.head.mlp_hidden,
-        }
-    }
-}
+use serde::Serialize;
 
 /// One step's output.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -205,26 +25,6 @@ pub struct ActionChunk {
     pub raw: Vec<f32>,
     /// Seconds each chunk step spans.
     pub dt: f32,
-}
-
-/// Numeric setup for loading.
-#[derive(Debug, Clone)]
-pub struct LoadOptions {
-    pub dtype: DType,
-    pub device: Device,
-    /// Repack the backbone's CPU weights for the inference GEMM
-    /// ([`Kosmos2::pack_for_inference`]); `None` keeps them trainable, for fine-tuning.
-    pub packing: Option<WeightFormat>,
-}
-
-impl Default for LoadOptions {
-    fn default() -> Self {
-        Self {
-            dtype: DType::F32,
-            device: Device::Cpu,
-            packing: Some(WeightFormat::F32),
-        }
-    }
 }
 
 /// The policy: backbone, learnable action token, head, and the inference history.
@@ -267,15 +67,6 @@ impl Policy {
             history: History::default(),
             prompt_cache: None,
         })
-    }
-
-    /// Loads a model directory (see [`crate::model::checkpoint`]) in f32 on the CPU.
-    pub fn load(dir: &Path) -> Result<Self> {
-        Self::load_with(dir, &LoadOptions::default())
-    }
-
-    pub fn load_with(dir: &Path, opts: &LoadOptions) -> Result<Self> {
-        crate::model::checkpoint::load_policy(dir, opts)
     }
 
     pub fn config(&self) -> &PolicyConfig {

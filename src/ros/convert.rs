@@ -1,6 +1,7 @@
 //! Conversions between r2r messages and library types.
 
 use crate::data::image::{self, RawImage, RawImageRef};
+use crate::data::recording::CameraFrame;
 use r2r::builtin_interfaces::msg::Time;
 use r2r::geometry_msgs::msg::{Twist, Vector3};
 use r2r::sensor_msgs::msg::{CompressedImage, Image};
@@ -16,6 +17,20 @@ pub fn raw_image(msg: &Image) -> RawImageRef<'_> {
         step: msg.step,
         data: &msg.data,
     }
+}
+
+/// Takes a camera message's pixels without decoding them (that happens off the callback path).
+pub fn camera_frame(msg: Image) -> CameraFrame {
+    let r = raw_image(&msg);
+    let raw = RawImage {
+        width: r.width,
+        height: r.height,
+        encoding: msg.encoding.clone(),
+        is_bigendian: r.is_bigendian,
+        step: r.step,
+        data: msg.data,
+    };
+    CameraFrame::Raw(raw)
 }
 
 /// A `sensor_msgs/Image` carrying `raw`.

@@ -6,6 +6,7 @@
 //! bridge's error and skipped; the node keeps running.
 
 use super::convert::{action_to_twist, decode_image, twist_to_action};
+use super::params::NodeParams;
 use super::runtime::NodeHandle;
 use super::{command_qos, image_qos};
 use futures::StreamExt;
@@ -34,6 +35,21 @@ pub struct EchoParams {
     pub dt: f64,
     /// frame_id written into the chunk header
     pub frame_id: String,
+}
+
+impl NodeParams for EchoParams {
+    // Read for every image.
+    const LIVE: &'static [&'static str] = &["chunk_len", "dt", "frame_id"];
+
+    fn validate(&self) -> Result<(), String> {
+        if self.chunk_len == 0 {
+            return Err("`chunk_len` is 0: it must be ≥ 1".into());
+        }
+        if !(self.dt.is_finite() && self.dt > 0.0) {
+            return Err(format!("`dt` is {}: it must be > 0", self.dt));
+        }
+        Ok(())
+    }
 }
 
 pub async fn run(h: NodeHandle<EchoParams>) -> anyhow::Result<()> {

@@ -4,11 +4,14 @@
 
 pub mod convert;
 pub mod echo;
+pub mod lifecycle;
 pub mod params;
+pub mod policy;
 pub mod recorder;
 pub mod runtime;
+pub mod trainer;
 
-pub use params::ParamsError;
+pub use params::{NodeParams, ParamsError};
 pub use runtime::{run_node, NodeError, NodeHandle};
 
 use r2r::QosProfile;

@@ -3,9 +3,82 @@
 //! Each node has a `#[derive(RosParams, Deserialize)]` struct. Its defaults are the
 //! node's section of `config/<node>.yaml` (embedded at compile time, so a binary always
 //! has them); `--ros-args -p k:=v` / `--params-file` override them through rcl, and
-//! the values are then visible and settable with `ros2 param`.
+//! the values are then visible with `ros2 param`. A node's [`NodeParams`] impl says which of
+//! them `ros2 param set` may change while it runs; a change is validated first, and a rejected
+//! one is answered with the reason.
 
+use r2r::{Parameter, ParameterValue, RosParams};
 use serde::de::DeserializeOwned;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+/// A node's typed parameters.
+pub trait NodeParams:
+    RosParams + DeserializeOwned + Clone + std::fmt::Debug + Send + 'static
+{
+    /// Parameters `ros2 param set` may change while the node runs; any other is rejected.
+    const LIVE: &'static [&'static str] = &[];
+
+    /// Checks the values; the message names the parameter and what it must be.
+    fn validate(&self) -> Result<(), String>;
+}
+
+/// What r2r's parameter services hold: sets of [`NodeParams::LIVE`] parameters are validated on a
+/// copy before they replace `values`; every other set is refused. Command-line overrides are
+/// applied at registration and validated by the runtime at start.
+pub(crate) struct Checked<P> {
+    pub values: Arc<Mutex<P>>,
+}
+
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic elsewhere must not turn every later lock into a second panic.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn refused(name: &str, msg: String) -> r2r::Error {
+    r2r::Error::ParameterValueConv {
+        name: name.to_string(),
+        msg,
+    }
+}
+
+impl<P: NodeParams> RosParams for Checked<P> {
+    fn register_parameters(
+        &mut self,
+        prefix: &str,
+        param: Option<Parameter>,
+        params: &mut r2r::indexmap::IndexMap<String, Parameter>,
+    ) -> r2r::Result<()> {
+        lock(&self.values).register_parameters(prefix, param, params)
+    }
+
+    fn get_parameter(&mut self, name: &str) -> r2r::Result<ParameterValue> {
+        lock(&self.values).get_parameter(name)
+    }
+
+    fn set_parameter(&mut self, name: &str, value: &ParameterValue) -> r2r::Result<()> {
+        if !P::LIVE.contains(&name) {
+            let live = if P::LIVE.is_empty() {
+                "none can".to_string()
+            } else {
+                format!("only {} can", P::LIVE.join(", "))
+            };
+            return Err(refused(
+                name,
+                format!("read at start only ({live} change while running): restart the node with -p {name}:=<value>"),
+            ));
+        }
+        let mut values = lock(&self.values);
+        let mut next = values.clone();
+        next.set_parameter(name, value)?;
+        next.validate().map_err(|msg| refused(name, msg))?;
+        *values = next;
+        Ok(())
+    }
+
+    fn check_parameter(&self, name: &str, value: &ParameterValue) -> r2r::Result<()> {
+        lock(&self.values).check_parameter(name, value)
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ParamsError {

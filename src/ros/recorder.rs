@@ -8,11 +8,12 @@
 //! (`mode: rate`). Frames go to a writer thread that never blocks this task; the state is
 //! published on `~/status` at each change and at `status_rate_hz`.
 
-use super::convert::{raw_image, twist_to_action};
+use super::convert::{camera_frame, twist_to_action};
+use super::params::NodeParams;
 use super::runtime::NodeHandle;
 use super::{command_qos, image_qos, status_qos};
 use crate::data::episode::{check_new_episode, episode_name, recover_partials, WriteOptions};
-use crate::data::image::{ChannelOrder, RawImage};
+use crate::data::image::ChannelOrder;
 use crate::data::recording::{CameraFrame, RecordingSink};
 use crate::data::sampling::{nanos, period, seconds, Sampler, SamplerConfig};
 use anyhow::Context as _;
@@ -133,6 +134,16 @@ impl RecorderParams {
     }
 }
 
+/// Every parameter is read once at start (`LIVE` is empty): `ros2 param set` is refused with
+/// the reason instead of being accepted and ignored.
+impl NodeParams for RecorderParams {
+    fn validate(&self) -> Result<(), String> {
+        RecorderParams::validate(self)
+            .map(drop)
+            .map_err(|e| e.to_string())
+    }
+}
+
 type Frames = Pin<Box<dyn Stream<Item = CameraFrame> + Send>>;
 type Commands = Pin<Box<dyn Stream<Item = [f32; 3]> + Send>>;
 
@@ -180,18 +191,7 @@ pub async fn run(h: NodeHandle<RecorderParams>) -> anyhow::Result<()> {
         } else {
             Box::pin(
                 node.subscribe::<Image>(&p.image_topic, image_qos())?
-                    .map(|m| {
-                        let r = raw_image(&m);
-                        let raw = RawImage {
-                            width: r.width,
-                            height: r.height,
-                            encoding: m.encoding.clone(),
-                            is_bigendian: r.is_bigendian,
-                            step: r.step,
-                            data: m.data,
-                        };
-                        CameraFrame::Raw(raw)
-                    }),
+                    .map(camera_frame),
             )
         };
         let cmds: Commands = if p.cmd_stamped {

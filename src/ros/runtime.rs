@@ -5,9 +5,7 @@
 //! asking for it) follows the order that keeps rcl/Fast DDS from crashing at exit:
 //! stop the spin thread, join it, drop every r2r handle, then return from `main`.
 
-use super::params::{self, ParamsError};
-use r2r::RosParams;
-use serde::de::DeserializeOwned;
+use super::params::{self, lock, Checked, NodeParams, ParamsError};
 use std::future::Future;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -27,6 +25,8 @@ pub enum NodeError {
     Signals(std::io::Error),
     #[error("cannot start the async runtime: {0}")]
     Runtime(std::io::Error),
+    #[error("invalid parameter: {0}")]
+    InvalidParameter(String),
 }
 
 /// What node code gets: the node (to create handles), its typed parameters and
@@ -49,11 +49,6 @@ impl<P> Clone for NodeHandle<P> {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panic elsewhere must not turn every later lock into a second panic.
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 impl<P: Clone> NodeHandle<P> {
     /// Locks the node to create publishers, subscriptions, services. Keep the guard short:
     /// the spin thread needs the same lock.
@@ -61,7 +56,8 @@ impl<P: Clone> NodeHandle<P> {
         lock(&self.node)
     }
 
-    /// A snapshot of the current parameter values (they change with `ros2 param set`).
+    /// A snapshot of the current parameter values (the [`NodeParams::LIVE`] ones change with
+    /// `ros2 param set`).
     pub fn params(&self) -> P {
         lock(&self.params).clone()
     }
@@ -94,15 +90,16 @@ impl<P: Clone> NodeHandle<P> {
 }
 
 /// Runs a node: parameters from `default_yaml` (the node's `config/<name>.yaml`) and the
-/// command line, a spin thread, signal handling, and `body` until it returns. Returns
-/// the process exit code; call it as the whole of a node binary's `main`.
+/// command line, validated (a bad value stops the node, naming the parameter), a spin thread,
+/// signal handling, and `body` until it returns. Returns the process exit code; call it as the
+/// whole of a node binary's `main`.
 pub fn run_node<P, F, Fut>(name: &str, default_yaml: &str, yaml_name: &str, body: F) -> ExitCode
 where
-    P: RosParams + DeserializeOwned + Clone + std::fmt::Debug + Send + 'static,
+    P: NodeParams,
     F: FnOnce(NodeHandle<P>) -> Fut,
     Fut: Future<Output = anyhow::Result<()>>,
 {
-    crate::cli::init_logging();
+    crate::logging::init();
     match run_node_inner(name, default_yaml, yaml_name, body) {
         Ok(()) => {
             info!("{name}: stopped cleanly");
@@ -122,7 +119,7 @@ fn run_node_inner<P, F, Fut>(
     body: F,
 ) -> anyhow::Result<()>
 where
-    P: RosParams + DeserializeOwned + Clone + std::fmt::Debug + Send + 'static,
+    P: NodeParams,
     F: FnOnce(NodeHandle<P>) -> Fut,
     Fut: Future<Output = anyhow::Result<()>>,
 {
@@ -142,8 +139,11 @@ where
         let mut node = r2r::Node::create(ctx, name, "").map_err(NodeError::Ros)?;
         let params = Arc::new(Mutex::new(defaults));
         // Applies --ros-args overrides to `params` and serves `ros2 param get/set/list`.
+        let checked = Arc::new(Mutex::new(Checked {
+            values: params.clone(),
+        }));
         let (param_server, param_events) = node
-            .make_derived_parameter_handler(params.clone())
+            .make_derived_parameter_handler(checked)
             .map_err(NodeError::Ros)?;
         tokio::spawn(param_server);
         tokio::spawn(futures::StreamExt::for_each(
@@ -151,6 +151,9 @@ where
             |(param, value)| async move { info!("parameter {param} set to {value:?}") },
         ));
         info!("{name}: parameters {:?}", lock(&params));
+        lock(&params)
+            .validate()
+            .map_err(NodeError::InvalidParameter)?;
 
         let node = Arc::new(Mutex::new(node));
         let spinner = spawn_spinner(node.clone(), stop_spin.clone());

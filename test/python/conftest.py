@@ -32,14 +32,15 @@ def ros_domain() -> int:
 
 
 class NodeProcess:
-    """A Rust node started as a real process, stopped with SIGINT."""
+    """A node started as a real process (a Rust binary, or `argv` such as the Python simulator),
+    stopped with SIGINT."""
 
-    def __init__(self, name: str, args=(), domain: int = 0, env=None, cwd=None):
+    def __init__(self, name: str, args=(), domain: int = 0, env=None, cwd=None, argv=None):
         self.log_path = Path(os.environ.get("PYTEST_TMP", "/tmp")) / f"{name}-{os.getpid()}-{domain}.log"
         self._log = open(self.log_path, "w+b")
         full_env = dict(os.environ, ROS_DOMAIN_ID=str(domain), RUST_LOG="info", **(env or {}))
         self.proc = subprocess.Popen(
-            [str(bin_path(name)), *args],
+            [str(a) for a in argv] if argv else [str(bin_path(name)), *args],
             env=full_env,
             cwd=cwd,
             stdout=self._log,

@@ -1,6 +1,7 @@
 //! A small CDR (XCDR1, plain little/big endian — what ROS 2's rmw implementations put in
-//! rosbag2) decoder for the handful of standard messages the importer needs. Every read is
-//! bounds-checked: corrupt bytes give [`CdrError`], never a panic or a huge allocation.
+//! rosbag2) decoder for the handful of standard messages the importer needs, and the matching
+//! little-endian encoder the MCAP export writes them with. Every read is bounds-checked: corrupt
+//! bytes give [`CdrError`], never a panic or a huge allocation.
 
 use std::fmt;
 
@@ -217,6 +218,100 @@ pub fn string(data: &[u8]) -> Result<String> {
     CdrReader::new(data)?.string("data")
 }
 
+/// Little-endian CDR (`CDR_LE`, what rmw_fastrtps writes) with the same alignment rules as
+/// [`CdrReader`]: relative to the end of the encapsulation header.
+pub struct CdrWriter {
+    buf: Vec<u8>,
+}
+
+impl Default for CdrWriter {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl CdrWriter {
+    pub fn new() -> Self {
+        Self {
+            buf: vec![0, 1, 0, 0],
+        }
+    }
+
+    fn align(&mut self, n: usize) {
+        let pad = (n - (self.buf.len() - 4) % n) % n;
+        self.buf.resize(self.buf.len() + pad, 0);
+    }
+
+    pub fn u8(&mut self, v: u8) -> &mut Self {
+        self.buf.push(v);
+        self
+    }
+    pub fn u32(&mut self, v: u32) -> &mut Self {
+        self.align(4);
+        self.buf.extend_from_slice(&v.to_le_bytes());
+        self
+    }
+    pub fn i32(&mut self, v: i32) -> &mut Self {
+        self.align(4);
+        self.buf.extend_from_slice(&v.to_le_bytes());
+        self
+    }
+    pub fn f64(&mut self, v: f64) -> &mut Self {
+        self.align(8);
+        self.buf.extend_from_slice(&v.to_le_bytes());
+        self
+    }
+    /// Length including the terminating NUL, the bytes, the NUL.
+    pub fn string(&mut self, s: &str) -> &mut Self {
+        self.u32(s.len() as u32 + 1);
+        self.buf.extend_from_slice(s.as_bytes());
+        self.buf.push(0);
+        self
+    }
+    /// `sequence<uint8>`.
+    pub fn bytes(&mut self, b: &[u8]) -> &mut Self {
+        self.u32(b.len() as u32);
+        self.buf.extend_from_slice(b);
+        self
+    }
+    pub fn finish(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.buf)
+    }
+}
+
+impl Header {
+    fn write(&self, w: &mut CdrWriter) {
+        w.i32(self.sec).u32(self.nanosec).string(&self.frame_id);
+    }
+}
+
+/// Encodes a `sensor_msgs/msg/Image`.
+pub fn encode_image(m: &Image) -> Vec<u8> {
+    let mut w = CdrWriter::new();
+    m.header.write(&mut w);
+    w.u32(m.height)
+        .u32(m.width)
+        .string(&m.encoding)
+        .u8(m.is_bigendian.into())
+        .u32(m.step)
+        .bytes(m.data)
+        .finish()
+}
+
+/// Encodes a `geometry_msgs/msg/Twist`.
+pub fn encode_twist(t: &Twist) -> Vec<u8> {
+    let mut w = CdrWriter::new();
+    for v in t.linear.iter().chain(&t.angular) {
+        w.f64(*v);
+    }
+    w.finish()
+}
+
+/// Encodes a `std_msgs/msg/String`.
+pub fn encode_string(s: &str) -> Vec<u8> {
+    CdrWriter::new().string(s).finish()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -270,6 +365,31 @@ mod tests {
         );
         assert_eq!(m.format, "jpeg");
         assert_eq!(m.data, &[0xff, 0xd8]);
+    }
+
+    #[test]
+    fn encoders_match_rclpy_and_round_trip() {
+        let t = Twist {
+            linear: [1.0, 2.0, 3.0],
+            angular: [4.0, 5.0, 6.0],
+        };
+        assert_eq!(encode_twist(&t), twist_le());
+        assert_eq!(string(&encode_string("go left")).unwrap(), "go left");
+        let img = Image {
+            header: Header {
+                sec: 3,
+                nanosec: 5,
+                frame_id: "camera".into(),
+            },
+            height: 1,
+            width: 2,
+            encoding: "bgr8".into(),
+            is_bigendian: false,
+            step: 6,
+            data: &[1, 2, 3, 4, 5, 6],
+        };
+        let bytes = encode_image(&img);
+        assert_eq!(image(&bytes).unwrap(), img);
     }
 
     #[test]

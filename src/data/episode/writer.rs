@@ -433,23 +433,13 @@ impl EpisodeWriter {
         self.write_compressed(true)?;
         self.checkpoint(total_duration)?;
         self.close()?;
-        let fsync = |p: &Path| {
-            std::fs::File::open(p)
-                .and_then(|f| f.sync_all())
-                .map_err(|e| EpisodeError::io(p, e))
-        };
-        fsync(&self.partial)?;
         if self.final_path.exists() {
             return Err(EpisodeError::Exists {
                 path: self.final_path.clone(),
             });
         }
-        std::fs::rename(&self.partial, &self.final_path)
+        crate::fsutil::persist(&self.partial, &self.final_path)
             .map_err(|e| EpisodeError::io(&self.final_path, e))?;
-        if let Some(dir) = self.final_path.parent() {
-            // Makes the rename itself durable.
-            fsync(dir)?;
-        }
         Ok(self.final_path.clone())
     }
 

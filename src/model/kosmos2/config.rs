@@ -259,14 +259,14 @@ impl Kosmos2Config {
     /// Reads, parses and validates `config.json`; unknown keys are logged by name.
     pub fn from_file(path: impl AsRef<Path>) -> std::result::Result<Self, Kosmos2Error> {
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(|source| Kosmos2Error::ReadConfig {
+        let text = std::fs::read_to_string(path).map_err(|cause| Kosmos2Error::ReadConfig {
             path: path.to_path_buf(),
-            source,
+            cause,
         })?;
         let cfg = Self::from_json_str(&text).map_err(|e| match e {
-            ParseError::Json(source) => Kosmos2Error::ConfigJson {
+            ParseError::Json(cause) => Kosmos2Error::ConfigJson {
                 path: path.to_path_buf(),
-                source,
+                cause,
             },
             ParseError::Field { field, message } => Kosmos2Error::ConfigField {
                 path: path.to_path_buf(),

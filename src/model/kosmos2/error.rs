@@ -2,20 +2,19 @@
 
 use std::path::PathBuf;
 
-/// What went wrong loading Kosmos-2, naming the file, field or tensor involved.
+/// What went wrong loading Kosmos-2, naming the file, field or tensor involved. Messages include
+/// their cause, which is therefore not also a `source()` (chain printers would repeat it).
 #[derive(Debug, thiserror::Error)]
 pub enum Kosmos2Error {
-    #[error("cannot read Kosmos-2 config {path}: {source}")]
+    #[error("cannot read Kosmos-2 config {path}: {cause}")]
     ReadConfig {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
-    #[error("Kosmos-2 config {path} is not valid JSON: {source}")]
+    #[error("Kosmos-2 config {path} is not valid JSON: {cause}")]
     ConfigJson {
         path: PathBuf,
-        #[source]
-        source: serde_json::Error,
+        cause: serde_json::Error,
     },
     #[error("Kosmos-2 config {path}: field `{field}`: {message}")]
     ConfigField {
@@ -27,13 +26,12 @@ pub enum Kosmos2Error {
     #[error("invalid Kosmos-2 config: `{field}` {reason}")]
     InvalidConfig { field: String, reason: String },
     #[error(
-        "cannot load Kosmos-2 weights from {files}: {source} \
+        "cannot load Kosmos-2 weights from {files}: {cause} \
          (is it a Kosmos2ForConditionalGeneration checkpoint matching the config?)"
     )]
     Weights {
         files: String,
-        #[source]
-        source: candle_core::Error,
+        cause: candle_core::Error,
     },
     #[error(
         "no Kosmos-2 weights in {dir}: expected model.safetensors or model.safetensors.index.json"

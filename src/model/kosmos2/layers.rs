@@ -6,13 +6,57 @@
 //! (inference, or frozen weights on detached inputs) the fused kernels run
 //! instead: one pass over the data instead of eight.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+
+use rand::{Rng, SeedableRng};
 
 use candle_core::{bail, DType, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
 use super::config::Activation;
 use crate::model::gemm::{self, Epilogue, PackedLinear, WeightFormat};
+
+/// Train-mode dropout shared by every layer of a model: off (inference) unless
+/// [`TrainMode::enable`] set a seed. Masks come from a stream seeded by (seed, call number), so a
+/// training step is reproducible and a resumed run draws the same masks.
+#[derive(Debug, Default)]
+pub struct TrainMode {
+    /// 0 = off; otherwise the step's seed (never 0 while on).
+    seed: AtomicU64,
+    calls: AtomicU64,
+}
+
+impl TrainMode {
+    /// Dropout on with masks drawn from `seed` (e.g. derived from the run seed and the step).
+    pub fn enable(&self, seed: u64) {
+        self.seed.store(seed.max(1), Ordering::SeqCst);
+        self.calls.store(0, Ordering::SeqCst);
+    }
+
+    /// Dropout off (inference, validation).
+    pub fn disable(&self) {
+        self.seed.store(0, Ordering::SeqCst);
+    }
+
+    /// `nn.functional.dropout(xs, p, training)`: zeroes elements with probability `p` and scales
+    /// the rest by `1 / (1 − p)`; the identity when off or `p == 0`.
+    pub(crate) fn dropout(&self, xs: &Tensor, p: f64) -> Result<Tensor> {
+        let seed = self.seed.load(Ordering::SeqCst);
+        if seed == 0 || p <= 0.0 {
+            return Ok(xs.clone());
+        }
+        let call = self.calls.fetch_add(1, Ordering::SeqCst);
+        let mut rng =
+            rand::rngs::StdRng::seed_from_u64(seed ^ call.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let keep = (1.0 / (1.0 - p)) as f32;
+        let mask: Vec<f32> = (0..xs.elem_count())
+            .map(|_| if rng.random::<f64>() < p { 0.0 } else { keep })
+            .collect();
+        let mask = Tensor::from_vec(mask, xs.shape(), xs.device())?.to_dtype(xs.dtype())?;
+        xs.mul(&mask)
+    }
+}
 
 /// `nn.LayerNorm` (weight and bias). Statistics in f32 so bf16/f16 stay stable.
 #[derive(Debug, Clone)]
@@ -114,6 +158,19 @@ impl Module for Linear {
             Self::Plain(l) => l,
         };
         let w = l.weight();
+        if needs_grad(&[xs]) && !needs_grad(&[w]) && w.dtype() == DType::F32 && w.device().is_cpu()
+        {
+            // A frozen weight under a trainable input: candle's matmul backward would also compute
+            // the weight's (unused) gradient, a full weight-sized matmul and allocation per call.
+            let ys = xs.contiguous()?.apply_op1(FrozenMatmul {
+                weight: w.clone(),
+                weight_t: w.t()?,
+            })?;
+            return match l.bias() {
+                Some(b) => ys.broadcast_add(b),
+                None => Ok(ys),
+            };
+        }
         let half = matches!(w.dtype(), DType::BF16 | DType::F16);
         if !half || !w.device().is_cpu() || needs_grad(&[xs, w]) {
             return l.forward(xs);
@@ -148,6 +205,47 @@ impl Module for Linear {
     }
 }
 
+/// `x · Wᵀ` for a frozen `W`: the backward returns only the input's gradient `g · W`.
+struct FrozenMatmul {
+    /// (out, in)
+    weight: Tensor,
+    /// (in, out), a view.
+    weight_t: Tensor,
+}
+
+impl candle_core::CustomOp1 for FrozenMatmul {
+    fn name(&self) -> &'static str {
+        "frozen-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let (Some((start, end)), candle_core::CpuStorage::F32(data)) =
+            (layout.contiguous_offsets(), storage)
+        else {
+            bail!("frozen-matmul: needs a contiguous f32 input");
+        };
+        let xs = Tensor::from_slice(
+            &data[start..end],
+            layout.shape().clone(),
+            &candle_core::Device::Cpu,
+        )?;
+        let ys = xs.broadcast_matmul(&self.weight_t)?;
+        let shape = ys.shape().clone();
+        Ok((
+            candle_core::CpuStorage::F32(ys.flatten_all()?.to_vec1::<f32>()?),
+            shape,
+        ))
+    }
+
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(grad_res.broadcast_matmul(&self.weight)?))
+    }
+}
+
 /// Additive causal mask `(len, len)`: 0 on and below the diagonal, f32::MIN
 /// above (transformers uses `finfo(dtype).min`).
 pub(crate) fn causal_mask(len: usize, device: &candle_core::Device) -> Result<Tensor> {
@@ -167,6 +265,8 @@ pub(crate) struct Attention {
     inner_attn_ln: Option<LayerNorm>,
     num_heads: usize,
     head_dim: usize,
+    /// Dropout on the attention probabilities in train mode.
+    dropout: (f64, Arc<TrainMode>),
 }
 
 #[derive(Debug, Clone)]
@@ -182,11 +282,13 @@ enum Projections {
 }
 
 impl Attention {
-    /// `inner_ln_eps`: `Some(eps)` loads `inner_attn_ln` (text self-attention).
+    /// `inner_ln_eps`: `Some(eps)` loads `inner_attn_ln` (text self-attention); `dropout`: the
+    /// attention-probability dropout and the model's train mode.
     pub(crate) fn new(
         dim: usize,
         num_heads: usize,
         inner_ln_eps: Option<f64>,
+        dropout: (f64, Arc<TrainMode>),
         vb: VarBuilder,
     ) -> Result<Self> {
         let inner_attn_ln = match inner_ln_eps {
@@ -203,6 +305,7 @@ impl Attention {
             inner_attn_ln,
             num_heads,
             head_dim: dim / num_heads,
+            dropout,
         })
     }
 
@@ -304,6 +407,7 @@ impl Attention {
             candle_nn::ops::softmax_last_dim(&scores)?
         }
         .to_dtype(v.dtype())?;
+        let probs = self.dropout.1.dropout(&probs, self.dropout.0)?;
         let out = probs
             .matmul(&v)?
             .transpose(1, 2)?

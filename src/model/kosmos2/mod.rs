@@ -14,6 +14,7 @@ mod text;
 mod vision;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Result, Tensor, D};
 use candle_nn::VarBuilder;
@@ -22,6 +23,7 @@ use crate::model::gemm::WeightFormat;
 
 pub use config::{Activation, Kosmos2Config, Kosmos2TextConfig, Kosmos2VisionConfig};
 pub use error::Kosmos2Error;
+pub use layers::TrainMode;
 
 use projection::ImageToTextProjection;
 use text::TextTransformer;
@@ -35,18 +37,31 @@ pub struct Kosmos2 {
     text: TextTransformer,
     cfg: Kosmos2Config,
     dtype: DType,
+    train: Arc<TrainMode>,
 }
 
 impl Kosmos2 {
-    /// Builds the model; `vb` sits at the checkpoint root (HF names).
+    /// Builds the model (dropout off); `vb` sits at the checkpoint root (HF names).
     pub fn new(cfg: &Kosmos2Config, vb: VarBuilder) -> Result<Self> {
+        let train = Arc::new(TrainMode::default());
         Ok(Self {
-            vision: VisionTransformer::new(&cfg.vision_config, vb.pp("vision_model").pp("model"))?,
-            projection: ImageToTextProjection::new(cfg, vb.pp("image_to_text_projection"))?,
-            text: TextTransformer::new(&cfg.text_config, vb.pp("text_model").pp("model"))?,
+            vision: VisionTransformer::new(
+                &cfg.vision_config,
+                &train,
+                vb.pp("vision_model").pp("model"),
+            )?,
+            projection: ImageToTextProjection::new(cfg, &train, vb.pp("image_to_text_projection"))?,
+            text: TextTransformer::new(&cfg.text_config, &train, vb.pp("text_model").pp("model"))?,
             cfg: cfg.clone(),
             dtype: vb.dtype(),
+            train,
         })
+    }
+
+    /// Train-mode dropout switch (`dropout`, `attention_dropout`, `activation_dropout` of the
+    /// config, placed as transformers does); off after construction.
+    pub fn train_mode(&self) -> &TrainMode {
+        &self.train
     }
 
     /// Loads weights from safetensors files (memory-mapped), converting to
@@ -57,13 +72,13 @@ impl Kosmos2 {
         dtype: DType,
         device: &Device,
     ) -> std::result::Result<Self, Kosmos2Error> {
-        let wrap = |source| Kosmos2Error::Weights {
+        let wrap = |cause| Kosmos2Error::Weights {
             files: files
                 .iter()
                 .map(|f| f.as_ref().display().to_string())
                 .collect::<Vec<_>>()
                 .join(", "),
-            source,
+            cause,
         };
         cfg.validate()?;
         // SAFETY: the files are mapped read-only; like every mmap reader we rely
@@ -82,7 +97,13 @@ impl Kosmos2 {
     ) -> std::result::Result<Self, Kosmos2Error> {
         let dir = dir.as_ref();
         let cfg = Kosmos2Config::from_file(dir.join("config.json"))?;
-        Self::load(&cfg, &safetensors_files(dir)?, dtype, device)
+        let files = weight_files(dir)?;
+        if files.is_empty() {
+            return Err(Kosmos2Error::NoWeights {
+                dir: dir.to_path_buf(),
+            });
+        }
+        Self::load(&cfg, &files, dtype, device)
     }
 
     /// Repacks every linear weight into the CPU inference GEMM's layout (`model::gemm`, x86-64
@@ -130,17 +151,16 @@ impl Kosmos2 {
     }
 }
 
-/// The weight files of an HF model folder: the single file, else the index's shards.
-fn safetensors_files(dir: &Path) -> std::result::Result<Vec<PathBuf>, Kosmos2Error> {
+/// The safetensors weight files of a Hugging Face model folder: `model.safetensors`, else the
+/// shards `model.safetensors.index.json` lists (sorted, each once), else none.
+pub fn weight_files(dir: &Path) -> std::result::Result<Vec<PathBuf>, Kosmos2Error> {
     let single = dir.join("model.safetensors");
     if single.is_file() {
         return Ok(vec![single]);
     }
     let index = dir.join("model.safetensors.index.json");
     if !index.is_file() {
-        return Err(Kosmos2Error::NoWeights {
-            dir: dir.to_path_buf(),
-        });
+        return Ok(vec![]);
     }
     let bad = |message: String| Kosmos2Error::WeightIndex {
         path: index.clone(),

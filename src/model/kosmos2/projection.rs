@@ -6,8 +6,9 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::config::Kosmos2Config;
-use super::layers::{linear, Attention, Linear};
+use super::layers::{linear, Attention, Linear, TrainMode};
 use crate::model::gemm::WeightFormat;
+use std::sync::Arc;
 
 #[derive(Debug, Clone)]
 pub(crate) struct ImageToTextProjection {
@@ -17,12 +18,19 @@ pub(crate) struct ImageToTextProjection {
 }
 
 impl ImageToTextProjection {
-    pub(crate) fn new(cfg: &Kosmos2Config, vb: VarBuilder) -> Result<Self> {
+    pub(crate) fn new(cfg: &Kosmos2Config, train: &Arc<TrainMode>, vb: VarBuilder) -> Result<Self> {
         let dt = cfg.text_config.embed_dim;
+        let dropout = (cfg.text_config.attention_dropout, train.clone());
         Ok(Self {
             dense: linear(cfg.vision_config.hidden_size, dt, vb.pp("dense"))?,
             latent_query: vb.get((cfg.latent_query_num, dt), "latent_query")?,
-            x_attn: Attention::new(dt, cfg.text_config.attention_heads, None, vb.pp("x_attn"))?,
+            x_attn: Attention::new(
+                dt,
+                cfg.text_config.attention_heads,
+                None,
+                dropout,
+                vb.pp("x_attn"),
+            )?,
         })
     }
 

@@ -6,8 +6,9 @@ use candle_core::{bail, Device, Module, Result, Tensor};
 use candle_nn::{Embedding, VarBuilder};
 
 use super::config::{Activation, Kosmos2TextConfig};
-use super::layers::{causal_mask, linear, Attention, LayerNorm, Linear};
+use super::layers::{causal_mask, linear, Attention, LayerNorm, Linear, TrainMode};
 use crate::model::gemm::WeightFormat;
+use std::sync::Arc;
 
 /// `fc1` → activation → `ffn_layernorm` → `fc2`.
 #[derive(Debug, Clone)]
@@ -16,15 +17,20 @@ struct Ffn {
     fc2: Linear,
     ffn_layernorm: LayerNorm,
     act: Activation,
+    /// `activation_dropout` after the activation, `dropout` after `fc2` (train mode).
+    dropout: (f64, f64),
+    train: Arc<TrainMode>,
 }
 
 impl Ffn {
-    fn new(cfg: &Kosmos2TextConfig, vb: VarBuilder) -> Result<Self> {
+    fn new(cfg: &Kosmos2TextConfig, train: &Arc<TrainMode>, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
             fc1: linear(cfg.embed_dim, cfg.ffn_dim, vb.pp("fc1"))?,
             fc2: linear(cfg.ffn_dim, cfg.embed_dim, vb.pp("fc2"))?,
             ffn_layernorm: LayerNorm::new(cfg.ffn_dim, cfg.layer_norm_eps, vb.pp("ffn_layernorm"))?,
             act: cfg.activation_function,
+            dropout: (cfg.activation_dropout, cfg.dropout),
+            train: train.clone(),
         })
     }
 
@@ -37,7 +43,9 @@ impl Ffn {
 impl Module for Ffn {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let h = self.fc1.forward_act(xs, self.act)?;
-        self.ffn_layernorm.forward(&h)?.apply(&self.fc2)
+        let h = self.train.dropout(&h, self.dropout.0)?;
+        let h = self.ffn_layernorm.forward(&h)?.apply(&self.fc2)?;
+        self.train.dropout(&h, self.dropout.1)
     }
 }
 
@@ -48,16 +56,28 @@ struct Block {
     self_attn_layer_norm: LayerNorm,
     ffn: Ffn,
     final_layer_norm: LayerNorm,
+    /// `dropout` on the attention output (train mode).
+    dropout: f64,
+    train: Arc<TrainMode>,
 }
 
 impl Block {
-    fn new(cfg: &Kosmos2TextConfig, vb: VarBuilder) -> Result<Self> {
+    fn new(cfg: &Kosmos2TextConfig, train: &Arc<TrainMode>, vb: VarBuilder) -> Result<Self> {
         let (d, eps) = (cfg.embed_dim, cfg.layer_norm_eps);
+        let attn_dropout = (cfg.attention_dropout, train.clone());
         Ok(Self {
-            self_attn: Attention::new(d, cfg.attention_heads, Some(eps), vb.pp("self_attn"))?,
+            self_attn: Attention::new(
+                d,
+                cfg.attention_heads,
+                Some(eps),
+                attn_dropout,
+                vb.pp("self_attn"),
+            )?,
             self_attn_layer_norm: LayerNorm::new(d, eps, vb.pp("self_attn_layer_norm"))?,
-            ffn: Ffn::new(cfg, vb.pp("ffn"))?,
+            ffn: Ffn::new(cfg, train, vb.pp("ffn"))?,
             final_layer_norm: LayerNorm::new(d, eps, vb.pp("final_layer_norm"))?,
+            dropout: cfg.dropout,
+            train: train.clone(),
         })
     }
 
@@ -72,7 +92,8 @@ impl Block {
         let len = xs.dim(1)?;
         let h = self.self_attn_layer_norm.forward(xs)?;
         let rows = |t: &Tensor| t.narrow(1, first, len - first)?.contiguous();
-        let xs = (rows(xs)? + self.self_attn.forward_self(&h, first, Some(mask))?)?;
+        let attn = self.self_attn.forward_self(&h, first, Some(mask))?;
+        let xs = (rows(xs)? + self.train.dropout(&attn, self.dropout)?)?;
         let h = self.final_layer_norm.forward(&xs)?.apply(&self.ffn)?;
         xs + h
     }
@@ -111,13 +132,19 @@ pub(crate) struct TextTransformer {
     embed_dim: usize,
     embed_scale: f64,
     padding_idx: usize,
+    dropout: f64,
+    train: Arc<TrainMode>,
 }
 
 impl TextTransformer {
-    pub(crate) fn new(cfg: &Kosmos2TextConfig, vb: VarBuilder) -> Result<Self> {
+    pub(crate) fn new(
+        cfg: &Kosmos2TextConfig,
+        train: &Arc<TrainMode>,
+        vb: VarBuilder,
+    ) -> Result<Self> {
         let vb_layers = vb.pp("layers");
         let layers = (0..cfg.layers)
-            .map(|i| Block::new(cfg, vb_layers.pp(i)))
+            .map(|i| Block::new(cfg, train, vb_layers.pp(i)))
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             embed_tokens: candle_nn::embedding(
@@ -130,6 +157,8 @@ impl TextTransformer {
             embed_dim: cfg.embed_dim,
             embed_scale: cfg.embed_scale(),
             padding_idx: cfg.pad_token_id,
+            dropout: cfg.dropout,
+            train: train.clone(),
         })
     }
 
@@ -167,6 +196,10 @@ impl TextTransformer {
         let positions =
             sinusoidal_positions(len, d, self.padding_idx, dev)?.to_dtype(inputs_embeds.dtype())?;
         let mut xs = (inputs_embeds * self.embed_scale)?.broadcast_add(&positions)?;
+        // transformers applies `dropout` here twice (`forward_embedding`, then `forward`).
+        for _ in 0..2 {
+            xs = self.train.dropout(&xs, self.dropout)?;
+        }
         let mask = causal_mask(len, dev)?;
         let n_layers = self.layers.len();
         for (i, layer) in self.layers.iter().enumerate() {

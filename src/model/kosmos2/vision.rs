@@ -5,8 +5,9 @@ use candle_core::{bail, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::config::{Activation, Kosmos2VisionConfig};
-use super::layers::{linear, Attention, LayerNorm, Linear};
+use super::layers::{linear, Attention, LayerNorm, Linear, TrainMode};
 use crate::model::gemm::WeightFormat;
+use std::sync::Arc;
 
 /// Class token + strided-conv patch embeddings + learned positions.
 ///
@@ -78,11 +79,18 @@ struct EncoderLayer {
 }
 
 impl EncoderLayer {
-    fn new(cfg: &Kosmos2VisionConfig, vb: VarBuilder) -> Result<Self> {
+    fn new(cfg: &Kosmos2VisionConfig, train: &Arc<TrainMode>, vb: VarBuilder) -> Result<Self> {
         let d = cfg.hidden_size;
         let eps = cfg.layer_norm_eps;
+        let dropout = (cfg.attention_dropout, train.clone());
         Ok(Self {
-            self_attn: Attention::new(d, cfg.num_attention_heads, None, vb.pp("self_attn"))?,
+            self_attn: Attention::new(
+                d,
+                cfg.num_attention_heads,
+                None,
+                dropout,
+                vb.pp("self_attn"),
+            )?,
             layer_norm1: LayerNorm::new(d, eps, vb.pp("layer_norm1"))?,
             fc1: linear(d, cfg.intermediate_size, vb.pp("mlp").pp("fc1"))?,
             fc2: linear(cfg.intermediate_size, d, vb.pp("mlp").pp("fc2"))?,
@@ -124,11 +132,15 @@ pub(crate) struct VisionTransformer {
 }
 
 impl VisionTransformer {
-    pub(crate) fn new(cfg: &Kosmos2VisionConfig, vb: VarBuilder) -> Result<Self> {
+    pub(crate) fn new(
+        cfg: &Kosmos2VisionConfig,
+        train: &Arc<TrainMode>,
+        vb: VarBuilder,
+    ) -> Result<Self> {
         let eps = cfg.layer_norm_eps;
         let vb_layers = vb.pp("encoder").pp("layers");
         let layers = (0..cfg.num_hidden_layers)
-            .map(|i| EncoderLayer::new(cfg, vb_layers.pp(i)))
+            .map(|i| EncoderLayer::new(cfg, train, vb_layers.pp(i)))
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             embeddings: VisionEmbeddings::new(cfg, vb.pp("embeddings"))?,

@@ -1,0 +1,569 @@
+//! `trainer_node`: fine-tuning on the robot through the `mobile_vla/action/Finetune` action.
+//!
+//! Training runs as a child process, `mobile_vla train … --progress json`, not in a thread of
+//! the node: an out-of-memory kill, an abort in a native library or a panic ends the child
+//! only, and the node turns it into an aborted goal with the reason and keeps serving. A
+//! thread would take the node (and its DDS participant) down with it, and its memory would not
+//! be returned to the robot between jobs. The child reports on stdout, one JSON object per
+//! line (`progress` at least once a second, then `done`, `cancelled` or `error`); its human
+//! logs on stderr are forwarded to ours. One job runs at a time; cancel = SIGTERM, upon which
+//! the child saves a checkpoint and exits 0. On success the model directory is announced on
+//! `~/model_ready` (transient-local), which policy_node follows with `follow_trainer: true`.
+//! With `auto_finetune_after` > 0 a job starts by itself after that many new episodes saved by
+//! recorder_node (its `~/status`).
+
+use super::params::NodeParams;
+use super::runtime::NodeHandle;
+use super::status_qos;
+use futures::StreamExt;
+use r2r::mobile_vla::action::Finetune;
+use r2r::mobile_vla::msg::RecordingStatus;
+use r2r::std_msgs::msg::String as StringMsg;
+use r2r::RosParams;
+use serde::Deserialize;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::process::Stdio;
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tracing::{info, warn};
+
+pub const NAME: &str = "trainer_node";
+pub const DEFAULTS: &str = include_str!("../../config/trainer_node.yaml");
+
+#[derive(Debug, Clone, Deserialize, RosParams)]
+#[serde(deny_unknown_fields)]
+pub struct TrainerParams {
+    /// Training executable; empty = the `mobile_vla` next to this node's binary
+    pub train_executable: String,
+    /// Training config file used when a goal gives none; empty = the trainer's default
+    pub config: String,
+    /// Run directories of goals without output_dir go under this directory
+    pub runs_dir: String,
+    /// Start a job after this many new episodes saved by recorder_node; 0 = never
+    pub auto_finetune_after: u32,
+    /// recorder_node's status topic (mobile_vla/RecordingStatus)
+    pub recorder_status_topic: String,
+    /// Episode directory of automatic jobs
+    pub auto_dataset_dir: String,
+    /// Model automatic jobs start from; empty = the config's
+    pub auto_init_model_dir: String,
+}
+
+impl NodeParams for TrainerParams {
+    fn validate(&self) -> Result<(), String> {
+        if self.auto_finetune_after > 0 && self.auto_dataset_dir.trim().is_empty() {
+            return Err("`auto_dataset_dir` is empty but `auto_finetune_after` is set: say where recorder_node writes".into());
+        }
+        if self.runs_dir.trim().is_empty() {
+            return Err("`runs_dir` is empty: give a directory for training runs".into());
+        }
+        Ok(())
+    }
+}
+
+/// One line of the child's stdout.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(tag = "event", rename_all = "lowercase")]
+pub enum ChildEvent {
+    Progress {
+        phase: String,
+        #[serde(default)]
+        epoch: u32,
+        #[serde(default)]
+        epochs: u32,
+        #[serde(default)]
+        step: u64,
+        #[serde(default)]
+        total_steps: u64,
+        #[serde(default)]
+        loss: f32,
+        #[serde(default)]
+        lr: f32,
+        #[serde(default)]
+        eta_s: f32,
+    },
+    Done {
+        model_dir: String,
+        #[serde(default)]
+        checkpoint: String,
+        #[serde(default)]
+        metrics: String,
+        #[serde(default)]
+        final_loss: f32,
+        #[serde(default)]
+        best_val_loss: f32,
+    },
+    Cancelled {
+        #[serde(default)]
+        checkpoint: String,
+    },
+    Error {
+        message: String,
+    },
+}
+
+impl ChildEvent {
+    /// `None` for lines that are not contract events (the child's stdout is not ours to police).
+    pub fn parse(line: &str) -> Option<Self> {
+        serde_json::from_str(line.trim()).ok()
+    }
+}
+
+/// A job to run: the child's command line.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Job {
+    pub config: Option<PathBuf>,
+    pub data: PathBuf,
+    pub model: Option<PathBuf>,
+    pub out: PathBuf,
+    pub resume: bool,
+}
+
+impl Job {
+    /// `mobile_vla train --config <file> --data <dir> --model <dir> --out <run dir> [--resume] --progress json`.
+    pub fn args(&self) -> Vec<String> {
+        let mut a = vec!["train".to_string()];
+        let mut push = |flag: &str, v: &Path| {
+            a.push(flag.into());
+            a.push(v.display().to_string());
+        };
+        if let Some(c) = &self.config {
+            push("--config", c);
+        }
+        push("--data", &self.data);
+        if let Some(m) = &self.model {
+            push("--model", m);
+        }
+        push("--out", &self.out);
+        if self.resume {
+            a.push("--resume".into());
+        }
+        a.extend(["--progress".into(), "json".into()]);
+        a
+    }
+
+    /// From a goal: an inline YAML config is written into the run directory first.
+    fn from_goal(goal: &Finetune::Goal, p: &TrainerParams, run_name: &str) -> Result<Self, String> {
+        if goal.dataset_dir.trim().is_empty() {
+            return Err("goal.dataset_dir is empty: give the episode directory".into());
+        }
+        let out = if goal.output_dir.trim().is_empty() {
+            Path::new(&p.runs_dir).join(run_name)
+        } else {
+            PathBuf::from(&goal.output_dir)
+        };
+        let config = if goal.config.trim().is_empty() {
+            (!p.config.is_empty()).then(|| PathBuf::from(&p.config))
+        } else if goal.config.contains('\n') || !Path::new(&goal.config).exists() {
+            // Not a file: inline YAML, kept with the run so it can be repeated.
+            std::fs::create_dir_all(&out)
+                .map_err(|e| format!("cannot create {}: {e}", out.display()))?;
+            let path = out.join("goal_config.yaml");
+            crate::fsutil::write_atomic(&path, |tmp| std::fs::write(tmp, &goal.config))
+                .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+            Some(path)
+        } else {
+            Some(PathBuf::from(&goal.config))
+        };
+        Ok(Self {
+            config,
+            data: PathBuf::from(&goal.dataset_dir),
+            model: (!goal.init_model_dir.trim().is_empty())
+                .then(|| PathBuf::from(&goal.init_model_dir)),
+            out,
+            resume: goal.resume,
+        })
+    }
+}
+
+/// The training executable: the parameter, or `mobile_vla` beside this binary.
+fn executable(p: &TrainerParams) -> PathBuf {
+    if !p.train_executable.is_empty() {
+        return PathBuf::from(&p.train_executable);
+    }
+    std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(|d| d.join("mobile_vla")))
+        .unwrap_or_else(|| PathBuf::from("mobile_vla"))
+}
+
+fn run_name() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    format!("run_{}", crate::data::episode::utc_stamp(secs))
+}
+
+/// Asks the child to stop: SIGTERM, upon which it saves a checkpoint and exits 0.
+fn terminate(child: &Child) {
+    if let Some(pid) = child.id() {
+        // SAFETY: kill(2) with a pid we spawned and still own (not yet reaped); no memory involved.
+        let rc = unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+        if rc != 0 {
+            warn!(
+                "cannot send SIGTERM to the training process {pid}: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+}
+
+fn feedback_of(e: &ChildEvent) -> Option<Finetune::Feedback> {
+    match e {
+        ChildEvent::Progress {
+            phase,
+            epoch,
+            epochs,
+            step,
+            total_steps,
+            loss,
+            lr,
+            eta_s,
+        } => Some(Finetune::Feedback {
+            epoch: *epoch,
+            epochs: *epochs,
+            step: *step,
+            total_steps: *total_steps,
+            loss: *loss,
+            learning_rate: *lr,
+            eta_s: *eta_s,
+            phase: phase.clone(),
+        }),
+        _ => None,
+    }
+}
+
+/// How a job ended.
+enum Outcome {
+    Done(Finetune::Result),
+    Cancelled(Finetune::Result),
+    Failed(String),
+}
+
+/// Runs one job to its end, relaying feedback (the last one again every second while the child is
+/// quiet) and turning a cancel into SIGTERM.
+async fn run_job(
+    exe: &Path,
+    job: &Job,
+    mut feedback: impl FnMut(Finetune::Feedback),
+    cancel: &mut (impl futures::Stream<Item = r2r::ActionServerCancelRequest> + Unpin),
+) -> Outcome {
+    info!("training: {} {}", exe.display(), job.args().join(" "));
+    let mut child = match Command::new(exe)
+        .args(job.args())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+    {
+        Ok(c) => c,
+        Err(e) => return Outcome::Failed(format!("cannot start {}: {e}", exe.display())),
+    };
+    let Some(stdout) = child.stdout.take() else {
+        return Outcome::Failed("the training process has no stdout".into());
+    };
+    let mut lines = BufReader::new(stdout).lines();
+    let mut last_feedback: Option<Finetune::Feedback> = None;
+    let mut last_event: Option<ChildEvent> = None;
+    let mut cancelling = false;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            line = lines.next_line() => match line {
+                Ok(Some(line)) => match ChildEvent::parse(&line) {
+                    Some(e) => {
+                        if let Some(f) = feedback_of(&e) {
+                            feedback(f.clone());
+                            last_feedback = Some(f);
+                            tick.reset();
+                        } else {
+                            last_event = Some(e);
+                        }
+                    }
+                    None => info!("training: {line}"),
+                },
+                Ok(None) | Err(_) => break,
+            },
+            Some(req) = cancel.next(), if !cancelling => {
+                info!("cancel requested: stopping training (it saves a checkpoint)");
+                req.accept();
+                cancelling = true;
+                terminate(&child);
+            }
+            _ = tick.tick() => {
+                if let Some(f) = &last_feedback {
+                    feedback(f.clone());
+                }
+            }
+        }
+    }
+    let status = match child.wait().await {
+        Ok(s) => s,
+        Err(e) => return Outcome::Failed(format!("cannot wait for the training process: {e}")),
+    };
+    let mut result = Finetune::Result::default();
+    match last_event {
+        Some(ChildEvent::Done {
+            model_dir,
+            checkpoint,
+            metrics,
+            final_loss,
+            best_val_loss,
+        }) if status.success() => {
+            result.success = true;
+            result.message = format!("trained: {model_dir}");
+            result.model_dir = model_dir;
+            result.checkpoint_path = checkpoint;
+            result.metrics_path = metrics;
+            result.final_loss = final_loss;
+            result.best_val_loss = best_val_loss;
+            Outcome::Done(result)
+        }
+        Some(ChildEvent::Cancelled { checkpoint }) if status.success() => {
+            result.message = format!("cancelled; checkpoint {checkpoint}");
+            result.checkpoint_path = checkpoint;
+            Outcome::Cancelled(result)
+        }
+        Some(ChildEvent::Error { message }) => Outcome::Failed(message),
+        _ => Outcome::Failed(describe_exit(status)),
+    }
+}
+
+fn describe_exit(status: std::process::ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (_, Some(libc::SIGKILL)) => {
+            "the training process was killed (SIGKILL: out of memory?)".into()
+        }
+        (_, Some(sig)) => format!("the training process died of signal {sig}"),
+        (Some(code), _) => {
+            format!("the training process exited with status {code} without a result")
+        }
+        (None, None) => "the training process ended without a result".into(),
+    }
+}
+
+type GoalRequest = r2r::ActionServerGoalRequest<Finetune::Action>;
+
+pub async fn run(h: NodeHandle<TrainerParams>) -> anyhow::Result<()> {
+    let p = h.params();
+    let exe = executable(&p);
+    let (mut goals, ready_pub, mut status) = {
+        let mut node = h.node();
+        let name = node.name()?;
+        let status = if p.auto_finetune_after > 0 {
+            node.subscribe::<RecordingStatus>(&p.recorder_status_topic, status_qos())?
+                .boxed()
+        } else {
+            futures::stream::pending().boxed()
+        };
+        (
+            // Actions do not expand `~`: the node's own name, relative to its namespace.
+            node.create_action_server::<Finetune::Action>(&format!("{name}/finetune"))?,
+            node.create_publisher::<StringMsg>("~/model_ready", status_qos())?,
+            status,
+        )
+    };
+    info!("trainer_node: serving finetune with {}", exe.display());
+    // The running job (one at a time), polled here: r2r's goal handles cannot move to another
+    // thread. It yields the model directory to announce, if any.
+    let mut running: Option<Pin<Box<dyn Future<Output = Option<String>>>>> = None;
+    let mut running_out = PathBuf::new();
+    let mut episodes_seen: Option<u32> = None;
+    let mut auto_pending = false;
+
+    loop {
+        let start: Option<(Job, Option<GoalRequest>)> = tokio::select! {
+            _ = h.shutdown() => break,
+            model = async { running.as_mut().expect("guarded").await }, if running.is_some() => {
+                running = None;
+                if let Some(dir) = model {
+                    if let Err(e) = ready_pub.publish(&StringMsg { data: dir.clone() }) {
+                        warn!("cannot announce {dir}: {e}");
+                    }
+                }
+                None
+            }
+            Some(req) = goals.next() => {
+                if running.is_some() {
+                    let reason = format!("busy: the job writing {} is running; one job at a time", running_out.display());
+                    warn!("goal refused: {reason}");
+                    abort_request(req, reason);
+                    None
+                } else {
+                    match Job::from_goal(&req.goal, &p, &run_name()) {
+                        Ok(job) => Some((job, Some(req))),
+                        Err(reason) => {
+                            warn!("goal refused: {reason}");
+                            abort_request(req, reason);
+                            None
+                        }
+                    }
+                }
+            }
+            Some(s) = status.next() => {
+                let saved = s.episodes_saved;
+                let base = *episodes_seen.get_or_insert(saved);
+                if saved >= base + p.auto_finetune_after {
+                    auto_pending = true;
+                }
+                if auto_pending && running.is_none() {
+                    auto_pending = false;
+                    episodes_seen = Some(saved);
+                    info!("{} new episode(s): fine-tuning automatically", saved - base);
+                    Some((Job {
+                        config: (!p.config.is_empty()).then(|| PathBuf::from(&p.config)),
+                        data: PathBuf::from(&p.auto_dataset_dir),
+                        model: (!p.auto_init_model_dir.is_empty()).then(|| PathBuf::from(&p.auto_init_model_dir)),
+                        out: Path::new(&p.runs_dir).join(run_name()),
+                        resume: false,
+                    }, None))
+                } else {
+                    None
+                }
+            }
+        };
+        let Some((job, req)) = start else { continue };
+        running_out = job.out.clone();
+        let exe = exe.clone();
+        running = Some(Box::pin(async move {
+            match req {
+                Some(req) => serve_goal(&exe, &job, req).await,
+                None => {
+                    let mut no_cancel =
+                        futures::stream::pending::<r2r::ActionServerCancelRequest>();
+                    match run_job(&exe, &job, |_| {}, &mut no_cancel).await {
+                        Outcome::Done(r) => Some(r.model_dir),
+                        Outcome::Cancelled(_) => None,
+                        Outcome::Failed(reason) => {
+                            warn!("automatic fine-tuning failed: {reason}");
+                            None
+                        }
+                    }
+                }
+            }
+        }));
+    }
+    Ok(())
+}
+
+/// Accepts the goal only to end it at once with the reason: the action protocol's reject
+/// carries no text, and a client deserves to know why.
+fn abort_request(req: GoalRequest, reason: String) {
+    match req.accept() {
+        Ok((mut g, _)) => {
+            let result = Finetune::Result {
+                message: reason,
+                ..Default::default()
+            };
+            if let Err(e) = g.abort(result) {
+                warn!("cannot abort the goal: {e}");
+            }
+        }
+        Err(e) => warn!("cannot answer the goal: {e}"),
+    }
+}
+
+/// Runs an accepted goal; the model directory on success.
+async fn serve_goal(exe: &Path, job: &Job, req: GoalRequest) -> Option<String> {
+    let (mut g, mut cancel) = match req.accept() {
+        Ok(x) => x,
+        Err(e) => {
+            warn!("cannot accept the goal: {e}");
+            return None;
+        }
+    };
+    let fb = g.clone();
+    let outcome = run_job(
+        exe,
+        job,
+        |f| {
+            if let Err(e) = fb.publish_feedback(f) {
+                warn!("cannot publish feedback: {e}");
+            }
+        },
+        &mut cancel,
+    )
+    .await;
+    let (sent, model) = match outcome {
+        Outcome::Done(r) => {
+            let dir = r.model_dir.clone();
+            info!("fine-tuning done: {dir}");
+            (g.succeed(r), Some(dir))
+        }
+        Outcome::Cancelled(r) => (g.cancel(r), None),
+        Outcome::Failed(reason) => {
+            warn!("fine-tuning failed: {reason}");
+            (
+                g.abort(Finetune::Result {
+                    message: reason,
+                    ..Default::default()
+                }),
+                None,
+            )
+        }
+    };
+    if let Err(e) = sent {
+        warn!("cannot send the result: {e}");
+    }
+    model
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn contract_lines_parse() {
+        let p = ChildEvent::parse(r#"{"event":"progress","phase":"training","epoch":1,"epochs":3,"step":10,"total_steps":30,"loss":0.5,"lr":1e-4,"samples_per_s":2.0,"eta_s":20.0}"#).unwrap();
+        let f = feedback_of(&p).unwrap();
+        assert_eq!(
+            (f.phase.as_str(), f.epoch, f.step, f.total_steps),
+            ("training", 1, 10, 30)
+        );
+        assert!(matches!(
+            ChildEvent::parse(
+                r#"{"event":"done","model_dir":"m","checkpoint":"c","metrics":"x","final_loss":0.1,"best_val_loss":0.2}"#
+            ),
+            Some(ChildEvent::Done { .. })
+        ));
+        assert_eq!(
+            ChildEvent::parse(r#"{"event":"error","message":"no episodes"}"#),
+            Some(ChildEvent::Error {
+                message: "no episodes".into()
+            })
+        );
+        assert_eq!(ChildEvent::parse("loading weights..."), None);
+    }
+
+    #[test]
+    fn job_command_line_follows_the_contract() {
+        let j = Job {
+            config: Some("c.yaml".into()),
+            data: "eps".into(),
+            model: None,
+            out: "runs/r1".into(),
+            resume: true,
+        };
+        assert_eq!(
+            j.args().join(" "),
+            "train --config c.yaml --data eps --out runs/r1 --resume --progress json"
+        );
+    }
+
+    #[test]
+    fn embedded_defaults_parse_and_validate() {
+        let p: TrainerParams =
+            crate::ros::params::from_yaml(DEFAULTS, "config/trainer_node.yaml", NAME).unwrap();
+        p.validate().unwrap();
+        let mut bad = p;
+        bad.auto_finetune_after = 3;
+        bad.auto_dataset_dir.clear();
+        assert!(bad.validate().unwrap_err().contains("auto_dataset_dir"));
+    }
+}

@@ -1,0 +1,191 @@
+//! AdamW with `torch.optim.AdamW` semantics (single-tensor path, as torch runs it on the CPU), the
+//! learning-rate schedules of RoboVLMs' `configure_optimizers`, and `clip_grad_norm_`.
+
+use crate::config::train::SchedulerKind;
+use candle_core::{Result, Tensor, Var};
+
+/// torch's defaults (RoboVLMs sets only `lr` and `weight_decay`).
+pub const BETA1: f64 = 0.9;
+pub const BETA2: f64 = 0.999;
+pub const EPS: f64 = 1e-8;
+
+/// First and second moments of one parameter.
+#[derive(Debug, Clone)]
+pub struct Moments {
+    pub exp_avg: Tensor,
+    pub exp_avg_sq: Tensor,
+}
+
+/// AdamW over a fixed list of parameters.
+#[derive(Debug)]
+pub struct AdamW {
+    pub weight_decay: f64,
+    /// Optimiser steps taken (torch's `state["step"]`).
+    pub step: u64,
+    pub moments: Vec<Moments>,
+}
+
+impl AdamW {
+    pub fn new(params: &[Var], weight_decay: f64) -> Result<Self> {
+        let moments = params
+            .iter()
+            .map(|p| {
+                Ok(Moments {
+                    exp_avg: p.zeros_like()?,
+                    exp_avg_sq: p.zeros_like()?,
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            weight_decay,
+            step: 0,
+            moments,
+        })
+    }
+
+    /// One step at learning rate `lr`; `grads[i]` belongs to `params[i]`, and a parameter without
+    /// a gradient is skipped, as torch does (the step count is shared: every trainable parameter
+    /// of the policy gets a gradient from every batch).
+    /// torch: `p *= 1 − lr·wd; m = lerp(m, g, 1−β1); v = β2·v + (1−β2)·g²;
+    /// p −= lr/(1−β1ᵗ) · m / (√v / √(1−β2ᵗ) + eps)`.
+    pub fn step(&mut self, params: &[Var], grads: &[Option<Tensor>], lr: f64) -> Result<()> {
+        self.step += 1;
+        let t = self.step as i32;
+        let bc1 = 1.0 - BETA1.powi(t);
+        let bc2_sqrt = (1.0 - BETA2.powi(t)).sqrt();
+        let step_size = lr / bc1;
+        for ((p, g), m) in params.iter().zip(grads).zip(&mut self.moments) {
+            let Some(g) = g else { continue };
+            let mut value = p.as_tensor().clone();
+            if self.weight_decay != 0.0 {
+                value = (value * (1.0 - lr * self.weight_decay))?;
+            }
+            // lerp(m, g, w) = m + w·(g − m)
+            m.exp_avg = (&m.exp_avg + ((g - &m.exp_avg)? * (1.0 - BETA1))?)?;
+            m.exp_avg_sq = ((&m.exp_avg_sq * BETA2)? + (g.sqr()? * (1.0 - BETA2))?)?;
+            let denom = ((m.exp_avg_sq.sqrt()? / bc2_sqrt)? + EPS)?;
+            let update = (m.exp_avg.div(&denom)? * step_size)?;
+            p.set(&(value - update)?)?;
+        }
+        Ok(())
+    }
+}
+
+/// `clip_grad_norm_(params, max_norm)`: the L2 norm of all gradients together; when above
+/// `max_norm`, every gradient is scaled by `max_norm / (norm + 1e-6)`. Returns the norm before.
+pub fn clip_grad_norm(grads: &mut [Option<Tensor>], max_norm: f64) -> Result<f64> {
+    let mut sq = 0f64;
+    for g in grads.iter().flatten() {
+        sq += g
+            .sqr()?
+            .sum_all()?
+            .to_dtype(candle_core::DType::F64)?
+            .to_scalar::<f64>()?;
+    }
+    let norm = sq.sqrt();
+    let coef = (max_norm / (norm + 1e-6)).min(1.0);
+    if coef < 1.0 {
+        for g in grads.iter_mut().flatten() {
+            *g = (&*g * coef)?;
+        }
+    }
+    Ok(norm)
+}
+
+/// The per-step learning-rate factor of RoboVLMs' scheduler choice.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Schedule {
+    pub kind: SchedulerKind,
+    /// `warmup_epochs · iter_per_epoch + warmup_steps` (may be fractional).
+    pub warmup_iters: f64,
+    /// `min(max_epochs · iter_per_epoch, max_steps)`.
+    pub iters: f64,
+    pub min_lr_scale: f64,
+}
+
+impl Schedule {
+    /// As RoboVLMs computes it from Lightning's `estimated_stepping_batches`.
+    pub fn new(
+        kind: SchedulerKind,
+        steps_per_epoch: usize,
+        max_epochs: usize,
+        max_steps: Option<usize>,
+        warmup_epochs: f64,
+        warmup_steps: f64,
+        min_lr_scale: f64,
+    ) -> Self {
+        let full = (steps_per_epoch * max_epochs) as f64;
+        let estimated = max_steps.map_or(full, |m| full.min(m as f64));
+        let iter_per_epoch = estimated / max_epochs as f64;
+        let max_iters = max_steps.map_or(1e10, |m| m as f64);
+        Self {
+            kind,
+            warmup_iters: warmup_epochs * iter_per_epoch + warmup_steps,
+            iters: (max_epochs as f64 * iter_per_epoch).min(max_iters),
+            min_lr_scale,
+        }
+    }
+
+    /// `LambdaLR` factor at optimiser step `k` (0-based: the first step uses `factor(0)`).
+    pub fn factor(&self, k: u64) -> f64 {
+        let (k, w) = (k as f64, self.warmup_iters);
+        match self.kind {
+            // transformers: step / max(1, warmup) during warmup.
+            SchedulerKind::Constant | SchedulerKind::Cosine if k < w => k / w.max(1.0),
+            SchedulerKind::Constant => 1.0,
+            SchedulerKind::Cosine => {
+                let progress = (k - w) / (self.iters - w).max(1.0);
+                (0.5 * (1.0 + (std::f64::consts::PI * progress).cos())).max(0.0)
+            }
+            // RoboVLMs' adjust_learning_rate divides by warmup_iters as is.
+            SchedulerKind::HalfCosine if k < w => k / w,
+            SchedulerKind::HalfCosine => {
+                let m = self.min_lr_scale;
+                let phase = std::f64::consts::PI * (k - w) / (self.iters - w);
+                m + (1.0 - m) * 0.5 * (1.0 + phase.cos())
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schedules_match_robovlms_formulas() {
+        let s = Schedule::new(SchedulerKind::HalfCosine, 10, 2, None, 0.5, 0.0, 0.01);
+        assert_eq!((s.warmup_iters, s.iters), (5.0, 20.0));
+        assert_eq!(s.factor(0), 0.0);
+        assert!((s.factor(4) - 0.8).abs() < 1e-12);
+        assert!((s.factor(5) - 1.0).abs() < 1e-12);
+        assert!((s.factor(20) - 0.01).abs() < 1e-12);
+        let c = Schedule {
+            kind: SchedulerKind::Cosine,
+            ..s
+        };
+        assert!(c.factor(20).abs() < 1e-12, "HF cosine ignores min_lr_scale");
+        let k = Schedule {
+            kind: SchedulerKind::Constant,
+            warmup_iters: 0.0,
+            ..s
+        };
+        assert_eq!(k.factor(0), 1.0);
+        let capped = Schedule::new(SchedulerKind::Constant, 10, 2, Some(7), 0.0, 3.0, 0.01);
+        assert_eq!((capped.warmup_iters, capped.iters), (3.0, 7.0));
+    }
+
+    #[test]
+    fn clipping_scales_to_max_norm() {
+        let dev = candle_core::Device::Cpu;
+        let mut g = vec![
+            Some(Tensor::new(&[3f32, 0.0], &dev).unwrap()),
+            None,
+            Some(Tensor::new(&[4f32], &dev).unwrap()),
+        ];
+        let n = clip_grad_norm(&mut g, 1.0).unwrap();
+        assert!((n - 5.0).abs() < 1e-9);
+        let v = g[0].as_ref().unwrap().to_vec1::<f32>().unwrap();
+        assert!((v[0] - 0.6).abs() < 1e-6);
+    }
+}

@@ -247,6 +247,8 @@ impl Trainer {
             val_fraction: cfg.val_fraction,
             seed: cfg.seed,
             read: Default::default(),
+            // A corrupt episode is logged and skipped; the rest trains.
+            strict: false,
         };
         let all = MobileVlaDataset::open(&opts.data, data_cfg)?;
         let data: Vec<(String, u64)> = all

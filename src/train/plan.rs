@@ -21,10 +21,10 @@ use super::strategy::Strategy;
 use super::TrainError;
 use crate::config::train::Precision;
 use crate::config::{TrainConfig, TrainSetup};
-use crate::model::checkpoint;
+use crate::model::model_dir;
 use crate::model::error::ModelError;
 use crate::model::kosmos2::Kosmos2Config;
-use crate::model::policy::PolicyConfig;
+use crate::model::PolicyConfig;
 use candle_core::safetensors::MmapedSafetensors;
 use std::fmt::Write as _;
 use std::path::Path;
@@ -141,15 +141,15 @@ impl ModelSizes {
     /// model directory or a Hugging Face Kosmos-2 folder. The latter has no action token or head
     /// yet: those of `mobile_vla model init`'s defaults are counted.
     pub fn read(dir: &Path) -> Result<(Kosmos2Config, Option<PolicyConfig>, Self), TrainError> {
-        let backbone = Kosmos2Config::from_file(dir.join(checkpoint::CONFIG_FILE))
+        let backbone = Kosmos2Config::from_file(dir.join(model_dir::CONFIG_FILE))
             .map_err(ModelError::from)?;
-        let files = checkpoint::hf_weight_files(dir)?;
+        let files = crate::model::kosmos2::weight_files(dir).map_err(ModelError::from)?;
         if files.is_empty() {
             return Err(ModelError::config(dir, "no model.safetensors (or sharded index)").into());
         }
-        let err = |source| ModelError::Tensors {
+        let err = |cause| ModelError::Tensors {
             path: files[0].clone(),
-            source,
+            cause,
         };
         // SAFETY: read-only mapping; only the headers are read.
         let st = unsafe { MmapedSafetensors::multi(&files) }.map_err(err)?;
@@ -158,7 +158,7 @@ impl ModelSizes {
             .iter()
             .filter_map(|(n, v)| Group::of(n).map(|g| (g, v.shape().iter().product())))
             .collect();
-        let policy_file = dir.join(checkpoint::POLICY_FILE);
+        let policy_file = dir.join(model_dir::POLICY_FILE);
         let policy = if policy_file.is_file() {
             Some(PolicyConfig::from_file(&policy_file)?)
         } else {

@@ -90,34 +90,40 @@ fn run_child(path: &Path, depth: Depth) -> Result<Vec<Defect>, String> {
     let (read_fd, write_fd) = (fds[0], fds[1]);
     // SAFETY: fork in a multi-threaded process is sound when the child touches only state
     // that no other thread can hold locked at the fork. The child uses (1) libhdf5, whose
-    // every call goes through hdf5-metno's process-wide lock, held here across the fork, so
-    // no other thread is inside libhdf5 and the child (same thread, same thread-local owner
-    // id) re-enters the lock; (2) malloc, which glibc makes fork-safe with its atfork
-    // handlers; (3) the pipe, its own. It logs nothing and leaves with `_exit`, so no atexit
-    // handler or destructor (libhdf5 closing the parent's open files) runs in it. A child that
-    // does block anyway is ended by its alarm.
-    let pid = hdf5::sync::sync(|| unsafe { libc::fork() });
-    if pid == 0 {
-        // SAFETY: see above; this is the child, which never returns from this block.
-        unsafe {
-            libc::close(read_fd);
-            libc::alarm(CHILD_TIMEOUT_S);
-            let verdict = std::panic::catch_unwind(|| check_in_process(path, depth));
-            let code = match verdict {
-                Ok(defects) => {
-                    let pairs: Vec<(&str, &str)> = defects
-                        .iter()
-                        .map(|d| (d.field.as_str(), d.problem.as_str()))
-                        .collect();
-                    let json = serde_json::to_vec(&pairs).unwrap_or_default();
-                    let mut out = std::fs::File::from_raw_fd(write_fd);
-                    i32::from(out.write_all(&json).is_err())
-                }
-                Err(_) => 2,
-            };
-            libc::_exit(code);
+    // every call goes through hdf5-metno's process-wide reentrant lock, held here across the
+    // fork and never released in the child, which runs and exits inside this closure: no other
+    // thread is inside libhdf5, and the child (same thread, same thread-local owner id) only
+    // re-enters the lock. Releasing it in the child would deadlock when parent threads were
+    // parked on it at the fork: parking_lot hands the lock to a waiter the child does not
+    // have. (2) malloc, which glibc makes fork-safe with its atfork handlers; (3) the pipe, its
+    // own. It logs nothing and leaves with `_exit`, so no atexit handler or destructor
+    // (libhdf5 closing the parent's open files) runs in it. A child that does block anyway is
+    // ended by its alarm.
+    let pid = hdf5::sync::sync(|| {
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            // SAFETY: see above; this is the child, which never returns from this block.
+            unsafe {
+                libc::close(read_fd);
+                libc::alarm(CHILD_TIMEOUT_S);
+                let verdict = std::panic::catch_unwind(|| check_in_process(path, depth));
+                let code = match verdict {
+                    Ok(defects) => {
+                        let pairs: Vec<(&str, &str)> = defects
+                            .iter()
+                            .map(|d| (d.field.as_str(), d.problem.as_str()))
+                            .collect();
+                        let json = serde_json::to_vec(&pairs).unwrap_or_default();
+                        let mut out = std::fs::File::from_raw_fd(write_fd);
+                        i32::from(out.write_all(&json).is_err())
+                    }
+                    Err(_) => 2,
+                };
+                libc::_exit(code);
+            }
         }
-    }
+        pid
+    });
     // SAFETY: the parent's copy of the write end; closing it lets the read see EOF when the
     // child exits.
     unsafe { libc::close(write_fd) };

@@ -263,8 +263,9 @@ fn a_partial_beside_its_finished_salvage_is_deleted_and_a_different_one_kept() {
     assert_eq!(report.discarded.len(), 1, "{report:?}");
     assert!(!partial.exists());
 
-    // A different recording under a taken name stays.
-    crashed_partial(dir.path(), "other", 2);
+    // A different recording under a taken name stays (the fixture's steps depend only on their
+    // index, so a different length makes it a different episode).
+    crashed_partial(dir.path(), "other", 3);
     std::fs::rename(dir.path().join(".other.h5.partial"), &partial).unwrap();
     let report = recover_partials(dir.path()).unwrap();
     assert_eq!(report.kept.len(), 1, "{report:?}");

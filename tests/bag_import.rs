@@ -1,8 +1,9 @@
 //! Import of the committed rosbag2 fixtures (written by the real `rosbags` writer, see
 //! test/fixtures/bags/generate.py) in both storage formats.
 
-use mobile_vla::data::bag::{import_bag, Bag, BagError, ImportOptions, Sampling, Storage};
+use mobile_vla::data::bag::{import_bag, Bag, BagError, Compression, ImportOptions, Storage};
 use mobile_vla::data::episode::{EpisodeReader, EventType};
+use mobile_vla::data::sampling::{SampleMode, SamplerConfig};
 use std::path::{Path, PathBuf};
 
 fn fixture(storage: &str) -> PathBuf {
@@ -17,8 +18,13 @@ fn camera(k: u8, x: u32, y: u32) -> [u8; 3] {
 }
 
 fn import(storage: &str, opts: &ImportOptions) -> (tempfile::TempDir, Vec<EpisodeReader>) {
+    import_dir(&fixture(storage), opts)
+}
+
+fn import_dir(bag: &Path, opts: &ImportOptions) -> (tempfile::TempDir, Vec<EpisodeReader>) {
     let out = tempfile::tempdir().unwrap();
-    let summary = import_bag(&fixture(storage), out.path(), opts, &mut |_, _| {}).unwrap();
+    let summary = import_bag(bag, out.path(), opts, &mut |_, _| {})
+        .unwrap_or_else(|e| panic!("{}: {e}", bag.display()));
     assert_eq!(summary.images, 12);
     assert_eq!(summary.commands, 8);
     let readers = summary
@@ -81,7 +87,10 @@ fn event_mode_pairs_each_press_with_the_latest_frame() {
 #[test]
 fn stops_and_idle_split() {
     let opts = ImportOptions {
-        sampling: Sampling::Event { record_stops: true },
+        sampling: SamplerConfig {
+            record_stops: true,
+            ..SamplerConfig::default()
+        },
         split_on_idle: Some(std::time::Duration::from_millis(200)),
         instruction: Some("go".into()),
         ..Default::default()
@@ -113,15 +122,19 @@ fn stops_and_idle_split() {
 #[test]
 fn rate_mode_samples_at_fixed_hz() {
     let opts = ImportOptions {
-        sampling: Sampling::Rate { hz: 10.0 },
+        sampling: SamplerConfig {
+            mode: SampleMode::Rate,
+            ..SamplerConfig::default()
+        },
         ..Default::default()
     };
     let (_dir, eps) = import("mcap", &opts);
     let ep = &eps[0];
-    // Ticks at 250, 350, …, 1050 ms (last message at 1110 ms): 9 frames.
+    // episode_start at 250 ms, then ticks at 350, …, 1050 ms (last message at 1110 ms): 9 frames.
     assert_eq!(ep.len(), 9);
-    assert_eq!(ep.actions()[0], [0.5, 0.0, 0.0]);
+    assert_eq!(ep.actions()[0], [0.0, 0.0, 0.0]);
     assert_eq!(ep.events()[0], EventType::EpisodeStart);
+    assert_eq!(ep.actions()[1], [0.5, 0.0, 0.0]);
     // 450 ms: the 400 ms stop applies, image k=4.
     assert_eq!(ep.actions()[2], [0.0, 0.0, 0.0]);
     assert_eq!(ep.events()[2], EventType::StopAction);
@@ -161,4 +174,96 @@ fn topic_errors_name_the_topic() {
     )
     .unwrap_err();
     assert!(matches!(err, BagError::NoMetadata { .. }), "{err}");
+}
+
+/// Everything an import produced, for comparing two imports.
+fn content(eps: &[EpisodeReader]) -> Vec<(String, Vec<[f32; 3]>, Vec<EventType>, Vec<Vec<u8>>)> {
+    eps.iter()
+        .map(|e| {
+            let frames = (0..e.len())
+                .map(|t| e.read_frame_stored(t).unwrap().into_raw())
+                .collect();
+            (
+                e.meta().episode_name.clone(),
+                e.actions().to_vec(),
+                e.events().to_vec(),
+                frames,
+            )
+        })
+        .collect()
+}
+
+/// Fails before the fix ("decompress it first"): bags written by `rosbags` with
+/// `--compression-mode file|message --compression-format zstd` in both storages, and with
+/// zstd MCAP chunks, import to exactly the plain bag's episodes.
+#[test]
+fn zstd_compressed_bags_import_like_plain_ones() {
+    let (_a, plain) = import("mcap", &ImportOptions::default());
+    let want = content(&plain);
+    for (dir, compression) in [
+        ("mcap_zstd_file", Compression::File),
+        ("mcap_zstd_message", Compression::Message),
+        ("sqlite3_zstd_file", Compression::File),
+        ("sqlite3_zstd_message", Compression::Message),
+        ("mcap_zstd_chunks", Compression::None),
+    ] {
+        assert_eq!(
+            Bag::open(&fixture(dir)).unwrap().compression,
+            compression,
+            "{dir}"
+        );
+        let (_b, eps) = import(dir, &ImportOptions::default());
+        assert_eq!(content(&eps), want, "{dir}");
+    }
+}
+
+/// MCAP chunks compressed with lz4 (rosbag2's MCAP storage option), written by the mcap crate
+/// from the plain fixture's messages.
+#[test]
+fn lz4_mcap_chunks_import_like_plain_ones() {
+    let bytes = std::fs::read(fixture("mcap").join("mcap.mcap")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let bag = dir.path().join("bag");
+    std::fs::create_dir(&bag).unwrap();
+    let out = std::fs::File::create(bag.join("mcap.mcap")).unwrap();
+    let mut w = mcap::WriteOptions::new()
+        .compression(Some(mcap::Compression::Lz4))
+        .profile("ros2")
+        .create(std::io::BufWriter::new(out))
+        .unwrap();
+    for m in mcap::MessageStream::new(&bytes).unwrap() {
+        w.write(&m.unwrap()).unwrap();
+    }
+    w.finish().unwrap();
+    drop(w);
+    std::fs::copy(
+        fixture("mcap").join("metadata.yaml"),
+        bag.join("metadata.yaml"),
+    )
+    .unwrap();
+    let written = std::fs::read(bag.join("mcap.mcap")).unwrap();
+    assert!(
+        written.windows(3).any(|w| w == b"lz4"),
+        "the copy has lz4 chunks"
+    );
+    let (_a, plain) = import("mcap", &ImportOptions::default());
+    let (_b, eps) = import_dir(&bag, &ImportOptions::default());
+    assert_eq!(content(&eps), content(&plain));
+}
+
+#[test]
+fn unsupported_compression_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    for f in ["metadata.yaml", "mcap_zstd_file.mcap.zstd"] {
+        std::fs::copy(fixture("mcap_zstd_file").join(f), dir.path().join(f)).unwrap();
+    }
+    let meta = dir.path().join("metadata.yaml");
+    let text = std::fs::read_to_string(&meta).unwrap();
+    std::fs::write(
+        &meta,
+        text.replace("compression_format: zstd", "compression_format: bz2"),
+    )
+    .unwrap();
+    let err = Bag::open(dir.path()).unwrap_err();
+    assert!(err.to_string().contains("bz2"), "{err}");
 }

@@ -8,6 +8,7 @@ use mobile_vla::data::episode::{
     ReadOptions, WriteOptions,
 };
 use mobile_vla::data::image::ChannelOrder;
+use std::path::Path;
 
 #[test]
 fn round_trip_keeps_every_value() {
@@ -200,18 +201,85 @@ fn unfinished_writer_leaves_only_a_partial_that_recovers() {
     }
 }
 
+/// A partial left by a writer killed after `n` frames.
+fn crashed_partial(dir: &Path, name: &str, n: usize) {
+    let mut w = EpisodeWriter::create(dir, name, WriteOptions::default()).unwrap();
+    for t in 0..n {
+        w.push(&frame(t, 6, 4), action(t), event(t)).unwrap();
+    }
+    std::mem::forget(w);
+}
+
 #[test]
-fn unreadable_partials_are_discarded() {
+fn unreadable_partials_are_kept_not_deleted() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        dir.path().join(".junk.h5.partial"),
-        b"\x89HDF\r\n\x1a\ntruncated",
-    )
-    .unwrap();
+    let junk = dir.path().join(".junk.h5.partial");
+    std::fs::write(&junk, b"\x89HDF\r\n\x1a\ntruncated").unwrap();
     let report = recover_partials(dir.path()).unwrap();
-    assert!(report.recovered.is_empty());
-    assert_eq!(report.discarded.len(), 1);
-    assert!(!dir.path().join(".junk.h5.partial").exists());
+    assert!(report.recovered.is_empty() && report.discarded.is_empty());
+    assert_eq!(report.kept.len(), 1, "{report:?}");
+    assert_eq!(report.kept[0].0, junk);
+    assert!(
+        junk.exists(),
+        "a partial that could not be salvaged was deleted"
+    );
+}
+
+/// Fails before the fix: a salvage that could not write its copy (here its path is taken by a
+/// directory, as a permission error or a full disk would stop it) deleted the partial and the
+/// frames with it.
+#[test]
+fn a_failed_salvage_keeps_the_partial_and_a_later_one_recovers_it() {
+    let dir = tempfile::tempdir().unwrap();
+    crashed_partial(dir.path(), "cut", 3);
+    let partial = dir.path().join(".cut.h5.partial");
+    let blocker = dir.path().join(".cut.h5.salvage");
+    std::fs::create_dir(&blocker).unwrap();
+    let report = recover_partials(dir.path()).unwrap();
+    assert!(
+        report.recovered.is_empty() && report.discarded.is_empty(),
+        "{report:?}"
+    );
+    assert_eq!(report.kept.len(), 1, "{report:?}");
+    assert!(partial.exists());
+    assert!(!dir.path().join("cut.h5").exists());
+
+    std::fs::remove_dir(&blocker).unwrap();
+    let report = recover_partials(dir.path()).unwrap();
+    assert_eq!(report.recovered, vec![(dir.path().join("cut.h5"), 3)]);
+    assert!(!partial.exists());
+}
+
+#[test]
+fn a_partial_beside_its_finished_salvage_is_deleted_and_a_different_one_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    // A recovery that crashed after its rename: the final file holds exactly the partial's steps.
+    crashed_partial(dir.path(), "twice", 2);
+    let partial = dir.path().join(".twice.h5.partial");
+    let saved = std::fs::read(&partial).unwrap();
+    recover_partials(dir.path()).unwrap();
+    std::fs::write(&partial, &saved).unwrap();
+    let report = recover_partials(dir.path()).unwrap();
+    assert_eq!(report.discarded.len(), 1, "{report:?}");
+    assert!(!partial.exists());
+
+    // A different recording under a taken name stays (the fixture's steps depend only on their
+    // index, so a different length makes it a different episode).
+    crashed_partial(dir.path(), "other", 3);
+    std::fs::rename(dir.path().join(".other.h5.partial"), &partial).unwrap();
+    let report = recover_partials(dir.path()).unwrap();
+    assert_eq!(report.kept.len(), 1, "{report:?}");
+    assert!(report.kept[0].1.contains("different episode"), "{report:?}");
+    assert!(partial.exists());
+}
+
+#[test]
+fn a_partial_without_frames_is_deleted() {
+    let dir = tempfile::tempdir().unwrap();
+    crashed_partial(dir.path(), "none", 0);
+    let report = recover_partials(dir.path()).unwrap();
+    assert_eq!(report.discarded.len(), 1, "{report:?}");
+    assert!(!dir.path().join(".none.h5.partial").exists());
 }
 
 #[test]

@@ -3,13 +3,13 @@
 mod common;
 
 use common::RawEpisode;
-use mobile_vla::data::episode::{validate_file, Defect, EpisodeError, EpisodeReader, ReadOptions};
+use mobile_vla::data::episode::{validate_file, Defect, Depth, EpisodeError, EpisodeReader};
 
 fn defects(raw: &RawEpisode) -> Vec<Defect> {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("e.h5");
     raw.write(&path);
-    validate_file(&path, ReadOptions::default())
+    validate_file(&path, Depth::Structure)
 }
 
 fn has(defects: &[Defect], field: &str, needle: &str) -> bool {
@@ -136,7 +136,7 @@ fn not_hdf5_and_truncated_files() {
     let dir = tempfile::tempdir().unwrap();
     let junk = dir.path().join("junk.h5");
     std::fs::write(&junk, b"not an hdf5 file at all").unwrap();
-    let d = validate_file(&junk, ReadOptions::default());
+    let d = validate_file(&junk, Depth::Structure);
     assert_eq!(d.len(), 1);
     assert_eq!(d[0].field, "file");
 
@@ -145,5 +145,5 @@ fn not_hdf5_and_truncated_files() {
     let bytes = std::fs::read(&good).unwrap();
     let cut = dir.path().join("cut.h5");
     std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
-    assert!(!validate_file(&cut, ReadOptions::default()).is_empty());
+    assert!(!validate_file(&cut, Depth::Structure).is_empty());
 }

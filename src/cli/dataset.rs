@@ -1,13 +1,14 @@
 //! `mobile_vla dataset …`: inspect, validate, recover, import and export episodes.
 
-use crate::data::bag::{import_bag, ImportOptions, Sampling};
+use crate::data::bag::{import_bag, ImportOptions};
 use crate::data::dataset::ActionStats;
 use crate::data::episode::{
-    list_episodes, recover_partials, validate_file, Defect, EpisodeReader, ReadOptions,
-    WriteOptions, PARTIAL_SUFFIX,
+    list_episodes, open_episodes, recover_partials, validate_file, Depth, EpisodeReader,
+    ReadOptions, WriteOptions, PARTIAL_SUFFIX,
 };
 use crate::data::image::ChannelOrder;
 use crate::data::mcap_export::export_mcap;
+use crate::data::sampling::{period, seconds, SampleMode, SamplerConfig};
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -69,6 +70,9 @@ pub struct InfoArgs {
     /// With --json: include every action, event and a FNV-1a 64 hash of the stored image bytes.
     #[arg(long, requires = "json")]
     pub content: bool,
+    /// Fail on the first invalid or corrupt episode instead of reporting and skipping it.
+    #[arg(long)]
+    pub strict: bool,
     #[command(flatten)]
     pub read: ReadArgs,
 }
@@ -80,12 +84,6 @@ pub struct ValidateArgs {
     /// Also decompress every frame (finds corrupt image chunks; slower).
     #[arg(long)]
     pub deep: bool,
-    /// Internal: check the one file in this process and print its defects as JSON. By default
-    /// each file is checked in such a child, because libhdf5 itself can crash on corrupt metadata.
-    #[arg(long, hide = true)]
-    pub defects_json: bool,
-    #[command(flatten)]
-    pub read: ReadArgs,
 }
 
 #[derive(Debug, Args)]
@@ -102,14 +100,6 @@ pub struct ExportMcapArgs {
     pub out: PathBuf,
     #[command(flatten)]
     pub read: ReadArgs,
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
-pub enum ModeArg {
-    /// One frame per command change (the fork's keyboard collector).
-    Event,
-    /// Fixed rate (--rate-hz), latest image + latest command.
-    Rate,
 }
 
 #[derive(Debug, Args)]
@@ -134,11 +124,16 @@ pub struct ImportBagArgs {
     /// Start a new episode after this much time without a moving command (e.g. 2s, 500ms).
     #[arg(long, value_parser = parse_duration)]
     pub split_on_idle: Option<Duration>,
+    /// How frames are taken: one per command change (the fork's keyboard collector), or at
+    /// --rate-hz (latest image + latest command); the same rule as recorder_node's `mode`.
     #[arg(long, value_enum, default_value = "event")]
-    pub mode: ModeArg,
+    pub mode: SampleMode,
     /// Sampling rate for --mode rate.
     #[arg(long, default_value_t = 10.0)]
     pub rate_hz: f64,
+    /// With --mode rate, a command older than this counts as zero (e.g. 500ms).
+    #[arg(long, value_parser = parse_duration, default_value = "500ms")]
+    pub cmd_timeout: Duration,
     /// In event mode, also add a stop_action frame when the command returns to zero.
     #[arg(long)]
     pub record_stops: bool,
@@ -169,10 +164,7 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
         .trim()
         .parse()
         .map_err(|_| format!("`{s}` is not a duration (e.g. 2s, 500ms)"))?;
-    if !v.is_finite() || v < 0.0 {
-        return Err(format!("`{s}` is not a positive duration"));
-    }
-    Ok(Duration::from_secs_f64(v * scale))
+    seconds(&format!("`{s}`"), v * scale)
 }
 
 pub fn run(cmd: DatasetCommand) -> anyhow::Result<ExitCode> {
@@ -213,11 +205,12 @@ fn fnv1a(reader: &EpisodeReader) -> anyhow::Result<String> {
 
 fn info(a: InfoArgs) -> anyhow::Result<ExitCode> {
     let files = episode_files(&a.path)?;
+    let opened = open_episodes(&files, a.read.options(), a.strict)?;
     let mut all = Vec::new();
     let (mut frames, mut duration) = (0usize, 0.0f64);
     let mut json = Vec::new();
-    for f in &files {
-        let r = EpisodeReader::open_with(f, a.read.options())?;
+    for r in &opened.episodes {
+        let f = r.path();
         let m = r.meta();
         let stats = ActionStats::from_actions(r.actions());
         frames += r.len();
@@ -254,7 +247,7 @@ fn info(a: InfoArgs) -> anyhow::Result<ExitCode> {
                 obj["actions"] = serde_json::json!(r.actions());
                 obj["events"] =
                     serde_json::json!(r.events().iter().map(|e| e.as_str()).collect::<Vec<_>>());
-                obj["images_fnv1a64"] = serde_json::json!(fnv1a(&r)?);
+                obj["images_fnv1a64"] = serde_json::json!(fnv1a(r)?);
             }
             json.push(obj);
         } else {
@@ -285,95 +278,49 @@ fn info(a: InfoArgs) -> anyhow::Result<ExitCode> {
         }
     }
     let total = ActionStats::from_actions(&all);
+    let skipped: Vec<String> = opened.skipped.iter().map(|e| e.to_string()).collect();
+    let n = opened.episodes.len();
     if a.json {
         let out = serde_json::json!({
             "episodes": json,
-            "total_episodes": files.len(),
+            "skipped": skipped,
+            "total_episodes": n,
             "total_frames": frames,
             "total_duration": duration,
             "action_min": total.map(|s| s.min),
             "action_max": total.map(|s| s.max),
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
-    } else if files.len() > 1 {
-        println!("{} episodes, {frames} frames, {duration:.1} s", files.len());
-        if let Some(s) = total {
-            println!("  actions min {:?} max {:?}", s.min, s.max);
+    } else {
+        for s in &skipped {
+            println!("SKIPPED {s}");
         }
+        if files.len() > 1 {
+            println!("{n} episodes, {frames} frames, {duration:.1} s");
+            if let Some(s) = total {
+                println!("  actions min {:?} max {:?}", s.min, s.max);
+            }
+        }
+    }
+    if !skipped.is_empty() {
+        eprintln!(
+            "warning: {} file(s) skipped (`mobile_vla dataset validate` lists their defects; --strict fails instead)",
+            skipped.len()
+        );
     }
     Ok(ExitCode::SUCCESS)
 }
 
-fn check_file(f: &Path, read: ReadOptions, deep: bool) -> anyhow::Result<Vec<Defect>> {
-    let mut defects = validate_file(f, read);
-    if deep && defects.is_empty() {
-        let r = EpisodeReader::open_with(f, read)?;
-        let unreadable: Vec<usize> = (0..r.len())
-            .filter(|&t| r.read_frame_stored(t).is_err())
-            .collect();
-        if !unreadable.is_empty() {
-            defects.push(Defect::new(
-                "images",
-                format!("frames {unreadable:?} cannot be decompressed"),
-            ));
-        }
-    }
-    Ok(defects)
-}
-
-/// Checks `f` in a child process, so that a libhdf5 crash becomes a defect of that file.
-fn check_isolated(f: &Path, a: &ValidateArgs) -> anyhow::Result<Vec<Defect>> {
-    let exe = std::env::current_exe().context("locating the mobile_vla executable")?;
-    let order = ChannelOrder::from(a.read.default_channel_order).as_str();
-    let mut cmd = std::process::Command::new(exe);
-    cmd.args([
-        "dataset",
-        "validate",
-        "--defects-json",
-        "--default-channel-order",
-        order,
-    ]);
-    if a.deep {
-        cmd.arg("--deep");
-    }
-    let out = cmd
-        .arg(f)
-        .output()
-        .with_context(|| format!("checking {}", f.display()))?;
-    if !out.status.success() {
-        let why = match std::os::unix::process::ExitStatusExt::signal(&out.status) {
-            Some(sig) => {
-                format!("reading it crashed libhdf5 (signal {sig}): corrupt HDF5 metadata")
-            }
-            None => format!(
-                "checker failed: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            ),
-        };
-        return Ok(vec![Defect::new("file", why)]);
-    }
-    let parsed: Vec<(String, String)> =
-        serde_json::from_slice(&out.stdout).context("reading the checker's report")?;
-    Ok(parsed
-        .into_iter()
-        .map(|(field, problem)| Defect::new(field, problem))
-        .collect())
-}
-
 fn validate(a: ValidateArgs) -> anyhow::Result<ExitCode> {
-    if a.defects_json {
-        let defects = check_file(&a.path, a.read.options(), a.deep)?;
-        let pairs: Vec<(&str, &str)> = defects
-            .iter()
-            .map(|d| (d.field.as_str(), d.problem.as_str()))
-            .collect();
-        println!("{}", serde_json::to_string(&pairs)?);
-        return Ok(ExitCode::SUCCESS);
-    }
     let files = episode_files(&a.path)?;
+    let depth = if a.deep {
+        Depth::EveryFrame
+    } else {
+        Depth::Structure
+    };
     let mut bad = 0;
     for f in &files {
-        let defects = check_isolated(f, &a)?;
+        let defects = validate_file(f, depth);
         if defects.is_empty() {
             println!("ok      {}", f.display());
         } else {
@@ -416,12 +363,20 @@ fn recover(a: RecoverArgs) -> anyhow::Result<ExitCode> {
     for (p, why) in &report.discarded {
         println!("discarded {}: {why}", p.display());
     }
+    for (p, why) in &report.kept {
+        println!("KEPT      {}: {why}", p.display());
+    }
     println!(
-        "{} recovered, {} discarded",
+        "{} recovered, {} discarded, {} kept",
         report.recovered.len(),
-        report.discarded.len()
+        report.discarded.len(),
+        report.kept.len()
     );
-    Ok(ExitCode::SUCCESS)
+    Ok(if report.kept.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 fn export(a: ExportMcapArgs) -> anyhow::Result<ExitCode> {
@@ -441,20 +396,17 @@ fn export(a: ExportMcapArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn import(a: ImportBagArgs) -> anyhow::Result<ExitCode> {
-    if matches!(a.mode, ModeArg::Rate) && !(a.rate_hz > 0.0 && a.rate_hz.is_finite()) {
-        bail!("--rate-hz must be > 0");
-    }
     let opts = ImportOptions {
         image_topic: a.image_topic,
         cmd_topic: a.cmd_topic,
         instruction_topic: a.instruction_topic,
         instruction: a.instruction,
         split_on_idle: a.split_on_idle,
-        sampling: match a.mode {
-            ModeArg::Event => Sampling::Event {
-                record_stops: a.record_stops,
-            },
-            ModeArg::Rate => Sampling::Rate { hz: a.rate_hz },
+        sampling: SamplerConfig {
+            mode: a.mode,
+            period: period("--rate-hz", a.rate_hz).map_err(anyhow::Error::msg)?,
+            cmd_timeout: a.cmd_timeout,
+            record_stops: a.record_stops,
         },
         write: WriteOptions::default()
             .channel_order(a.channel_order.into())
@@ -511,5 +463,8 @@ mod tests {
         assert_eq!(parse_duration("1.5"), Ok(Duration::from_millis(1500)));
         assert!(parse_duration("fast").is_err());
         assert!(parse_duration("-1s").is_err());
+        // Fails before the fix: Duration::from_secs_f64 panicked on it.
+        assert!(parse_duration("1e300").unwrap_err().contains("1e300"));
+        assert!(parse_duration("1e300min").is_err());
     }
 }

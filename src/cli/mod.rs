@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 pub mod dataset;
 pub mod model;
+pub mod plan;
 pub mod train;
 
 #[derive(Debug, Parser)]
@@ -30,6 +31,8 @@ pub enum Command {
     Infer(model::InferArgs),
     /// Fine-tune a model directory on a folder of episodes.
     Train(train::TrainArgs),
+    /// Estimate each training strategy's peak memory and pick the strongest that fits.
+    Plan(plan::PlanArgs),
 }
 
 /// Entry point shared by the binary: parses arguments, sets up logging, maps errors to exit codes.
@@ -42,6 +45,7 @@ pub fn main() -> ExitCode {
         Command::Model(cmd) => model::run(cmd),
         Command::Infer(args) => model::infer(args),
         Command::Train(args) => train::run(args),
+        Command::Plan(args) => plan::run(args),
     };
     match result {
         Ok(code) => code,

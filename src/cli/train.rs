@@ -175,10 +175,9 @@ fn train(args: TrainArgs) -> anyhow::Result<ExitCode> {
         max_steps: args.max_steps,
         strategy: args.strategy,
     };
-    let outcome = Trainer::new(opts).and_then(|mut t| {
-        eprintln!("trainable parameters:\n{}", t.table());
-        t.run(&mut |p: &Progress| reporter.report(p), &cancel)
-    });
+    // Trainer::new logs the trainable-parameter table.
+    let outcome =
+        Trainer::new(opts).and_then(|mut t| t.run(&mut |p: &Progress| reporter.report(p), &cancel));
     done.store(true, std::sync::atomic::Ordering::SeqCst);
     let _ = ticker.join();
     reporter.bar.finish_and_clear();

@@ -13,7 +13,8 @@
 //! `2 (a - min) / (max - min) - 1`; the inverse is `0.5 (a + 1) (max - min) + min`.
 
 use crate::data::episode::{
-    list_episodes, Action, EpisodeError, EpisodeReader, EventType, ReadOptions, ACTION_DIM,
+    list_episodes, open_episodes, Action, EpisodeError, EpisodeReader, EventType, ReadOptions,
+    ACTION_DIM,
 };
 use image::RgbImage;
 use rand::seq::SliceRandom;
@@ -55,6 +56,9 @@ pub struct DatasetConfig {
     /// Seed of the episode shuffle that decides the split.
     pub seed: u64,
     pub read: ReadOptions,
+    /// Fail on an invalid or corrupt episode file instead of skipping it (with a warning; see
+    /// [`MobileVlaDataset::skipped`]).
+    pub strict: bool,
 }
 
 impl Default for DatasetConfig {
@@ -66,6 +70,7 @@ impl Default for DatasetConfig {
             val_fraction: 0.1,
             seed: 42,
             read: ReadOptions::default(),
+            strict: false,
         }
     }
 }
@@ -115,10 +120,14 @@ pub struct MobileVlaDataset {
     episodes: Vec<EpisodeReader>,
     /// (episode, anchor) pairs.
     samples: Vec<(usize, usize)>,
+    /// Files left out as invalid or corrupt (empty with `strict`).
+    skipped: Vec<EpisodeError>,
 }
 
 impl MobileVlaDataset {
-    /// Opens every `*.h5` of `dir` (any invalid episode is an error naming its defects).
+    /// Opens every `*.h5` of `dir`. Each file is checked in a child process first (libhdf5 can
+    /// crash on corrupt files); an invalid one is skipped and listed in [`Self::skipped`], or
+    /// with `cfg.strict` is an error naming its defects.
     pub fn open(dir: &Path, cfg: DatasetConfig) -> Result<Self> {
         let paths = list_episodes(dir)?;
         if paths.is_empty() {
@@ -139,11 +148,10 @@ impl MobileVlaDataset {
         if !(0.0..1.0).contains(&cfg.val_fraction) {
             return Err(DatasetError::BadValFraction(cfg.val_fraction));
         }
-        let episodes = paths
-            .iter()
-            .map(|p| EpisodeReader::open_with(p, cfg.read))
-            .collect::<std::result::Result<Vec<_>, _>>()?;
-        Ok(Self::from_readers(episodes, cfg))
+        let opened = open_episodes(paths, cfg.read, cfg.strict)?;
+        let mut ds = Self::from_readers(opened.episodes, cfg);
+        ds.skipped = opened.skipped;
+        Ok(ds)
     }
 
     fn from_readers(episodes: Vec<EpisodeReader>, cfg: DatasetConfig) -> Self {
@@ -157,6 +165,7 @@ impl MobileVlaDataset {
             cfg,
             episodes,
             samples,
+            skipped: Vec::new(),
         }
     }
 
@@ -194,6 +203,10 @@ impl MobileVlaDataset {
     }
     pub fn episodes(&self) -> &[EpisodeReader] {
         &self.episodes
+    }
+    /// Files skipped as invalid or corrupt, each with its defects.
+    pub fn skipped(&self) -> &[EpisodeError] {
+        &self.skipped
     }
     pub fn len(&self) -> usize {
         self.samples.len()

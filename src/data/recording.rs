@@ -1,15 +1,16 @@
-//! Live recording, without ROS: which steps to record ([`Sampler`]) and a writer thread
-//! that turns camera frames into episodes off the subscriber's path ([`RecordingSink`]).
-//! `recorder_node` wires both to topics and services.
+//! Live recording, without ROS: a writer thread that turns camera frames into episodes off the
+//! subscriber's path ([`RecordingSink`]). Which steps to record is
+//! [`crate::data::sampling::Sampler`]'s; `recorder_node` wires both to topics and services.
 
 use crate::data::episode::{Action, EpisodeError, EpisodeWriter, EventType, WriteOptions};
 use crate::data::image::{self, ChannelOrder, Encoding, RawImage};
 use ::image::RgbImage;
-use serde::Deserialize;
+use futures::channel::mpsc::{unbounded, UnboundedReceiver, UnboundedSender};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Instant;
 
 /// A camera frame as it came off the wire; decoded on the writer thread.
 #[derive(Debug, Clone)]
@@ -50,102 +51,6 @@ impl CameraFrame {
     }
 }
 
-/// How steps are chosen.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum SampleMode {
-    /// One frame per discrete command change, as the fork's keyboard collector records.
-    Event,
-    /// A frame at a fixed rate: latest image + latest command.
-    Rate,
-}
-
-impl std::str::FromStr for SampleMode {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "event" => Ok(SampleMode::Event),
-            "rate" => Ok(SampleMode::Rate),
-            other => Err(format!(
-                "unknown mode `{other}`: expected `event` or `rate`"
-            )),
-        }
-    }
-}
-
-/// Commands whose components all lie within this of zero count as "stopped".
-const ZERO_EPS: f32 = 1e-4;
-
-fn is_zero(a: &Action) -> bool {
-    a.iter().all(|v| v.abs() < ZERO_EPS)
-}
-
-/// Decides which steps of a live stream become episode frames.
-#[derive(Debug)]
-pub struct Sampler {
-    mode: SampleMode,
-    last_cmd: Action,
-    last_cmd_at: Option<Instant>,
-    /// A command older than this counts as zero in rate mode (the teleop went silent).
-    cmd_timeout_s: f64,
-}
-
-impl Sampler {
-    pub fn new(mode: SampleMode, cmd_timeout_s: f64) -> Self {
-        Self {
-            mode,
-            last_cmd: [0.0; 3],
-            last_cmd_at: None,
-            cmd_timeout_s,
-        }
-    }
-
-    /// Forgets the previous command (a new episode starts from rest).
-    pub fn reset(&mut self) {
-        self.last_cmd = [0.0; 3];
-        self.last_cmd_at = None;
-    }
-
-    /// A command arrived. In event mode returns the step to record: a new non-zero
-    /// command is a `start_action`, the return to zero a `stop_action`; repeats of the
-    /// same command (teleop keeps publishing while a key is held) record nothing.
-    pub fn on_command(&mut self, cmd: Action, now: Instant) -> Option<(Action, EventType)> {
-        let changed = cmd
-            .iter()
-            .zip(&self.last_cmd)
-            .any(|(a, b)| (a - b).abs() >= ZERO_EPS);
-        self.last_cmd = cmd;
-        self.last_cmd_at = Some(now);
-        if self.mode != SampleMode::Event || !changed {
-            return None;
-        }
-        Some(if is_zero(&cmd) {
-            ([0.0; 3], EventType::StopAction)
-        } else {
-            (cmd, EventType::StartAction)
-        })
-    }
-
-    /// A rate-mode tick: the step to record now.
-    pub fn on_tick(&self, now: Instant) -> (Action, EventType) {
-        let fresh = self
-            .last_cmd_at
-            .is_some_and(|t| now.duration_since(t).as_secs_f64() <= self.cmd_timeout_s);
-        let cmd = if fresh { self.last_cmd } else { [0.0; 3] };
-        if is_zero(&cmd) {
-            ([0.0; 3], EventType::StopAction)
-        } else {
-            (cmd, EventType::StartAction)
-        }
-    }
-
-    /// Seconds since the last non-silent command, for the idle timeout.
-    pub fn idle_s(&self, now: Instant) -> Option<f64> {
-        self.last_cmd_at
-            .map(|t| now.duration_since(t).as_secs_f64())
-    }
-}
-
 enum Job {
     Start {
         dir: PathBuf,
@@ -157,8 +62,9 @@ enum Job {
         action: Action,
         event: EventType,
     },
+    /// `None`: the writer's own wall time since the episode started.
     Finish {
-        duration_s: f64,
+        duration_s: Option<f64>,
     },
     Abort,
 }
@@ -166,8 +72,14 @@ enum Job {
 /// What the writer thread reports back.
 #[derive(Debug)]
 pub enum SinkEvent {
+    /// The episode's file is open: frames can be written.
     Started {
         name: String,
+    },
+    /// The episode's file could not be created; its frames are dropped.
+    StartFailed {
+        name: String,
+        message: String,
     },
     /// Frames written so far in the current episode.
     Progress {
@@ -187,68 +99,105 @@ pub enum SinkEvent {
     },
 }
 
-/// Writes episodes on a thread of its own, fed through a bounded queue, so a slow disk
-/// or compression never stalls the subscriber: when the queue is full the frame is
-/// dropped and counted instead.
+/// The writer thread is gone (it panicked or could not start): nothing more will be written.
+#[derive(Debug, thiserror::Error)]
+#[error("the episode writer thread has stopped{}", reason.as_ref().map(|r| format!(": {r}")).unwrap_or_default())]
+pub struct WriterStopped {
+    /// The panic message, once known (after [`RecordingSink::close`]).
+    pub reason: Option<String>,
+}
+
+/// The writer's reports, for an async consumer (a `Stream`) or [`drain`]ed.
+pub type SinkEvents = UnboundedReceiver<SinkEvent>;
+
+/// The events available now, without waiting.
+pub fn drain(events: &mut SinkEvents) -> Vec<SinkEvent> {
+    std::iter::from_fn(|| events.try_recv().ok()).collect()
+}
+
+/// Writes episodes on a thread of its own. Nothing here blocks: frames are counted into a
+/// bounded budget (a frame over it is dropped and counted, so a slow disk or compression never
+/// stalls the subscriber), and control messages (start/finish/abort) always go through, in
+/// order with the frames, since they share one unbounded channel.
 pub struct RecordingSink {
-    tx: Option<SyncSender<Job>>,
-    events: Receiver<SinkEvent>,
+    tx: Option<Sender<Job>>,
+    /// Frames sent and not yet taken by the writer.
+    queued: Arc<AtomicUsize>,
+    capacity: usize,
     thread: Option<JoinHandle<()>>,
     dropped: u64,
 }
 
 impl RecordingSink {
-    /// `queue` frames may wait for the writer before new ones are dropped.
-    pub fn spawn(queue: usize) -> Self {
-        let (tx, rx) = mpsc::sync_channel(queue.max(1));
-        let (etx, events) = mpsc::channel();
+    /// `queue` frames may wait for the writer before new ones are dropped. Returns the sink and
+    /// the stream of its writer's reports.
+    pub fn spawn(queue: usize) -> std::io::Result<(Self, SinkEvents)> {
+        let (tx, rx) = mpsc::channel();
+        let (etx, events) = unbounded();
+        let queued = Arc::new(AtomicUsize::new(0));
+        let taken = Arc::clone(&queued);
         let thread = std::thread::Builder::new()
             .name("episode-writer".into())
-            .spawn(move || writer_loop(rx, etx))
-            .ok();
-        Self {
+            .spawn(move || writer_loop(rx, etx, &taken))?;
+        let sink = Self {
             tx: Some(tx),
-            events,
-            thread,
+            queued,
+            capacity: queue.max(1),
+            thread: Some(thread),
             dropped: 0,
+        };
+        Ok((sink, events))
+    }
+
+    fn send(&self, job: Job) -> Result<(), WriterStopped> {
+        match &self.tx {
+            Some(tx) => tx.send(job).map_err(|_| WriterStopped { reason: None }),
+            None => Err(WriterStopped { reason: None }),
         }
     }
 
-    /// Control messages (start/finish/abort) wait for room: they must not be lost.
-    fn send_control(&self, job: Job) -> bool {
-        self.tx.as_ref().is_some_and(|tx| tx.send(job).is_ok())
-    }
-
-    pub fn start(&self, dir: &Path, name: &str, opts: WriteOptions) -> bool {
-        self.send_control(Job::Start {
+    /// Opens a new episode (finishing one left open); the outcome comes as
+    /// [`SinkEvent::Started`] or [`SinkEvent::StartFailed`].
+    pub fn start(&self, dir: &Path, name: &str, opts: WriteOptions) -> Result<(), WriterStopped> {
+        self.send(Job::Start {
             dir: dir.to_path_buf(),
             name: name.to_string(),
             opts: Box::new(opts),
         })
     }
 
-    /// Queues a frame; returns false (and counts a drop) when the writer is behind.
-    pub fn push(&mut self, frame: CameraFrame, action: Action, event: EventType) -> bool {
-        let Some(tx) = &self.tx else { return false };
-        match tx.try_send(Job::Frame {
+    /// Queues a frame: `Ok(false)` (and a counted drop) when the writer is behind.
+    pub fn push(
+        &mut self,
+        frame: CameraFrame,
+        action: Action,
+        event: EventType,
+    ) -> Result<bool, WriterStopped> {
+        if self.queued.load(Ordering::Acquire) >= self.capacity {
+            self.dropped += 1;
+            return Ok(false);
+        }
+        self.queued.fetch_add(1, Ordering::AcqRel);
+        let sent = self.send(Job::Frame {
             frame,
             action,
             event,
-        }) {
-            Ok(()) => true,
-            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
-                self.dropped += 1;
-                false
-            }
+        });
+        if sent.is_err() {
+            self.queued.fetch_sub(1, Ordering::AcqRel);
         }
+        sent.map(|()| true)
     }
 
-    pub fn finish(&self, duration_s: f64) -> bool {
-        self.send_control(Job::Finish { duration_s })
+    /// Saves the current episode with `duration_s` as its `total_duration`.
+    pub fn finish(&self, duration_s: f64) -> Result<(), WriterStopped> {
+        self.send(Job::Finish {
+            duration_s: Some(duration_s),
+        })
     }
 
-    pub fn abort(&self) -> bool {
-        self.send_control(Job::Abort)
+    pub fn abort(&self) -> Result<(), WriterStopped> {
+        self.send(Job::Abort)
     }
 
     /// Frames dropped because the writer was behind, since the sink started.
@@ -256,20 +205,26 @@ impl RecordingSink {
         self.dropped
     }
 
-    /// Events reported by the writer since the last call.
-    pub fn poll(&self) -> Vec<SinkEvent> {
-        self.events.try_iter().collect()
-    }
-
-    /// Finishes nothing: the caller decides (finish/abort) before closing. Waits for
-    /// every queued job to be written, then joins the thread.
-    pub fn close(mut self) -> Vec<SinkEvent> {
+    /// Finishes nothing: the caller decides (finish/abort) before closing; an episode still
+    /// open is saved with the writer's wall time as its duration. Waits for every queued job
+    /// to be written, then joins the thread; a writer that panicked is the error.
+    pub fn close(mut self) -> Result<(), WriterStopped> {
         self.tx = None;
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
+        match self.thread.take().map(JoinHandle::join) {
+            Some(Err(panic)) => Err(WriterStopped {
+                reason: Some(panic_message(panic.as_ref())),
+            }),
+            _ => Ok(()),
         }
-        self.poll()
     }
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "it panicked".into())
 }
 
 impl Drop for RecordingSink {
@@ -281,33 +236,42 @@ impl Drop for RecordingSink {
     }
 }
 
-fn writer_loop(rx: Receiver<Job>, events: mpsc::Sender<SinkEvent>) {
+fn writer_loop(rx: Receiver<Job>, events: UnboundedSender<SinkEvent>, queued: &AtomicUsize) {
     let mut current: Option<EpisodeWriter> = None;
     let report = |e: SinkEvent| {
-        let _ = events.send(e);
+        // The receiver gone means nobody listens any more; the episode is still written.
+        let _ = events.unbounded_send(e);
     };
-    let fail = |e: EpisodeError| {
-        let _ = events.send(SinkEvent::Error {
-            message: e.to_string(),
-        });
+    let finish = |w: EpisodeWriter, duration_s: Option<f64>| {
+        let (name, n) = (w.name().to_string(), w.len());
+        let duration_s = duration_s.unwrap_or_else(|| w.elapsed_s());
+        match w.finish(duration_s) {
+            Ok(path) => report(SinkEvent::Saved { path, frames: n }),
+            Err(EpisodeError::Empty { .. }) => report(SinkEvent::Discarded {
+                name,
+                reason: "no frames were recorded".into(),
+            }),
+            Err(e) => report(SinkEvent::Error {
+                message: e.to_string(),
+            }),
+        }
     };
     for job in rx {
         match job {
             Job::Start { dir, name, opts } => {
                 if let Some(w) = current.take() {
                     // A start without a stop: keep what was recorded rather than lose it.
-                    let n = w.len();
-                    match w.finish(0.0) {
-                        Ok(path) => report(SinkEvent::Saved { path, frames: n }),
-                        Err(e) => fail(e),
-                    }
+                    finish(w, None);
                 }
                 match EpisodeWriter::create(&dir, &name, *opts) {
                     Ok(w) => {
                         current = Some(w);
                         report(SinkEvent::Started { name });
                     }
-                    Err(e) => fail(e),
+                    Err(e) => report(SinkEvent::StartFailed {
+                        name,
+                        message: e.to_string(),
+                    }),
                 }
             }
             Job::Frame {
@@ -315,6 +279,7 @@ fn writer_loop(rx: Receiver<Job>, events: mpsc::Sender<SinkEvent>) {
                 action,
                 event,
             } => {
+                queued.fetch_sub(1, Ordering::AcqRel);
                 let Some(w) = current.as_mut() else { continue };
                 let stored = match frame.to_stored(w.channel_order()) {
                     Ok(img) => img,
@@ -330,20 +295,14 @@ fn writer_loop(rx: Receiver<Job>, events: mpsc::Sender<SinkEvent>) {
                         name: w.name().to_string(),
                         frames: w.len(),
                     }),
-                    Err(e) => fail(e),
+                    Err(e) => report(SinkEvent::Error {
+                        message: e.to_string(),
+                    }),
                 }
             }
             Job::Finish { duration_s } => {
                 if let Some(w) = current.take() {
-                    let (name, n) = (w.name().to_string(), w.len());
-                    match w.finish(duration_s) {
-                        Ok(path) => report(SinkEvent::Saved { path, frames: n }),
-                        Err(EpisodeError::Empty { .. }) => report(SinkEvent::Discarded {
-                            name,
-                            reason: "no frames were recorded".into(),
-                        }),
-                        Err(e) => fail(e),
-                    }
+                    finish(w, duration_s);
                 }
             }
             Job::Abort => {
@@ -361,12 +320,7 @@ fn writer_loop(rx: Receiver<Job>, events: mpsc::Sender<SinkEvent>) {
     // Channel closed with an episode open (node shutting down): finish it, so a clean
     // shutdown never loses a recording.
     if let Some(w) = current.take() {
-        let n = w.len();
-        match w.finish(0.0) {
-            Ok(path) => report(SinkEvent::Saved { path, frames: n }),
-            Err(EpisodeError::Empty { .. }) => {}
-            Err(e) => fail(e),
-        }
+        finish(w, None);
     }
 }
 
@@ -375,42 +329,6 @@ mod tests {
     use super::*;
     use crate::data::episode::EpisodeReader;
     use std::time::Duration;
-
-    #[test]
-    fn event_mode_records_changes_only() {
-        let t0 = Instant::now();
-        let mut s = Sampler::new(SampleMode::Event, 0.5);
-        assert_eq!(
-            s.on_command([0.5, 0.0, 0.0], t0),
-            Some(([0.5, 0.0, 0.0], EventType::StartAction))
-        );
-        assert_eq!(s.on_command([0.5, 0.0, 0.0], t0), None, "held key repeats");
-        assert_eq!(
-            s.on_command([0.0, 0.0, 0.0], t0),
-            Some(([0.0; 3], EventType::StopAction))
-        );
-        assert_eq!(s.on_command([0.0, 0.0, 0.0], t0), None);
-        assert_eq!(
-            s.on_command([0.0, 0.0, 1.0], t0),
-            Some(([0.0, 0.0, 1.0], EventType::StartAction))
-        );
-    }
-
-    #[test]
-    fn rate_mode_zeroes_stale_commands() {
-        let t0 = Instant::now();
-        let mut s = Sampler::new(SampleMode::Rate, 0.5);
-        assert_eq!(s.on_command([0.3, 0.1, 0.0], t0), None);
-        assert_eq!(
-            s.on_tick(t0 + Duration::from_millis(100)),
-            ([0.3, 0.1, 0.0], EventType::StartAction)
-        );
-        assert_eq!(
-            s.on_tick(t0 + Duration::from_secs(1)),
-            ([0.0; 3], EventType::StopAction)
-        );
-        assert!(s.idle_s(t0 + Duration::from_secs(2)).unwrap() >= 2.0);
-    }
 
     #[test]
     fn bgr8_frames_are_stored_without_conversion_and_others_converted() {
@@ -449,48 +367,155 @@ mod tests {
         assert!(CameraFrame::Raw(bad).to_stored(ChannelOrder::Bgr).is_err());
     }
 
-    #[test]
-    fn sink_writes_episodes_and_reports() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut sink = RecordingSink::spawn(8);
-        assert!(sink.start(dir.path(), "ep_a", WriteOptions::default()));
-        for i in 0..3u8 {
-            let raw = RawImage {
-                width: 2,
-                height: 2,
-                encoding: "rgb8".into(),
-                is_bigendian: false,
-                step: 6,
-                data: vec![i; 12],
-            };
-            let ev = if i == 0 {
-                EventType::EpisodeStart
-            } else {
-                EventType::StartAction
-            };
-            assert!(sink.push(CameraFrame::Raw(raw), [f32::from(i), 0.0, 0.0], ev));
-        }
-        assert!(sink.finish(1.5));
-        // An empty episode is discarded, not saved.
-        assert!(sink.start(dir.path(), "ep_empty", WriteOptions::default()));
-        assert!(sink.finish(0.1));
-        let events = sink.close();
-        let saved: Vec<_> = events
+    fn raw_frame(i: u8) -> CameraFrame {
+        CameraFrame::Raw(RawImage {
+            width: 2,
+            height: 2,
+            encoding: "rgb8".into(),
+            is_bigendian: false,
+            step: 6,
+            data: vec![i; 12],
+        })
+    }
+
+    fn saved(events: &[SinkEvent]) -> Vec<(PathBuf, usize)> {
+        events
             .iter()
             .filter_map(|e| match e {
                 SinkEvent::Saved { path, frames } => Some((path.clone(), *frames)),
                 _ => None,
             })
-            .collect();
+            .collect()
+    }
+
+    #[test]
+    fn sink_writes_episodes_and_reports() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut sink, mut events) = RecordingSink::spawn(8).unwrap();
+        sink.start(dir.path(), "ep_a", WriteOptions::default())
+            .unwrap();
+        for i in 0..3u8 {
+            let ev = if i == 0 {
+                EventType::EpisodeStart
+            } else {
+                EventType::StartAction
+            };
+            assert!(sink
+                .push(raw_frame(i), [f32::from(i), 0.0, 0.0], ev)
+                .unwrap());
+        }
+        sink.finish(1.5).unwrap();
+        // An empty episode is discarded, not saved; a name taken fails to start.
+        sink.start(dir.path(), "ep_empty", WriteOptions::default())
+            .unwrap();
+        sink.finish(0.1).unwrap();
+        sink.start(dir.path(), "ep_a", WriteOptions::default())
+            .unwrap();
+        sink.close().unwrap();
+        let events = drain(&mut events);
+        let saved = saved(&events);
         assert_eq!(saved.len(), 1, "{events:?}");
         assert_eq!(saved[0].1, 3);
         assert!(events
             .iter()
             .any(|e| matches!(e, SinkEvent::Discarded { name, .. } if name == "ep_empty")));
+        assert!(
+            events.iter().any(
+                |e| matches!(e, SinkEvent::StartFailed { name, message } if name == "ep_a" && message.contains("already exists"))
+            ),
+            "{events:?}"
+        );
         let ep = EpisodeReader::open(&saved[0].0).unwrap();
         assert_eq!(ep.len(), 3);
         assert_eq!(ep.actions()[2], [2.0, 0.0, 0.0]);
         assert_eq!(ep.meta().total_duration, 1.5);
         assert!(!dir.path().join("ep_empty.h5").exists());
+    }
+
+    /// Fails before the fix: start/finish/abort used a blocking send, so with the frame queue
+    /// full and the writer stuck (here: waiting for the HDF5 lock this test holds) they hung.
+    #[test]
+    fn control_messages_never_wait_for_a_full_frame_queue() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().to_path_buf();
+        let (done_tx, done) = mpsc::channel();
+        let worker = hdf5::sync::sync(|| {
+            let worker = std::thread::spawn(move || {
+                let (mut sink, events) = RecordingSink::spawn(2).unwrap();
+                sink.start(&path, "busy", WriteOptions::default()).unwrap();
+                let queued: Vec<bool> = (0..6u8)
+                    .map(|i| {
+                        sink.push(raw_frame(i), [0.0; 3], EventType::StartAction)
+                            .unwrap()
+                    })
+                    .collect();
+                sink.finish(1.0).unwrap();
+                sink.abort().unwrap();
+                sink.start(&path, "next", WriteOptions::default()).unwrap();
+                sink.finish(1.0).unwrap();
+                done_tx.send(queued).unwrap();
+                (sink, events)
+            });
+            let queued = done.recv_timeout(Duration::from_secs(10));
+            assert!(
+                queued.is_ok(),
+                "control calls blocked behind the full frame queue"
+            );
+            assert_eq!(queued.unwrap(), [true, true, false, false, false, false]);
+            worker
+        });
+        let (sink, mut events) = worker.join().unwrap();
+        assert_eq!(sink.dropped(), 4);
+        sink.close().unwrap();
+        let saved = saved(&drain(&mut events));
+        assert_eq!(saved.len(), 1, "the 2 queued frames, then an empty episode");
+        assert_eq!(saved[0].1, 2);
+    }
+
+    /// Fails before the fix: frames sent to a dead writer were counted as dropped, not an error.
+    #[test]
+    fn a_dead_writer_thread_is_an_error() {
+        let (tx, rx) = mpsc::channel();
+        drop(rx);
+        let mut sink = RecordingSink {
+            tx: Some(tx),
+            queued: Arc::default(),
+            capacity: 4,
+            thread: Some(std::thread::spawn(|| panic!("disk on fire"))),
+            dropped: 0,
+        };
+        assert!(sink
+            .push(raw_frame(0), [0.0; 3], EventType::StartAction)
+            .is_err());
+        assert!(sink.finish(1.0).is_err());
+        assert_eq!(sink.dropped(), 0);
+        let err = sink.close().unwrap_err();
+        assert!(err.to_string().contains("disk on fire"), "{err}");
+    }
+
+    /// Fails before the fix: an episode left open at shutdown was saved with duration 0.
+    #[test]
+    fn an_episode_saved_at_close_keeps_its_wall_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut sink, mut events) = RecordingSink::spawn(8).unwrap();
+        sink.start(dir.path(), "open", WriteOptions::default())
+            .unwrap();
+        sink.push(raw_frame(0), [0.0; 3], EventType::EpisodeStart)
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        // A second start saves the open one the same way.
+        sink.start(dir.path(), "open2", WriteOptions::default())
+            .unwrap();
+        sink.push(raw_frame(1), [0.0; 3], EventType::EpisodeStart)
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        sink.close().unwrap();
+        let saved = saved(&drain(&mut events));
+        assert_eq!(saved.len(), 2);
+        for (path, _) in saved {
+            let d = EpisodeReader::open(&path).unwrap().meta().total_duration;
+            // The writer thread starts its clock when it opens the file, just after `start`.
+            assert!(d >= 0.15, "{}: total_duration {d}", path.display());
+        }
     }
 }

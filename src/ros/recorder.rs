@@ -1,25 +1,28 @@
 //! `recorder_node`: camera + instruction + velocity commands → Mobile VLA episodes.
 //!
-//! Episodes start with `~/start_episode` (mobile_vla/srv/StartEpisode) and end with
-//! `~/stop_episode` (std_srvs/Trigger, saved) or `~/discard_episode` (deleted), or by the
-//! idle timeout. Steps are sampled per command change (`mode: event`, the fork's
-//! keyboard collector) or at `rate_hz` (`mode: rate`). Frames go to a writer thread
-//! through a bounded queue; the state is published on `~/status`.
+//! Episodes start with `~/start_episode` (mobile_vla/srv/StartEpisode), which answers once the
+//! writer has opened the file (a bad name, a taken name or a too long instruction is refused
+//! up front), and end with `~/stop_episode` (std_srvs/Trigger, saved) or `~/discard_episode`
+//! (deleted), or by the idle timeout. Steps are chosen by [`Sampler`], the rule bag import
+//! uses too: per command change (`mode: event`, the fork's keyboard collector) or at `rate_hz`
+//! (`mode: rate`). Frames go to a writer thread that never blocks this task; the state is
+//! published on `~/status` at each change and at `status_rate_hz`.
 
 use super::convert::{camera_frame, twist_to_action};
 use super::params::NodeParams;
 use super::runtime::NodeHandle;
 use super::{command_qos, image_qos, status_qos};
-use crate::data::episode::{recover_partials, utc_stamp, EventType, WriteOptions};
+use crate::data::episode::{check_new_episode, episode_name, recover_partials, WriteOptions};
 use crate::data::image::ChannelOrder;
-use crate::data::recording::{CameraFrame, RecordingSink, SampleMode, Sampler, SinkEvent};
+use crate::data::recording::{CameraFrame, RecordingSink};
+use crate::data::sampling::{nanos, period, seconds, Sampler, SamplerConfig};
 use anyhow::Context as _;
 use futures::{Stream, StreamExt};
 use r2r::geometry_msgs::msg::{Twist, TwistStamped};
 use r2r::mobile_vla::msg::RecordingStatus;
 use r2r::mobile_vla::srv::StartEpisode;
 use r2r::sensor_msgs::msg::{CompressedImage, Image};
-use r2r::std_msgs::msg::{Header, String as StringMsg};
+use r2r::std_msgs::msg::String as StringMsg;
 use r2r::std_srvs::srv::Trigger;
 use r2r::RosParams;
 use serde::Deserialize;
@@ -27,6 +30,12 @@ use std::path::PathBuf;
 use std::pin::Pin;
 use std::time::{Duration, Instant, SystemTime};
 use tracing::{error, info, warn};
+
+mod session;
+
+use session::{
+    on_sink_event, publish_status, record, respond_start, writer_stopped, LatestImage, Recording,
+};
 
 pub const NAME: &str = "recorder_node";
 pub const DEFAULTS: &str = include_str!("../../config/recorder_node.yaml");
@@ -52,6 +61,8 @@ pub struct RecorderParams {
     pub rate_hz: f64,
     /// In rate mode, a command older than this counts as zero [s]
     pub cmd_timeout_s: f64,
+    /// In event mode, the return to zero is a stop_action frame
+    pub record_stops: bool,
     /// Stop (and save) the episode after this long without commands [s]; 0 disables
     pub idle_timeout_s: f64,
     /// Skip a step when the newest image is older than this [s]
@@ -76,10 +87,13 @@ pub struct RecorderParams {
 
 #[derive(Debug)]
 struct Validated {
-    mode: SampleMode,
+    sampling: SamplerConfig,
     order: ChannelOrder,
     gzip: Option<u8>,
     dir: PathBuf,
+    idle_timeout: Option<Duration>,
+    max_image_age: Duration,
+    status_period: Duration,
 }
 
 impl RecorderParams {
@@ -97,19 +111,25 @@ impl RecorderParams {
             l @ 0..=9 => Some(l as u8),
             l => anyhow::bail!("parameter `gzip_level` is {l}: use 0-9, or -1 for none"),
         };
-        for (name, v) in [
-            ("rate_hz", self.rate_hz),
-            ("status_rate_hz", self.status_rate_hz),
-        ] {
-            if !(v > 0.0 && v.is_finite()) {
-                anyhow::bail!("parameter `{name}` is {v}: it must be > 0");
-            }
-        }
-        Ok(Validated {
+        let param = |e: String| anyhow::anyhow!("parameter {e}");
+        let sampling = SamplerConfig {
             mode,
+            period: period("`rate_hz`", self.rate_hz).map_err(param)?,
+            cmd_timeout: seconds("`cmd_timeout_s`", self.cmd_timeout_s).map_err(param)?,
+            record_stops: self.record_stops,
+        };
+        let idle_timeout = match self.idle_timeout_s {
+            0.0 => None,
+            s => Some(seconds("`idle_timeout_s`", s).map_err(param)?),
+        };
+        Ok(Validated {
+            sampling,
             order,
             gzip,
             dir: PathBuf::from(&self.output_dir),
+            idle_timeout,
+            max_image_age: seconds("`max_image_age_s`", self.max_image_age_s).map_err(param)?,
+            status_period: period("`status_rate_hz`", self.status_rate_hz).map_err(param)?,
         })
     }
 }
@@ -127,32 +147,6 @@ impl NodeParams for RecorderParams {
 type Frames = Pin<Box<dyn Stream<Item = CameraFrame> + Send>>;
 type Commands = Pin<Box<dyn Stream<Item = [f32; 3]> + Send>>;
 
-struct Recording {
-    name: String,
-    instruction: String,
-    started: Instant,
-    frames_queued: u32,
-    /// The `episode_start` frame still needs an image.
-    needs_first_frame: bool,
-}
-
-/// Latest camera frame and when it arrived; taken by the step that uses it.
-struct LatestImage {
-    frame: Option<CameraFrame>,
-    at: Option<Instant>,
-}
-
-impl LatestImage {
-    /// The newest frame if it is younger than `max_age_s`.
-    fn fresh(&self, now: Instant, max_age_s: f64) -> Option<CameraFrame> {
-        let at = self.at?;
-        if now.duration_since(at).as_secs_f64() > max_age_s {
-            return None;
-        }
-        self.frame.clone()
-    }
-}
-
 pub async fn run(h: NodeHandle<RecorderParams>) -> anyhow::Result<()> {
     let p = h.params();
     let v = p.validate()?;
@@ -168,6 +162,12 @@ pub async fn run(h: NodeHandle<RecorderParams>) -> anyhow::Result<()> {
     }
     for (path, why) in &report.discarded {
         warn!("discarded interrupted episode {}: {why}", path.display());
+    }
+    for (path, why) in &report.kept {
+        error!(
+            "interrupted episode {} could not be recovered and stays there: {why}",
+            path.display()
+        );
     }
 
     let (
@@ -231,26 +231,35 @@ pub async fn run(h: NodeHandle<RecorderParams>) -> anyhow::Result<()> {
         p.cmd_topic,
         p.instruction_topic,
         v.dir.display(),
-        v.mode,
+        v.sampling.mode,
         v.order
     );
 
-    let mut sink = RecordingSink::spawn(p.queue_size as usize);
-    let mut sampler = Sampler::new(v.mode, p.cmd_timeout_s);
+    let (mut sink, mut sink_events) =
+        RecordingSink::spawn(p.queue_size as usize).context("starting the episode writer")?;
+    // Sampler time: nanoseconds since the node started.
+    let origin = Instant::now();
+    let ns = |t: Instant| nanos(t.duration_since(origin));
+    let mut sampler = Sampler::new(v.sampling);
     let mut latest = LatestImage {
         frame: None,
         at: None,
     };
     let mut instruction = p.instruction.clone();
     let mut rec: Option<Recording> = None;
+    // The episode the writer is finishing after a stop (state SAVING until it reports).
+    let mut saving: Option<String> = None;
     let mut status = RecordingStatus::default();
-    let mut rate_tick = tokio::time::interval(Duration::from_secs_f64(1.0 / p.rate_hz));
-    rate_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    let mut status_tick = tokio::time::interval(Duration::from_secs_f64(1.0 / p.status_rate_hz));
+    let mut status_tick = tokio::time::interval(v.status_period);
     let mut skipped_no_image = 0u64;
 
     loop {
         let now = Instant::now();
+        let state_before = (rec.is_some(), saving.is_some());
+        let next_tick = sampler
+            .next_tick()
+            .filter(|_| rec.as_ref().is_some_and(|r| !r.needs_first_frame));
+        let tick_at = origin + Duration::from_nanos(next_tick.unwrap_or(0));
         // Biased, in this order: when a frame and a command are both pending (a busy CPU),
         // the frame is taken first, so the command is paired with the newest image.
         tokio::select! {
@@ -258,27 +267,19 @@ pub async fn run(h: NodeHandle<RecorderParams>) -> anyhow::Result<()> {
             _ = h.shutdown() => break,
             Some(frame) = frames.next() => {
                 latest = LatestImage { frame: Some(frame), at: Some(now) };
-                if let Some(r) = rec.as_mut().filter(|r| r.needs_first_frame) {
-                    if let Some(f) = latest.frame.clone() {
-                        r.needs_first_frame = false;
-                        if sink.push(f, [0.0; 3], EventType::EpisodeStart) {
-                            r.frames_queued += 1;
-                        }
-                    }
+                if rec.as_ref().is_some_and(|r| r.needs_first_frame) {
+                    let step = sampler.start(ns(now));
+                    record(&mut sink, &mut rec, &mut status, latest.frame.clone(), step);
                 }
             }
             Some(cmd) = cmds.next() => {
-                let step = sampler.on_command(cmd, now);
-                if let (Some((action, event)), Some(r)) = (step, rec.as_mut()) {
-                    match latest.fresh(now, p.max_image_age_s) {
-                        Some(f) => {
-                            if sink.push(f, action, event) {
-                                r.frames_queued += 1;
-                            }
-                        }
+                let step = sampler.command(ns(now), cmd);
+                if let (Some(step), true) = (step, rec.is_some()) {
+                    match latest.fresh(now, v.max_image_age) {
+                        Some(f) => record(&mut sink, &mut rec, &mut status, Some(f), step),
                         None => {
                             skipped_no_image += 1;
-                            warn!("step skipped: no image newer than {} s on {}", p.max_image_age_s, p.image_topic);
+                            warn!("step skipped: no image newer than {:?} on {}", v.max_image_age, p.image_topic);
                         }
                     }
                 }
@@ -286,25 +287,25 @@ pub async fn run(h: NodeHandle<RecorderParams>) -> anyhow::Result<()> {
             Some(msg) = instructions.next() => {
                 instruction = msg.data;
             }
-            _ = rate_tick.tick(), if v.mode == SampleMode::Rate && rec.as_ref().is_some_and(|r| !r.needs_first_frame) => {
-                let (action, event) = sampler.on_tick(now);
-                if let Some(r) = rec.as_mut() {
-                    match latest.fresh(now, p.max_image_age_s) {
-                        Some(f) => {
-                            if sink.push(f, action, event) {
-                                r.frames_queued += 1;
-                            }
-                        }
+            _ = tokio::time::sleep_until(tick_at.into()), if next_tick.is_some() => {
+                while let Some((_, step)) = sampler.tick_before(ns(now) + 1) {
+                    match latest.fresh(now, v.max_image_age) {
+                        Some(f) => record(&mut sink, &mut rec, &mut status, Some(f), step),
                         None => skipped_no_image += 1,
                     }
                 }
             }
+            Some(event) = sink_events.next() => {
+                on_sink_event(event, &mut rec, &mut saving, &mut status, &mut sampler);
+            }
             Some(req) = start_srv.next() => {
-                let (success, message, name) = if let Some(r) = &rec {
-                    (false, format!("already recording {}", r.name), r.name.clone())
+                let refused = if let Some(r) = &rec {
+                    Some(format!("already recording {}", r.name))
                 } else {
+                    let suffix = &p.scenario;
                     let name = if req.message.episode_name.is_empty() {
-                        episode_name(&p.episode_prefix, &p.scenario, SystemTime::now())
+                        let secs = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+                        episode_name(&v.dir, &p.episode_prefix, secs, suffix)
                     } else {
                         req.message.episode_name.clone()
                     };
@@ -313,35 +314,55 @@ pub async fn run(h: NodeHandle<RecorderParams>) -> anyhow::Result<()> {
                         .find(|s| !s.trim().is_empty())
                         .cloned()
                         .unwrap_or_default();
+                    let instruction = (!text.is_empty()).then(|| text.clone());
                     let opts = WriteOptions::default()
                         .gzip_level(v.gzip)
                         .compression_threads(p.compression_threads as usize)
                         .channel_order(v.order)
-                        .instruction((!text.is_empty()).then(|| text.clone()));
-                    sampler.reset();
-                    sink.start(&v.dir, &name, opts);
-                    let mut r = Recording { name: name.clone(), instruction: text, started: now, frames_queued: 0, needs_first_frame: true };
-                    if let Some(f) = latest.fresh(now, p.max_image_age_s) {
-                        r.needs_first_frame = false;
-                        if sink.push(f, [0.0; 3], EventType::EpisodeStart) {
-                            r.frames_queued += 1;
-                        }
+                        .instruction(instruction.clone());
+                    match check_new_episode(&v.dir, &name, instruction.as_deref()) {
+                        Err(e) => Some(format!("cannot record: {e}")),
+                        Ok(()) => match sink.start(&v.dir, &name, opts) {
+                            Err(e) => Some(writer_stopped(&e, &mut status)),
+                            Ok(()) => {
+                                info!("recording {name}: \"{text}\"");
+                                sampler.stop();
+                                rec = Some(Recording { name, instruction: text, started: now, frames_queued: 0, needs_first_frame: true, pending: None });
+                                if let Some(f) = latest.fresh(now, v.max_image_age) {
+                                    let step = sampler.start(ns(now));
+                                    record(&mut sink, &mut rec, &mut status, Some(f), step);
+                                }
+                                None
+                            }
+                        },
                     }
-                    info!("recording {name}: \"{}\"", r.instruction);
-                    rec = Some(r);
-                    (true, format!("recording {name}"), name)
                 };
-                if let Err(e) = req.respond(StartEpisode::Response { success, message, episode_name: name }) {
-                    warn!("start_episode: cannot respond: {e}");
+                match (refused, rec.as_mut()) {
+                    (Some(message), _) => {
+                        warn!("start_episode refused: {message}");
+                        respond_start(req, false, message, String::new());
+                    }
+                    // Answered when the writer reports the file open.
+                    (None, Some(r)) => r.pending = Some(req),
+                    (None, None) => respond_start(req, false, status.last_error.clone(), String::new()),
                 }
             }
             Some(req) = stop_srv.next() => {
                 let (success, message) = match rec.take() {
                     Some(r) => {
                         let d = now.duration_since(r.started).as_secs_f64();
-                        sink.finish(d);
-                        info!("stopping {} after {d:.1} s ({} frames queued)", r.name, r.frames_queued);
-                        (true, format!("saving {} ({} frames)", r.name, r.frames_queued))
+                        sampler.stop();
+                        if let Some(pending) = r.pending {
+                            respond_start(pending, false, "stopped before the writer opened the file".into(), r.name.clone());
+                        }
+                        match sink.finish(d) {
+                            Ok(()) => {
+                                info!("stopping {} after {d:.1} s ({} frames queued)", r.name, r.frames_queued);
+                                saving = Some(r.name.clone());
+                                (true, format!("saving {} ({} frames)", r.name, r.frames_queued))
+                            }
+                            Err(e) => (false, writer_stopped(&e, &mut status)),
+                        }
                     }
                     None => (false, "not recording".to_string()),
                 };
@@ -352,8 +373,14 @@ pub async fn run(h: NodeHandle<RecorderParams>) -> anyhow::Result<()> {
             Some(req) = discard_srv.next() => {
                 let (success, message) = match rec.take() {
                     Some(r) => {
-                        sink.abort();
-                        (true, format!("discarded {}", r.name))
+                        sampler.stop();
+                        if let Some(pending) = r.pending {
+                            respond_start(pending, false, "discarded before the writer opened the file".into(), r.name.clone());
+                        }
+                        match sink.abort() {
+                            Ok(()) => (true, format!("discarded {}", r.name)),
+                            Err(e) => (false, writer_stopped(&e, &mut status)),
+                        }
                     }
                     None => (false, "not recording".to_string()),
                 };
@@ -362,32 +389,57 @@ pub async fn run(h: NodeHandle<RecorderParams>) -> anyhow::Result<()> {
                 }
             }
             _ = status_tick.tick() => {
-                if let Some(r) = &rec {
-                    let idle = sampler.idle_s(now).unwrap_or_else(|| now.duration_since(r.started).as_secs_f64());
-                    if p.idle_timeout_s > 0.0 && idle > p.idle_timeout_s {
+                if let (Some(r), Some(limit)) = (&rec, v.idle_timeout) {
+                    let idle = sampler.since_command(ns(now)).map_or_else(|| now.duration_since(r.started), Duration::from_nanos);
+                    if idle > limit {
                         let d = now.duration_since(r.started).as_secs_f64();
-                        info!("{}: no command for {idle:.1} s, stopping", r.name);
-                        sink.finish(d);
+                        info!("{}: no command for {:.1} s, stopping", r.name, idle.as_secs_f64());
+                        sampler.stop();
+                        match sink.finish(d) {
+                            Ok(()) => saving = Some(r.name.clone()),
+                            Err(e) => { writer_stopped(&e, &mut status); }
+                        }
                         rec = None;
                     }
                 }
-                update_status(&mut status, &sink, rec.as_ref(), now);
-                status.header = Header { stamp: h.now(), frame_id: String::new() };
-                if let Err(e) = status_pub.publish(&status) {
-                    warn!("cannot publish status: {e}");
-                }
+                publish_status(&h, &status_pub, &mut status, &sink, rec.as_ref(), saving.as_deref(), now);
+                continue;
             }
+        }
+        if state_before != (rec.is_some(), saving.is_some()) {
+            publish_status(
+                &h,
+                &status_pub,
+                &mut status,
+                &sink,
+                rec.as_ref(),
+                saving.as_deref(),
+                Instant::now(),
+            );
         }
     }
 
     // A clean shutdown keeps the episode in progress: it is finished and saved.
     if let Some(r) = rec.take() {
         info!("shutting down: saving {}", r.name);
-        sink.finish(Instant::now().duration_since(r.started).as_secs_f64());
+        if let Some(pending) = r.pending {
+            respond_start(
+                pending,
+                false,
+                "the node is shutting down".into(),
+                r.name.clone(),
+            );
+        }
+        if let Err(e) = sink.finish(Instant::now().duration_since(r.started).as_secs_f64()) {
+            writer_stopped(&e, &mut status);
+        }
     }
     let dropped = sink.dropped();
-    for e in sink.close() {
-        log_sink_event(&e, &mut status);
+    if let Err(e) = sink.close() {
+        writer_stopped(&e, &mut status);
+    }
+    while let Ok(event) = sink_events.try_recv() {
+        on_sink_event(event, &mut rec, &mut saving, &mut status, &mut sampler);
     }
     info!(
         "recorder_node: {} episode(s) saved, {} frame(s) dropped, {} step(s) without an image",
@@ -396,82 +448,18 @@ pub async fn run(h: NodeHandle<RecorderParams>) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn log_sink_event(e: &SinkEvent, status: &mut RecordingStatus) {
-    match e {
-        SinkEvent::Saved { path, frames } => {
-            info!("saved {} ({frames} frames)", path.display());
-            status.episodes_saved += 1;
-            status.last_saved_path = path.display().to_string();
-        }
-        SinkEvent::Discarded { name, reason } => info!("{name} not saved: {reason}"),
-        SinkEvent::Error { message } => {
-            error!("{message}");
-            status.last_error = message.clone();
-        }
-        SinkEvent::Started { .. } | SinkEvent::Progress { .. } => {}
-    }
-}
-
-fn update_status(
-    status: &mut RecordingStatus,
-    sink: &RecordingSink,
-    rec: Option<&Recording>,
-    now: Instant,
-) {
-    let mut written = None;
-    for e in sink.poll() {
-        if let SinkEvent::Progress { frames, .. } = &e {
-            written = Some(*frames);
-        }
-        log_sink_event(&e, status);
-    }
-    status.frames_dropped = u32::try_from(sink.dropped()).unwrap_or(u32::MAX);
-    match rec {
-        Some(r) => {
-            status.state = RecordingStatus::RECORDING as u8;
-            status.episode_name = r.name.clone();
-            status.instruction = r.instruction.clone();
-            if let Some(n) = written {
-                status.frames = n as u32;
-            }
-            status.duration_s = now.duration_since(r.started).as_secs_f32();
-        }
-        None => {
-            status.state = RecordingStatus::IDLE as u8;
-            status.episode_name.clear();
-            status.instruction.clear();
-            status.frames = 0;
-            status.duration_s = 0.0;
-        }
-    }
-}
-
-/// `<prefix>_<YYYYmmdd_HHMMSS>[_<scenario>]` in UTC, the fork's naming
-/// (`episode_20251203_122510_1box_hori_left`), whose scenario words the dataset reads
-/// instructions from.
-pub fn episode_name(prefix: &str, scenario: &str, t: SystemTime) -> String {
-    let secs = t
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    let mut name = format!("{prefix}_{}", utc_stamp(secs));
-    if !scenario.is_empty() {
-        name.push('_');
-        name.push_str(scenario);
-    }
-    name
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::data::sampling::SampleMode;
 
     #[test]
     fn embedded_defaults_parse_and_validate() {
         let p: RecorderParams =
             crate::ros::params::from_yaml(DEFAULTS, "config/recorder_node.yaml", NAME).unwrap();
         let v = p.validate().unwrap();
-        assert_eq!(v.mode, SampleMode::Event);
+        assert_eq!(v.sampling.mode, SampleMode::Event);
+        assert!(v.sampling.record_stops);
         assert_eq!(v.order, ChannelOrder::Bgr);
         let mut bad = p.clone();
         bad.gzip_level = 12;
@@ -480,21 +468,23 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("gzip_level"));
-        let mut bad = p;
+        let mut bad = p.clone();
         bad.mode = "sometimes".into();
         assert!(bad.validate().unwrap_err().to_string().contains("`mode`"));
-    }
-
-    #[test]
-    fn episode_names_follow_the_fork() {
-        let t = SystemTime::UNIX_EPOCH + Duration::from_secs(1_764_764_710); // 2025-12-03 12:25:10 UTC
-        assert_eq!(
-            episode_name("episode", "1box_hori_left", t),
-            "episode_20251203_122510_1box_hori_left"
-        );
-        assert_eq!(
-            episode_name("ep", "", SystemTime::UNIX_EPOCH),
-            "ep_19700101_000000"
-        );
+        // Fails before the fix: Duration::from_secs_f64(1 / rate_hz) panicked at start-up.
+        for (name, set) in [
+            (
+                "`rate_hz`",
+                (|b: &mut RecorderParams| b.rate_hz = 1e-300) as fn(&mut RecorderParams),
+            ),
+            ("`idle_timeout_s`", |b| b.idle_timeout_s = 1e300),
+            ("`max_image_age_s`", |b| b.max_image_age_s = -1.0),
+            ("`status_rate_hz`", |b| b.status_rate_hz = f64::INFINITY),
+        ] {
+            let mut bad = p.clone();
+            set(&mut bad);
+            let err = bad.validate().unwrap_err().to_string();
+            assert!(err.contains(name), "{err}");
+        }
     }
 }

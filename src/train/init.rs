@@ -79,7 +79,7 @@ fn uniform(
 }
 
 /// Fresh `action_token` and `act_head.*` tensors.
-fn fresh_policy_tensors(
+pub(crate) fn fresh_policy_tensors(
     cfg: &PolicyConfig,
     d: usize,
     seed: u64,

@@ -3,7 +3,8 @@
 //! - [`params`]: which parameters train (RoboVLMs `_trainable_params_setup`) and the printed table;
 //! - [`loss`]: batches and RoboVLMs' masked Huber + gripper BCE loss;
 //! - [`optim`]: AdamW (torch semantics), RoboVLMs' schedules, global-norm clipping;
-//! - [`strategy`]: `--strategy` (what to train) and its memory estimate;
+//! - [`strategy`]: `--strategy` (what to train);
+//! - [`plan`]: the memory planner (`mobile_vla plan`, `--strategy auto`);
 //! - [`state`]: run checkpoints for `--resume`;
 //! - [`plot`]: `loss.png`;
 //! - [`trainer`]: the loop ([`Trainer`]), with progress callbacks and cancellation;
@@ -13,6 +14,7 @@ pub mod init;
 pub mod loss;
 pub mod optim;
 pub mod params;
+pub mod plan;
 pub mod plot;
 pub mod state;
 pub mod strategy;
@@ -58,6 +60,8 @@ pub enum TrainError {
     Checkpoint { path: PathBuf, msg: String },
     #[error("{0}")]
     Unsupported(String),
+    #[error(transparent)]
+    NothingFits(#[from] plan::NothingFits),
     #[error("{path} already holds a run (checkpoint.json); pass --resume to continue it or pick another --out")]
     RunExists { path: PathBuf },
     #[error("--resume: {path} has no checkpoint to resume from")]

@@ -7,8 +7,9 @@
 use super::loss::{action_loss, Batch};
 use super::optim::{clip_grad_norm, AdamW, Schedule};
 use super::params::{ModelFiles, ParamSet};
+use super::plan::{self, ModelSizes, Workload};
 use super::state::{self, Fingerprint, RunState};
-use super::strategy::{self, Strategy};
+use super::strategy::Strategy;
 use super::TrainError;
 use crate::config::train::Precision;
 use crate::config::TrainConfig;
@@ -183,15 +184,30 @@ impl Trainer {
             policy_cfg.window_size = w;
         }
         let files = ModelFiles::read(dir)?;
-        let text_layers = files.backbone.text_config.layers;
         let dropout = files.backbone.text_config.dropout;
-        let (strategy, setup, why) = strategy::resolve(
-            opts.strategy,
-            &cfg.train_setup,
-            text_layers,
-            &files.group_sizes(),
-            strategy::available_memory(),
-        );
+        let (strategy, setup, why) = match opts.strategy {
+            Strategy::Auto => {
+                let work = Workload {
+                    batch: cfg.batch_size,
+                    window: policy_cfg.window_size,
+                    prompt_tokens: plan::PROMPT_TOKENS,
+                    accumulate: cfg.accumulate_grad_batches,
+                };
+                let sizes = ModelSizes {
+                    groups: files.group_sizes(),
+                    // Already loaded: what loading cost is in the resident memory below.
+                    file_bytes: 0,
+                };
+                // The weights are loaded already, so they count on both sides.
+                let budget = plan::available_memory().unwrap_or(u64::MAX)
+                    + plan::resident_memory().unwrap_or(0);
+                let p = plan::plan(cfg, &files.backbone, &sizes, work, budget);
+                tracing::info!("memory plan:\n{}", p.table());
+                let rung = p.chosen()?.rung;
+                (rung.strategy(), rung.setup(&cfg.train_setup), p.reason())
+            }
+            s => (s, s.setup(&cfg.train_setup), format!("--strategy {s:?}")),
+        };
         tracing::info!("strategy {strategy:?} ({why})");
         if setup.lora.is_some() {
             return Err(TrainError::Unsupported(
@@ -206,12 +222,8 @@ impl Trainer {
 
         // Honest notes on what runs.
         let precision_run = Precision::F32;
-        if cfg.precision != precision_run {
-            tracing::warn!(
-                "precision `{}` requested: this CPU build trains in f32 (`32`): candle's CPU matmul has \
-                 no bf16 kernel and its f16 one is slower than f32; metrics.jsonl records what ran",
-                cfg.precision.name()
-            );
+        if let Some(note) = plan::precision_note(cfg.precision) {
+            tracing::warn!("{note}");
         }
         if setup.gradient_checkpointing {
             tracing::warn!(
@@ -235,6 +247,8 @@ impl Trainer {
             val_fraction: cfg.val_fraction,
             seed: cfg.seed,
             read: Default::default(),
+            // A corrupt episode is logged and skipped; the rest trains.
+            strict: false,
         };
         let all = MobileVlaDataset::open(&opts.data, data_cfg)?;
         let data: Vec<(String, u64)> = all
@@ -463,7 +477,8 @@ impl Trainer {
                     let batch = self.load_batch(&idx, false)?;
                     // Masks depend only on (seed, epoch, batch): a resumed run draws the same.
                     let mask_seed = cfg.seed
-                        ^ ((pos.epoch as u64) << 32 | b as u64).wrapping_mul(0xD6E8_FEB8_6659_FD93);
+                        ^ (((pos.epoch as u64) << 32) | b as u64)
+                            .wrapping_mul(0xD6E8_FEB8_6659_FD93);
                     self.policy.backbone().train_mode().enable(mask_seed);
                     let value = group.add(
                         &self.policy,

@@ -56,6 +56,7 @@ class Client:
         self.instr = node.create_publisher(String, "instruction", 10)
         self.start = node.create_client(StartEpisode, "/recorder_node/start_episode")
         self.stop = node.create_client(Trigger, "/recorder_node/stop_episode")
+        self.discard = node.create_client(Trigger, "/recorder_node/discard_episode")
         self.status = []
         node.create_subscription(RecordingStatus, "/recorder_node/status", self.status.append, 10)
 
@@ -249,13 +250,16 @@ def test_kill_9_keeps_completed_episodes(start_node, rclpy_node, tmp_path, ros_d
     while "-> " + str(out) not in proc2.output() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert proc2.alive(), proc2.output()
-    assert not list(out.glob("*.partial")), proc2.output()
     names = sorted(p.name for p in out.glob("*.h5"))
     if "cut_ep.h5" in names:
         with h5py.File(out / "cut_ep.h5", "r") as f:
             n = f.attrs["num_frames"]
             assert n > 0 and f["images"].shape[0] == n == f["actions"].shape[0]
         assert "recovered" in proc2.output()
+        assert not list(out.glob("*.partial")), proc2.output()
+    elif (out / ".cut_ep.h5.partial").exists():
+        # Killed mid-write beyond salvage: kept for a later look, never deleted.
+        assert "stays there" in proc2.output(), proc2.output()
     else:
         assert "discarded" in proc2.output()
     validate = subprocess.run(
@@ -263,6 +267,64 @@ def test_kill_9_keeps_completed_episodes(start_node, rclpy_node, tmp_path, ros_d
     )
     assert validate.returncode == 0, validate.stdout + validate.stderr
     assert proc2.stop() == 0, proc2.output()
+
+
+def test_start_episode_answers_the_real_outcome(start_node, rclpy_node, tmp_path):
+    """Bad requests are refused up front with the reason; a failure to open the file is the
+    answer, not a later surprise; SAVING shows while the writer finishes. Fails before the
+    fix: every start answered success before the writer had tried to open the file."""
+    from mobile_vla.msg import RecordingStatus
+    from mobile_vla.srv import StartEpisode
+    from std_srvs.srv import Trigger
+
+    out = tmp_path / "episodes"
+    proc = start_node("recorder_node", "--ros-args", "-p", f"output_dir:={out}")
+    c = Client(rclpy_node)
+    c.wait_ready(proc)
+    (out / "taken.h5").write_bytes(b"")
+
+    def start(**kw):
+        return c.call(c.start, StartEpisode.Request(**kw))
+
+    for request, reason in [
+        (dict(episode_name="a/b"), "invalid episode name"),
+        (dict(episode_name=".hidden"), "invalid episode name"),
+        (dict(episode_name="taken"), "already exists"),
+        (dict(episode_name="long", instruction="x" * 257), "257 bytes"),
+    ]:
+        resp = start(**request)
+        assert not resp.success and reason in resp.message, (request, resp.message)
+    assert not list(out.glob(".*.partial")), "a refused start must not leave files"
+
+    # The writer cannot create the file (output_dir replaced by a file): the answer says so,
+    # and so do ~/status and the log.
+    out.rename(tmp_path / "moved")
+    out.write_bytes(b"")
+    resp = start(episode_name="nowhere")
+    assert not resp.success and "nowhere" in resp.message, resp.message
+    assert spin_until(rclpy_node, lambda: any("nowhere" in s.last_error for s in c.status))
+    assert "cannot record nowhere" in proc.output()
+    out.unlink()
+    (tmp_path / "moved").rename(out)
+
+    # A good start is answered once the file is open; the recorder is not stuck after failures.
+    for _ in range(3):
+        c.send_image(bgr_frame(1))
+        c.pause(0.1)
+    resp = start(episode_name="fine")
+    assert resp.success and resp.episode_name == "fine", resp.message
+    assert (out / ".fine.h5.partial").exists()
+    assert not start(episode_name="second").success  # already recording
+    c.send_cmd(0.5, 0.0, 0.0)
+    c.pause(0.3)
+    n_before = len(c.status)
+    assert c.call(c.stop, Trigger.Request()).success
+    assert spin_until(rclpy_node, lambda: any(s.episodes_saved == 1 and s.state == RecordingStatus.IDLE for s in c.status))
+    states = [s.state for s in c.status[n_before:]]
+    assert RecordingStatus.SAVING in states, states
+    assert states.index(RecordingStatus.SAVING) < len(states) - 1 - states[::-1].index(RecordingStatus.IDLE)
+    assert [f.name for f in wait_for_file(out, "fine.h5")] == ["fine.h5"]
+    assert proc.stop() == 0, proc.output()
 
 
 @pytest.mark.parametrize("bad", ["mode:=sometimes", "gzip_level:=12"])

@@ -1,33 +1,20 @@
-//! Bag → episodes. Messages are replayed in recording order while a small state machine pairs
-//! the latest camera frame with velocity commands:
-//!
-//! * **event** sampling (the fork's keyboard collector): an episode opens at the first non-zero
-//!   command with an `episode_start` frame (zero action, latest image); every *change* to a
-//!   non-zero command adds a `start_action` frame (latest image at the command's time, the new
-//!   command). A change to zero adds a `stop_action` frame only with `record_stops` (the fork
-//!   records no frame for its timed auto-stop). Repeats of the same command add nothing.
-//! * **rate** sampling: from the first non-zero command, one frame every `1/hz` s with the latest
-//!   image and command (`start_action` when moving, `stop_action` when stopped).
-//!
-//! With `split_on_idle`, an episode closes once no non-zero command came for that long, and the
-//! next non-zero command opens a new one; without it the bag is one episode.
+//! Bag → episodes. Messages are replayed in recording order; the steps are chosen by the same
+//! [`Sampler`] as live recording (see [`crate::data::sampling`]), each paired with the latest
+//! camera frame at its time. An episode opens at the first moving command (its
+//! `episode_start` frame, then that command's step), as if `~/start_episode` had been called
+//! just before it. With `split_on_idle`, an episode closes once no moving command came for that
+//! long, and the next moving command opens a new one; without it the bag is one episode.
 
 use super::{
     cdr, Bag, BagError, Result, COMPRESSED_IMAGE_TYPE, IMAGE_TYPE, STRING_TYPE, TWIST_STAMPED_TYPE,
     TWIST_TYPE,
 };
-use crate::data::episode::{utc_stamp, Action, EpisodeWriter, EventType, WriteOptions};
+use crate::data::episode::{episode_name, Action, EpisodeWriter, WriteOptions};
 use crate::data::image::{self as img, RawImageRef};
+use crate::data::sampling::{is_moving, nanos, Sampler, SamplerConfig, Step};
 use image::RgbImage;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-
-/// How frames are taken from the stream.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum Sampling {
-    Event { record_stops: bool },
-    Rate { hz: f64 },
-}
 
 #[derive(Debug, Clone)]
 pub struct ImportOptions {
@@ -40,7 +27,7 @@ pub struct ImportOptions {
     /// Fixed instruction (overrides the topic).
     pub instruction: Option<String>,
     pub split_on_idle: Option<Duration>,
-    pub sampling: Sampling,
+    pub sampling: SamplerConfig,
     pub write: WriteOptions,
     /// Appended to episode names (`episode_YYYYMMDD_HHMMSS_<suffix>`), e.g. a scenario such as
     /// `1box_hori_left` from which the instruction can be derived.
@@ -55,8 +42,10 @@ impl Default for ImportOptions {
             instruction_topic: None,
             instruction: None,
             split_on_idle: None,
-            sampling: Sampling::Event {
+            // The fork's collector records no frame for its timed auto-stop.
+            sampling: SamplerConfig {
                 record_stops: false,
+                ..SamplerConfig::default()
             },
             write: WriteOptions::default(),
             name_suffix: None,
@@ -158,8 +147,7 @@ pub fn import_bag(
         compressed,
         latest_image: None,
         instruction: opts.instruction.clone(),
-        last_cmd: [0.0; 3],
-        last_nonzero: 0,
+        sampler: Sampler::new(opts.sampling),
         episode: None,
         summary: ImportSummary {
             image_topic: image_topic.clone(),
@@ -252,8 +240,6 @@ struct Open {
     writer: EpisodeWriter,
     start: u64,
     last_frame: u64,
-    /// Next rate-mode sample time.
-    next_tick: u64,
 }
 
 struct State<'a> {
@@ -264,83 +250,58 @@ struct State<'a> {
     /// Latest image message (CDR bytes, index on its topic); decoded only when sampled.
     latest_image: Option<(Vec<u8>, u64)>,
     instruction: Option<String>,
-    last_cmd: Action,
-    last_nonzero: u64,
+    sampler: Sampler,
     episode: Option<Open>,
     summary: ImportSummary,
 }
 
-fn is_moving(a: &Action) -> bool {
-    a.iter().any(|v| *v != 0.0)
-}
-
-fn ns(d: Duration) -> u64 {
-    d.as_nanos().min(u64::MAX as u128) as u64
-}
-
 impl State<'_> {
-    /// Time moves to `t` (before the message at `t` applies): rate-mode samples due strictly
-    /// before `t` — each sees every message up to its own time — then the idle split.
+    /// Time moves to `t` (before the message at `t` applies): rate steps due strictly before
+    /// `t`, each seeing every message up to its own time, then the idle split.
     fn advance(&mut self, t: u64) -> Result<()> {
-        if let Sampling::Rate { hz } = self.opts.sampling {
-            let period = ns(Duration::from_secs_f64(1.0 / hz.max(1e-3)));
-            while let Some(ep) = &self.episode {
-                if ep.next_tick >= t || self.idle_since(ep.next_tick) {
-                    break;
-                }
-                let tick = ep.next_tick;
-                let event = if is_moving(&self.last_cmd) {
-                    EventType::StartAction
-                } else {
-                    EventType::StopAction
-                };
-                self.frame(tick, self.last_cmd, event)?;
-                if let Some(ep) = self.episode.as_mut() {
-                    ep.next_tick = tick + period.max(1);
-                }
+        while self.episode.is_some() {
+            let Some(tick) = self.sampler.next_tick().filter(|&k| k < t) else {
+                break;
+            };
+            if self.idle_at(tick) {
+                break;
+            }
+            if let Some((tick, step)) = self.sampler.tick_before(t) {
+                self.frame(tick, step)?;
             }
         }
-        if self.episode.is_some() && self.idle_since(t) {
+        if self.episode.is_some() && self.idle_at(t) {
             self.close()?;
         }
         Ok(())
     }
 
-    fn idle_since(&self, t: u64) -> bool {
-        self.opts
-            .split_on_idle
-            .is_some_and(|idle| t.saturating_sub(self.last_nonzero) >= ns(idle))
+    fn idle_at(&self, t: u64) -> bool {
+        self.opts.split_on_idle.is_some_and(|idle| {
+            self.sampler
+                .since_moving(t)
+                .is_some_and(|d| d >= nanos(idle))
+        })
     }
 
     fn command(&mut self, t: u64, action: Action) -> Result<()> {
-        let changed = action != self.last_cmd;
-        self.last_cmd = action;
-        let moving = is_moving(&action);
-        if moving {
-            self.last_nonzero = t;
-        }
         if self.episode.is_none() {
-            if !moving {
+            if !is_moving(&action) {
+                // Still tracked, for staleness and change detection.
+                self.sampler.command(t, action);
                 return Ok(());
             }
             self.open(t)?;
-            return match self.opts.sampling {
-                Sampling::Event { .. } => self.frame(t, action, EventType::StartAction),
-                Sampling::Rate { .. } => Ok(()),
-            };
         }
-        if let Sampling::Event { record_stops } = self.opts.sampling {
-            if changed && moving {
-                self.frame(t, action, EventType::StartAction)?;
-            } else if changed && record_stops {
-                self.frame(t, action, EventType::StopAction)?;
-            }
+        if let Some(step) = self.sampler.command(t, action) {
+            self.frame(t, step)?;
         }
         Ok(())
     }
 
     fn open(&mut self, t: u64) -> Result<()> {
-        let name = self.episode_name(t);
+        let suffix = self.opts.name_suffix.as_deref().unwrap_or_default();
+        let name = episode_name(self.out_dir, "episode", t / 1_000_000_000, suffix);
         let mut write = self.opts.write.clone();
         write.instruction = self.instruction.clone().or(write.instruction);
         let writer = EpisodeWriter::create(self.out_dir, &name, write)?;
@@ -348,39 +309,12 @@ impl State<'_> {
             writer,
             start: t,
             last_frame: t,
-            next_tick: t,
         });
-        let first_action = match self.opts.sampling {
-            Sampling::Event { .. } => [0.0; 3],
-            Sampling::Rate { .. } => self.last_cmd,
-        };
-        self.frame(t, first_action, EventType::EpisodeStart)?;
-        if let (Sampling::Rate { hz }, Some(ep)) = (self.opts.sampling, self.episode.as_mut()) {
-            ep.next_tick = t + ns(Duration::from_secs_f64(1.0 / hz.max(1e-3))).max(1);
-        }
-        Ok(())
+        let step = self.sampler.start(t);
+        self.frame(t, step)
     }
 
-    /// `episode_YYYYMMDD_HHMMSS[_suffix]` (UTC of the first frame), made unique in the output dir.
-    fn episode_name(&self, t: u64) -> String {
-        let mut base = format!("episode_{}", utc_stamp(t / 1_000_000_000));
-        if let Some(s) = &self.opts.name_suffix {
-            base = format!("{base}_{s}");
-        }
-        let taken = |n: &str| {
-            self.out_dir.join(format!("{n}.h5")).exists()
-                || self.out_dir.join(format!(".{n}.h5.partial")).exists()
-        };
-        let mut name = base.clone();
-        let mut k = 2;
-        while taken(&name) {
-            name = format!("{base}_{k}");
-            k += 1;
-        }
-        name
-    }
-
-    fn frame(&mut self, t: u64, action: Action, event: EventType) -> Result<()> {
+    fn frame(&mut self, t: u64, (action, event): Step) -> Result<()> {
         let Some((data, index)) = &self.latest_image else {
             self.summary.frames_without_image += 1;
             tracing::warn!(
@@ -432,6 +366,7 @@ impl State<'_> {
     }
 
     fn close(&mut self) -> Result<()> {
+        self.sampler.stop();
         if let Some(ep) = self.episode.take() {
             let frames = ep.writer.len();
             let duration = ep.last_frame.saturating_sub(ep.start) as f64 * 1e-9;
@@ -443,18 +378,5 @@ impl State<'_> {
             self.summary.episodes.push((path, frames, duration));
         }
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use crate::data::episode::utc_stamp;
-
-    #[test]
-    fn utc_stamps() {
-        assert_eq!(utc_stamp(0), "19700101_000000");
-        // date -u -d @1764764710 → 2025-12-03 12:25:10
-        assert_eq!(utc_stamp(1_764_764_710), "20251203_122510");
-        assert_eq!(utc_stamp(951_782_400), "20000229_000000");
     }
 }

@@ -1,11 +1,12 @@
-//! rosbag2 input: `metadata.yaml`, the MCAP and sqlite3 storage plugins' files, and CDR decoding
-//! of the standard messages; [`import`] turns a bag into Mobile VLA episodes.
+//! rosbag2 input: `metadata.yaml`, the MCAP and sqlite3 storage plugins' files (plain, zstd per
+//! file or per message, MCAP chunks zstd or lz4), and CDR decoding of the standard messages;
+//! [`import`] turns a bag into Mobile VLA episodes.
 
 pub mod cdr;
 pub mod import;
 mod storage;
 
-pub use import::{import_bag, ImportOptions, ImportSummary, Sampling};
+pub use import::{import_bag, ImportOptions, ImportSummary};
 pub use storage::{BagMessage, MessageStream};
 
 use crate::data::episode::EpisodeError;
@@ -35,8 +36,13 @@ pub enum BagError {
     },
     #[error("storage `{0}` is not supported (use `mcap` or `sqlite3`)")]
     Storage(String),
-    #[error("bag compression `{0}` is not supported; decompress it first (`ros2 bag convert`)")]
+    #[error("bag compression `{0}` is not supported (rosbag2 writes `zstd` in mode `file` or `message`); decompress it first (`ros2 bag convert`)")]
     Compressed(String),
+    #[error("{path}: zstd decompression failed: {source}")]
+    Zstd {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path}: corrupt MCAP after {after} message record(s): {source}")]
     Mcap {
         path: PathBuf,
@@ -144,6 +150,39 @@ pub struct TopicMetadata {
     pub serialization_format: String,
 }
 
+/// rosbag2's own compression (`ros2 bag record --compression-mode … --compression-format zstd`),
+/// on top of the storage's (MCAP chunk compression, which the MCAP reader handles).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compression {
+    None,
+    /// Each storage file is one zstd stream (`<file>.mcap.zstd`, `<file>.db3.zstd`).
+    File,
+    /// Each message's data is one zstd frame.
+    Message,
+}
+
+impl Compression {
+    fn from_metadata(info: &BagInfo) -> Result<Self> {
+        let (mode, format) = (
+            info.compression_mode.to_ascii_lowercase(),
+            &info.compression_format,
+        );
+        let mode = match mode.as_str() {
+            "" | "none" => return Ok(Self::None),
+            "file" => Self::File,
+            "message" => Self::Message,
+            _ => return Err(BagError::Compressed(format!("{format} ({mode})"))),
+        };
+        if !format.eq_ignore_ascii_case("zstd") {
+            return Err(BagError::Compressed(format!(
+                "{format} ({})",
+                info.compression_mode
+            )));
+        }
+        Ok(mode)
+    }
+}
+
 /// Which storage plugin wrote the bag.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Storage {
@@ -156,6 +195,7 @@ pub enum Storage {
 pub struct Bag {
     pub dir: PathBuf,
     pub storage: Storage,
+    pub compression: Compression,
     pub files: Vec<PathBuf>,
     pub info: BagInfo,
 }
@@ -180,12 +220,7 @@ impl Bag {
             "sqlite3" => Storage::Sqlite3,
             other => return Err(BagError::Storage(other.to_string())),
         };
-        if !info.compression_format.is_empty() || !info.compression_mode.is_empty() {
-            return Err(BagError::Compressed(format!(
-                "{} ({})",
-                info.compression_format, info.compression_mode
-            )));
-        }
+        let compression = Compression::from_metadata(&info)?;
         let files = info
             .relative_file_paths
             .iter()
@@ -194,6 +229,7 @@ impl Bag {
         Ok(Self {
             dir: dir.to_path_buf(),
             storage,
+            compression,
             files,
             info,
         })
@@ -271,6 +307,11 @@ impl Bag {
                 }
             }
         }
-        MessageStream::new(self.storage, self.files.clone(), topics.to_vec())
+        MessageStream::new(
+            self.storage,
+            self.compression,
+            self.files.clone(),
+            topics.to_vec(),
+        )
     }
 }

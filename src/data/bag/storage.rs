@@ -1,12 +1,15 @@
 //! Streaming message readers for the two rosbag2 storage plugins. Both stream: a bag of
-//! full-HD images never has to fit in memory.
+//! full-HD images never has to fit in memory. rosbag2's zstd compression is undone here: a
+//! compressed MCAP file is decompressed as it is read; sqlite needs a file, so a compressed
+//! `.db3.zstd` is decompressed into a temporary file first; per-message compression is undone
+//! message by message. MCAP chunk compression (zstd, lz4) is the MCAP reader's.
 
-use super::{BagError, Result, Storage};
+use super::{BagError, Compression, Result, Storage};
 use mcap::records::Record;
 use mcap::sans_io::linear_reader::{LinearReadEvent, LinearReader, LinearReaderOptions};
 use std::collections::{HashMap, VecDeque};
 use std::io::Read;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// Largest MCAP record we accept; a corrupt length beyond it is an error, not an allocation.
 const MCAP_RECORD_LIMIT: usize = 256 << 20;
@@ -27,6 +30,7 @@ pub struct BagMessage {
 /// Messages of the selected topics, file after file.
 pub struct MessageStream {
     storage: Storage,
+    compression: Compression,
     files: VecDeque<PathBuf>,
     topics: Vec<String>,
     current: Option<FileReader>,
@@ -38,9 +42,15 @@ enum FileReader {
 }
 
 impl MessageStream {
-    pub(super) fn new(storage: Storage, files: Vec<PathBuf>, topics: Vec<String>) -> Result<Self> {
+    pub(super) fn new(
+        storage: Storage,
+        compression: Compression,
+        files: Vec<PathBuf>,
+        topics: Vec<String>,
+    ) -> Result<Self> {
         Ok(Self {
             storage,
+            compression,
             files: files.into(),
             topics,
             current: None,
@@ -51,11 +61,39 @@ impl MessageStream {
         let Some(path) = self.files.pop_front() else {
             return Ok(false);
         };
+        let file = self.compression == Compression::File;
         self.current = Some(match self.storage {
-            Storage::Mcap => FileReader::Mcap(McapFile::open(path, &self.topics)?),
-            Storage::Sqlite3 => FileReader::Sqlite(SqliteFile::open(path, &self.topics)?),
+            Storage::Mcap => FileReader::Mcap(McapFile::open(path, &self.topics, file)?),
+            Storage::Sqlite3 => FileReader::Sqlite(SqliteFile::open(path, &self.topics, file)?),
         });
         Ok(true)
+    }
+
+    /// Undoes per-message compression.
+    fn unpack(&self, msg: Result<BagMessage>) -> Result<BagMessage> {
+        let mut msg = msg?;
+        if self.compression == Compression::Message {
+            msg.data = zstd::decode_all(msg.data.as_slice()).map_err(|e| BagError::Zstd {
+                path: self.current_path(),
+                source: e,
+            })?;
+        }
+        Ok(msg)
+    }
+
+    fn current_path(&self) -> PathBuf {
+        match &self.current {
+            Some(FileReader::Mcap(f)) => f.path.clone(),
+            Some(FileReader::Sqlite(f)) => f.path.clone(),
+            None => PathBuf::new(),
+        }
+    }
+}
+
+fn io_err(path: &Path) -> impl Fn(std::io::Error) -> BagError + '_ {
+    move |e| BagError::Io {
+        path: path.to_path_buf(),
+        source: e,
     }
 }
 
@@ -68,7 +106,8 @@ impl Iterator for MessageStream {
                 Some(FileReader::Mcap(f)) => f.next(),
                 Some(FileReader::Sqlite(f)) => f.next(),
                 None => None,
-            };
+            }
+            .map(|m| self.unpack(m));
             match next {
                 Some(Err(e)) => {
                     // A corrupt file ends the stream.
@@ -92,7 +131,7 @@ impl Iterator for MessageStream {
 
 struct McapFile {
     path: PathBuf,
-    file: std::fs::File,
+    file: Box<dyn Read>,
     reader: LinearReader,
     topics: Vec<String>,
     /// Channel id → index of the wanted topic (None: not wanted).
@@ -101,11 +140,13 @@ struct McapFile {
 }
 
 impl McapFile {
-    fn open(path: PathBuf, topics: &[String]) -> Result<Self> {
-        let file = std::fs::File::open(&path).map_err(|e| BagError::Io {
-            path: path.clone(),
-            source: e,
-        })?;
+    fn open(path: PathBuf, topics: &[String], zstd_file: bool) -> Result<Self> {
+        let raw = std::fs::File::open(&path).map_err(io_err(&path))?;
+        let file: Box<dyn Read> = if zstd_file {
+            Box::new(zstd::Decoder::new(raw).map_err(io_err(&path))?)
+        } else {
+            Box::new(raw)
+        };
         let reader = LinearReader::new_with_options(
             LinearReaderOptions::default().with_record_length_limit(MCAP_RECORD_LIMIT),
         );
@@ -185,6 +226,8 @@ impl McapFile {
 struct SqliteFile {
     path: PathBuf,
     conn: rusqlite::Connection,
+    /// The decompressed copy of a `.db3.zstd`, deleted on drop (after `conn`).
+    _plain: Option<tempfile::TempPath>,
     /// sqlite topic id → index of the wanted topic.
     topic_ids: HashMap<i64, usize>,
     last_id: i64,
@@ -193,7 +236,7 @@ struct SqliteFile {
 }
 
 impl SqliteFile {
-    fn open(path: PathBuf, topics: &[String]) -> Result<Self> {
+    fn open(path: PathBuf, topics: &[String], zstd_file: bool) -> Result<Self> {
         let sql = |path: &PathBuf| {
             let path = path.clone();
             move |e| BagError::Sqlite { path, source: e }
@@ -204,8 +247,9 @@ impl SqliteFile {
                 source: std::io::ErrorKind::NotFound.into(),
             });
         }
+        let plain = zstd_file.then(|| decompress_to_temp(&path)).transpose()?;
         let conn = rusqlite::Connection::open_with_flags(
-            &path,
+            plain.as_deref().unwrap_or(&path),
             rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
         )
         .map_err(sql(&path))?;
@@ -227,6 +271,7 @@ impl SqliteFile {
         Ok(Self {
             path,
             conn,
+            _plain: plain,
             topic_ids,
             last_id: i64::MIN,
             batch: VecDeque::new(),
@@ -284,4 +329,21 @@ impl SqliteFile {
         }
         self.batch.pop_front().map(Ok)
     }
+}
+
+/// `path` (one zstd stream) decompressed into a temporary file.
+fn decompress_to_temp(path: &Path) -> Result<tempfile::TempPath> {
+    let zstd_err = |e| BagError::Zstd {
+        path: path.to_path_buf(),
+        source: e,
+    };
+    let mut src =
+        zstd::Decoder::new(std::fs::File::open(path).map_err(io_err(path))?).map_err(zstd_err)?;
+    let mut tmp = tempfile::Builder::new()
+        .prefix("mobile_vla-bag-")
+        .suffix(".db3")
+        .tempfile()
+        .map_err(io_err(&std::env::temp_dir()))?;
+    std::io::copy(&mut src, tmp.as_file_mut()).map_err(zstd_err)?;
+    Ok(tmp.into_temp_path())
 }

@@ -23,11 +23,17 @@
 //! A pure-Rust reader (e.g. `hdf5-reader`-style crates) cannot write, and netCDF wrappers add a
 //! layer we do not need.
 
+mod compress;
+mod format;
+mod isolate;
 mod reader;
+mod salvage;
 mod writer;
 
-pub use reader::{validate_file, EpisodeReader, ReadOptions};
-pub use writer::{recover_partials, EpisodeWriter, RecoveryReport, WriteOptions, PARTIAL_SUFFIX};
+pub use isolate::{validate_file, Depth};
+pub use reader::{open_episodes, EpisodeReader, OpenedEpisodes, ReadOptions};
+pub use salvage::{recover_partials, RecoveryReport};
+pub use writer::{check_new_episode, EpisodeWriter, WriteOptions, PARTIAL_SUFFIX};
 
 use crate::data::image::ChannelOrder;
 use std::fmt;
@@ -278,6 +284,25 @@ pub fn utc_stamp(secs: u64) -> String {
     )
 }
 
+/// `<prefix>_<YYYYmmdd_HHMMSS>[_<suffix>]` in UTC of `unix_secs`, the fork's naming
+/// (`episode_20251203_122510_1box_hori_left`; the dataset reads instructions from its scenario
+/// words), made unique in `dir` with `_2`, `_3`, … while a finished or partial episode has it.
+pub fn episode_name(dir: &Path, prefix: &str, unix_secs: u64, suffix: &str) -> String {
+    let mut base = format!("{prefix}_{}", utc_stamp(unix_secs));
+    if !suffix.is_empty() {
+        base = format!("{base}_{suffix}");
+    }
+    let taken =
+        |n: &str| dir.join(format!("{n}.h5")).exists() || writer::partial_path(dir, n).exists();
+    let mut name = base.clone();
+    let mut k = 2;
+    while taken(&name) {
+        name = format!("{base}_{k}");
+        k += 1;
+    }
+    name
+}
+
 /// The `.h5` files of a directory, sorted by name (partials and hidden files skipped).
 pub fn list_episodes(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut out = Vec::new();
@@ -310,6 +335,27 @@ mod tests {
             Some("Navigate around the obstacle on the right side and reach the cup")
         );
         assert_eq!(instruction_from_name("episode_20251203_122510"), None);
+    }
+
+    #[test]
+    fn episode_names_follow_the_fork_and_are_unique() {
+        let dir = tempfile::tempdir().unwrap();
+        // date -u -d @1764764710 → 2025-12-03 12:25:10
+        let name = episode_name(dir.path(), "episode", 1_764_764_710, "1box_hori_left");
+        assert_eq!(name, "episode_20251203_122510_1box_hori_left");
+        std::fs::write(dir.path().join(format!("{name}.h5")), b"").unwrap();
+        std::fs::write(dir.path().join(".ep_19700101_000000_2.h5.partial"), b"").unwrap();
+        assert_eq!(
+            episode_name(dir.path(), "episode", 1_764_764_710, "1box_hori_left"),
+            "episode_20251203_122510_1box_hori_left_2"
+        );
+        assert_eq!(episode_name(dir.path(), "ep", 0, ""), "ep_19700101_000000");
+        std::fs::write(dir.path().join("ep_19700101_000000.h5"), b"").unwrap();
+        assert_eq!(
+            episode_name(dir.path(), "ep", 0, ""),
+            "ep_19700101_000000_3"
+        );
+        assert_eq!(utc_stamp(951_782_400), "20000229_000000");
     }
 
     #[test]

@@ -24,30 +24,21 @@
 //! # Ok::<(), mobile_vla::data::episode::EpisodeError>(())
 //! ```
 
-use super::reader::{salvage_partial, Salvaged};
+use super::compress::{write_chunk, Compressor};
 use super::{
     keys, Action, CollectionInfo, EpisodeError, EventType, Result, ACTION_DIM,
     DEFAULT_ACTION_CHUNK_SIZE, DEFAULT_CHANNEL_ORDER, INSTRUCTION_LEN,
 };
 use crate::data::image::ChannelOrder;
-use flate2::write::ZlibEncoder;
-use flate2::Compression;
 use hdf5::types::{FixedAscii, FixedUnicode, VarLenUnicode};
 use image::RgbImage;
 use ndarray::{s, ArrayView1, ArrayView3};
-use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::sync::mpsc::{channel, sync_channel, Receiver, SyncSender};
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::Instant;
 
 /// Suffix of in-progress episode files (`.<name>.h5.partial`).
 pub const PARTIAL_SUFFIX: &str = ".h5.partial";
-/// Suffix of the copy [`recover_partials`] builds before renaming it to the final name.
-const SALVAGE_SUFFIX: &str = ".h5.salvage";
 
 /// How an episode is written. Defaults follow the fork: gzip level 4 (h5py's default for
 /// `compression='gzip'`), `action_chunk_size` 8, BGR frames.
@@ -152,31 +143,51 @@ pub(crate) fn partial_path(dir: &Path, name: &str) -> PathBuf {
     dir.join(format!(".{name}{PARTIAL_SUFFIX}"))
 }
 
+fn check_instruction(instruction: Option<&str>) -> Result<()> {
+    match instruction {
+        Some(text) if text.len() > INSTRUCTION_LEN => {
+            Err(EpisodeError::InstructionTooLong { len: text.len() })
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Whether [`EpisodeWriter::create`] would accept this episode: a plain file stem not taken by
+/// a finished or partial episode in `dir`, and an instruction that fits the format. For
+/// callers that must answer before a writer thread opens the file (recorder_node).
+pub fn check_new_episode(dir: &Path, name: &str, instruction: Option<&str>) -> Result<()> {
+    validate_name(name)?;
+    for path in [partial_path(dir, name), dir.join(format!("{name}.h5"))] {
+        if path.exists() {
+            return Err(EpisodeError::Exists { path });
+        }
+    }
+    check_instruction(instruction)
+}
+
 impl EpisodeWriter {
     /// Starts `dir/<name>.h5` (written as `dir/.<name>.h5.partial` until [`finish`](Self::finish)).
     pub fn create(dir: &Path, name: &str, opts: WriteOptions) -> Result<Self> {
-        validate_name(name)?;
-        let partial = partial_path(dir, name);
-        if partial.exists() {
-            return Err(EpisodeError::Exists { path: partial });
-        }
-        Self::create_at(partial, dir.join(format!("{name}.h5")), name, opts)
+        check_new_episode(dir, name, opts.instruction.as_deref())?;
+        Self::create_at(
+            partial_path(dir, name),
+            dir.join(format!("{name}.h5")),
+            name,
+            opts,
+        )
     }
 
-    fn create_at(
+    pub(super) fn create_at(
         partial: PathBuf,
         final_path: PathBuf,
         name: &str,
         opts: WriteOptions,
     ) -> Result<Self> {
+        // Also checked here for the salvage copy, which has its own temporary path.
         if final_path.exists() {
             return Err(EpisodeError::Exists { path: final_path });
         }
-        if let Some(text) = &opts.instruction {
-            if text.len() > INSTRUCTION_LEN {
-                return Err(EpisodeError::InstructionTooLong { len: text.len() });
-            }
-        }
+        check_instruction(opts.instruction.as_deref())?;
         let file =
             hdf5::File::create(&partial).map_err(|e| EpisodeError::hdf5(&partial, "file", e))?;
         let mut writer = Self {
@@ -290,6 +301,10 @@ impl EpisodeWriter {
     pub fn final_path(&self) -> &Path {
         &self.final_path
     }
+    /// Seconds since the writer was created: the episode's wall time when no caller measured it.
+    pub fn elapsed_s(&self) -> f64 {
+        self.started.elapsed().as_secs_f64()
+    }
 
     /// Appends one step. `frame` holds H×W×3 bytes already in [`channel_order`](Self::channel_order);
     /// every frame of an episode must have the first frame's size.
@@ -352,7 +367,7 @@ impl EpisodeWriter {
         self.len += 1;
         self.write_compressed(false)?;
         if self.len % self.opts.flush_every == 0 {
-            self.checkpoint(self.started.elapsed().as_secs_f64())?;
+            self.checkpoint(self.elapsed_s())?;
         }
         Ok(())
     }
@@ -459,7 +474,7 @@ impl Drop for EpisodeWriter {
     fn drop(&mut self) {
         if self.file.is_some() {
             let _ = self.write_compressed(true);
-            let _ = self.checkpoint(self.started.elapsed().as_secs_f64());
+            let _ = self.checkpoint(self.elapsed_s());
             let _ = self.close();
             tracing::warn!(
                 "episode {} was not finished; its {} frame(s) stay in {} (run `mobile_vla dataset recover`)",
@@ -469,119 +484,6 @@ impl Drop for EpisodeWriter {
             );
         }
     }
-}
-
-/// Worker threads deflating frames into HDF5 deflate-filter chunks (zlib streams, as
-/// `H5Z_filter_deflate` writes them).
-struct Compressor {
-    jobs: Option<SyncSender<(usize, Vec<u8>)>>,
-    results: Receiver<(usize, Vec<u8>)>,
-    workers: Vec<JoinHandle<()>>,
-    /// Finished chunks waiting for their predecessors.
-    pending: BTreeMap<usize, Vec<u8>>,
-}
-
-impl Compressor {
-    fn start(threads: usize, level: u8) -> Self {
-        let (jobs, job_rx) = sync_channel::<(usize, Vec<u8>)>(threads * 2);
-        let (done_tx, results) = channel();
-        let job_rx = Arc::new(Mutex::new(job_rx));
-        let workers = (0..threads)
-            .map(|_| {
-                let (job_rx, done_tx) = (Arc::clone(&job_rx), done_tx.clone());
-                std::thread::spawn(move || loop {
-                    let job = match job_rx.lock() {
-                        Ok(rx) => rx.recv(),
-                        Err(_) => return,
-                    };
-                    let Ok((index, raw)) = job else { return };
-                    let level = Compression::new(level.into());
-                    let mut enc = ZlibEncoder::new(Vec::with_capacity(raw.len() / 4), level);
-                    // Writing into a Vec cannot fail.
-                    let chunk = enc
-                        .write_all(&raw)
-                        .and_then(|_| enc.finish())
-                        .unwrap_or_default();
-                    if done_tx.send((index, chunk)).is_err() {
-                        return;
-                    }
-                })
-            })
-            .collect();
-        Self {
-            jobs: Some(jobs),
-            results,
-            workers,
-            pending: BTreeMap::new(),
-        }
-    }
-
-    /// Queues frame `index`; blocks while every worker is busy (back-pressure on the caller).
-    fn submit(&self, index: usize, raw: Vec<u8>, path: &Path) -> Result<()> {
-        let lost = || EpisodeError::hdf5(path, keys::IMAGES, "compression thread stopped".into());
-        self.jobs
-            .as_ref()
-            .ok_or_else(lost)?
-            .send((index, raw))
-            .map_err(|_| lost())
-    }
-
-    /// The consecutive finished chunks from `next` on; blocks until they reach `until`.
-    fn ready(
-        &mut self,
-        mut next: usize,
-        until: usize,
-        path: &Path,
-    ) -> Result<Vec<(usize, Vec<u8>)>> {
-        let mut out = Vec::new();
-        loop {
-            while let Ok((i, c)) = self.results.try_recv() {
-                self.pending.insert(i, c);
-            }
-            while let Some(chunk) = self.pending.remove(&next) {
-                out.push((next, chunk));
-                next += 1;
-            }
-            if next >= until {
-                return Ok(out);
-            }
-            let (i, c) = self.results.recv().map_err(|_| {
-                EpisodeError::hdf5(path, keys::IMAGES, "compression thread stopped".into())
-            })?;
-            self.pending.insert(i, c);
-        }
-    }
-}
-
-impl Drop for Compressor {
-    fn drop(&mut self) {
-        self.jobs = None;
-        for w in self.workers.drain(..) {
-            let _ = w.join();
-        }
-    }
-}
-
-/// Stores an already-deflated chunk at frame `index` (`H5Dwrite_chunk`, HDF5 >= 1.10.3).
-fn write_chunk(images: &hdf5::Dataset, index: usize, chunk: &[u8]) -> hdf5::Result<()> {
-    let offset: [hdf5_sys::h5::hsize_t; 4] = [index as _, 0, 0, 0];
-    // SAFETY: `images` is a live 4-D chunked dataset with chunk (1, H, W, 3) and the deflate
-    // filter; `offset` has 4 entries; `chunk` outlives the call. The library lock serialises it
-    // with every other HDF5 call of this process.
-    let status = hdf5::sync::sync(|| unsafe {
-        hdf5_sys::h5d::H5Dwrite_chunk(
-            images.id(),
-            hdf5_sys::h5p::H5P_DEFAULT,
-            0,
-            offset.as_ptr(),
-            chunk.len(),
-            chunk.as_ptr().cast(),
-        )
-    });
-    if status < 0 {
-        return Err(format!("H5Dwrite_chunk failed for frame {index}").into());
-    }
-    Ok(())
 }
 
 fn with_gzip(builder: hdf5::DatasetBuilderEmpty, level: Option<u8>) -> hdf5::DatasetBuilderEmpty {
@@ -624,108 +526,5 @@ fn write_instruction(file: &hdf5::File, text: &str) -> hdf5::Result<()> {
             .shape(1)
             .create(keys::INSTRUCTION)?
             .write(&[v])
-    }
-}
-
-/// What [`recover_partials`] did.
-#[derive(Debug, Default)]
-pub struct RecoveryReport {
-    /// Final files rebuilt from partials, with their frame counts.
-    pub recovered: Vec<(PathBuf, usize)>,
-    /// Partials deleted, with the reason.
-    pub discarded: Vec<(PathBuf, String)>,
-}
-
-/// Salvages the `.<name>.h5.partial` files that crashed writers left in `dir`: the frames that
-/// are readable and consistent across `images`/`actions`/`action_event_types` are copied into a
-/// fresh `<name>.h5` (same metadata); partials with nothing usable are deleted. Logged at
-/// `info`/`warn`.
-pub fn recover_partials(dir: &Path) -> Result<RecoveryReport> {
-    let mut report = RecoveryReport::default();
-    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map_err(|e| EpisodeError::io(dir, e))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .collect();
-    entries.sort();
-    for path in entries {
-        let Some(fname) = path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .map(str::to_string)
-        else {
-            continue;
-        };
-        if fname.starts_with('.') && fname.ends_with(SALVAGE_SUFFIX) {
-            // A recovery that itself crashed: its source partial is still there.
-            let _ = std::fs::remove_file(&path);
-            continue;
-        }
-        let Some(name) = fname
-            .strip_prefix('.')
-            .and_then(|n| n.strip_suffix(PARTIAL_SUFFIX))
-        else {
-            continue;
-        };
-        let final_path = dir.join(format!("{name}.h5"));
-        let reason = if final_path.exists() {
-            Some("a finished episode with this name exists".to_string())
-        } else {
-            match salvage_into(dir, name, &path, &final_path) {
-                Ok(frames) => {
-                    tracing::info!(
-                        "recovered {} frame(s) from {} into {}",
-                        frames,
-                        path.display(),
-                        final_path.display()
-                    );
-                    report.recovered.push((final_path, frames));
-                    None
-                }
-                Err(e) => Some(e.to_string()),
-            }
-        };
-        if let Some(reason) = &reason {
-            tracing::warn!("discarding {}: {reason}", path.display());
-            report.discarded.push((path.clone(), reason.clone()));
-        }
-        if let Err(e) = std::fs::remove_file(&path) {
-            tracing::warn!("could not delete {}: {e}", path.display());
-        }
-    }
-    Ok(report)
-}
-
-fn salvage_into(dir: &Path, name: &str, partial: &Path, final_path: &Path) -> Result<usize> {
-    let Salvaged {
-        meta,
-        frames,
-        actions,
-        events,
-    } = salvage_partial(partial)?;
-    if frames == 0 {
-        return Err(EpisodeError::Empty {
-            path: partial.to_path_buf(),
-        });
-    }
-    let opts = WriteOptions {
-        gzip_level: meta.gzip_level,
-        action_chunk_size: meta.action_chunk_size,
-        channel_order: meta.channel_order,
-        instruction: meta.instruction.clone(),
-        collection: meta.collection.clone(),
-        // One flush at the end: the source stays until the copy is complete.
-        flush_every: usize::MAX,
-        compression_threads: 0,
-    };
-    let salvage = dir.join(format!(".{name}{SALVAGE_SUFFIX}"));
-    let mut writer = EpisodeWriter::create_at(salvage, final_path.to_path_buf(), name, opts)?;
-    let copied =
-        (0..frames).try_for_each(|t| writer.push(&meta.read_frame(t)?, actions[t], events[t]));
-    match copied {
-        Ok(()) => writer.finish(meta.total_duration).map(|_| frames),
-        Err(e) => {
-            writer.abort();
-            Err(e)
-        }
     }
 }

@@ -1,0 +1,641 @@
+//! The memory planner (`mobile_vla plan`, `train --strategy auto`): per strategy, the estimated
+//! peak resident memory of a training run, and the strongest strategy that fits a budget.
+//!
+//! The estimate models what candle really does here:
+//! - every op downstream of a `Var` keeps its inputs until `backward` returns, so a tower's
+//!   activations are kept only when something in or before it trains. The action token is a `Var`
+//!   at the text model's input, so every text layer keeps its activations in *every* strategy
+//!   (last-N and head-only save gradient and optimiser memory, not activations); the vision tower
+//!   and projection keep theirs only when they (or LoRA adapters in them) train;
+//! - frozen weights get no gradient (`model::kosmos2`'s frozen-weight matmul), so gradients,
+//!   accumulated gradients and AdamW's two moments are per *trainable* parameter;
+//! - loading reads the whole weight file and converts it (file bytes + f32 copy at once), which
+//!   can be the peak for small activations.
+//!
+//! Per-layer activation counts (tensors kept per token, by kind) come from the forward code in
+//! `model::kosmos2` (composed layer norms, linears with bias, head split, softmax, dropout masks);
+//! `benches/train_memory.rs` checks the totals against measured peak RSS.
+
+use super::params::{Group, TrainableRules};
+use super::strategy::Strategy;
+use super::TrainError;
+use crate::config::train::Precision;
+use crate::config::{TrainConfig, TrainSetup};
+use crate::model::model_dir;
+use crate::model::error::ModelError;
+use crate::model::kosmos2::Kosmos2Config;
+use crate::model::PolicyConfig;
+use candle_core::safetensors::MmapedSafetensors;
+use std::fmt::Write as _;
+use std::path::Path;
+
+const F32: u64 = 4;
+const MIB: u64 = 1 << 20;
+/// Resident memory of the process before the model: binary, allocator arenas, thread stacks,
+/// tokenizer, data reader (measured on the tiny shape).
+const BASE_BYTES: u64 = 48 * MIB;
+/// Prompt tokens the estimate assumes (`<s>` + a short instruction + `</s>`; the data decide the
+/// real length, which is only known once the episodes are read).
+pub const PROMPT_TOKENS: usize = 16;
+
+/// One rung of the ladder, strongest first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rung {
+    /// SEED 6.1.
+    Full,
+    /// SEED 6.1 with `gradient_checkpointing`: only each layer's input is kept.
+    FullCheckpointing,
+    /// The last `train_decoder_layers` text layers + head.
+    LastN,
+    /// SEED 6.2: LoRA on a frozen backbone.
+    Lora,
+    /// Frozen backbone: action token + head.
+    Head,
+}
+
+pub const LADDER: [Rung; 5] = [
+    Rung::Full,
+    Rung::FullCheckpointing,
+    Rung::LastN,
+    Rung::Lora,
+    Rung::Head,
+];
+
+impl Rung {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Full => "full (6.1)",
+            Self::FullCheckpointing => "full + checkpointing",
+            Self::LastN => "last-n",
+            Self::Lora => "lora (6.2)",
+            Self::Head => "head",
+        }
+    }
+
+    /// The rung's short name (`--strategy` value, with `full-checkpointing` for full +
+    /// `gradient_checkpointing`).
+    pub fn strategy_name(self) -> &'static str {
+        match self {
+            Self::Full => "full",
+            Self::FullCheckpointing => "full-checkpointing",
+            Self::LastN => "last-n",
+            Self::Lora => "lora",
+            Self::Head => "head",
+        }
+    }
+
+    /// The `--strategy` this rung runs as.
+    pub fn strategy(self) -> Strategy {
+        match self {
+            Self::Full | Self::FullCheckpointing => Strategy::Full,
+            Self::LastN => Strategy::LastN,
+            Self::Lora => Strategy::Lora,
+            Self::Head => Strategy::Head,
+        }
+    }
+
+    /// The `train_setup` this rung trains with.
+    pub fn setup(self, cfg: &TrainSetup) -> TrainSetup {
+        let mut s = self.strategy().setup(cfg);
+        s.gradient_checkpointing = self == Self::FullCheckpointing;
+        if self == Self::Lora && s.lora.is_none() {
+            // RoboVLMs' defaults (`lora_r` 64, `lora_alpha` 16, `lora_dropout` 0.05).
+            s.lora = Some(crate::config::train::LoraSetup {
+                r: 64,
+                alpha: 16.0,
+                dropout: 0.05,
+                bias: "none".into(),
+            });
+        }
+        s
+    }
+
+    /// Why this build cannot run the rung (the trainer's own limits), if it cannot.
+    pub fn unsupported(self) -> Option<&'static str> {
+        match self {
+            Self::FullCheckpointing => Some("gradient checkpointing is not implemented yet"),
+            Self::Lora => Some("LoRA is not implemented yet"),
+            _ => None,
+        }
+    }
+}
+
+/// What the run feeds through the model per optimiser step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Workload {
+    pub batch: usize,
+    pub window: usize,
+    pub prompt_tokens: usize,
+    pub accumulate: usize,
+}
+
+/// The model's parameters by group and the bytes of its weight files (what loading reads).
+#[derive(Debug, Clone)]
+pub struct ModelSizes {
+    pub groups: Vec<(Group, usize)>,
+    pub file_bytes: u64,
+}
+
+impl ModelSizes {
+    /// Reads tensor shapes from the weight files' headers (memory-mapped, nothing loaded) of a
+    /// model directory or a Hugging Face Kosmos-2 folder. The latter has no action token or head
+    /// yet: those of `mobile_vla model init`'s defaults are counted.
+    pub fn read(dir: &Path) -> Result<(Kosmos2Config, Option<PolicyConfig>, Self), TrainError> {
+        let backbone = Kosmos2Config::from_file(dir.join(model_dir::CONFIG_FILE))
+            .map_err(ModelError::from)?;
+        let files = crate::model::kosmos2::weight_files(dir).map_err(ModelError::from)?;
+        if files.is_empty() {
+            return Err(ModelError::config(dir, "no model.safetensors (or sharded index)").into());
+        }
+        let err = |cause| ModelError::Tensors {
+            path: files[0].clone(),
+            cause,
+        };
+        // SAFETY: read-only mapping; only the headers are read.
+        let st = unsafe { MmapedSafetensors::multi(&files) }.map_err(err)?;
+        let mut groups: Vec<(Group, usize)> = st
+            .tensors()
+            .iter()
+            .filter_map(|(n, v)| Group::of(n).map(|g| (g, v.shape().iter().product())))
+            .collect();
+        let policy_file = dir.join(model_dir::POLICY_FILE);
+        let policy = if policy_file.is_file() {
+            Some(PolicyConfig::from_file(&policy_file)?)
+        } else {
+            let fresh = PolicyConfig::native(16, 2, 1.0, 0.4);
+            let head = super::init::fresh_policy_tensors(&fresh, backbone.text_config.embed_dim, 0)
+                .map_err(err)?;
+            groups.extend(
+                head.iter()
+                    .filter_map(|(n, t)| Group::of(n).map(|g| (g, t.elem_count()))),
+            );
+            None
+        };
+        let file_bytes = files
+            .iter()
+            .map(|f| std::fs::metadata(f).map_or(0, |m| m.len()))
+            .sum();
+        Ok((backbone, policy, Self { groups, file_bytes }))
+    }
+}
+
+/// One strategy's estimated peak and its parts, in bytes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Estimate {
+    pub rung: Rung,
+    pub trainable: u64,
+    pub weights: u64,
+    /// Gradients (and the accumulation buffer with `accumulate_grad_batches > 1`).
+    pub gradients: u64,
+    /// AdamW's two moments.
+    pub optimiser: u64,
+    /// Tensors kept for backward: batch × window frames × sequence.
+    pub activations: u64,
+    /// The process base, plus backward's transient gradients (about one layer's activations).
+    pub workspace: u64,
+    /// While loading: the weight file read whole + its f32 tensors.
+    pub load: u64,
+}
+
+impl Estimate {
+    pub fn training(&self) -> u64 {
+        self.weights + self.gradients + self.optimiser + self.activations + self.workspace
+    }
+
+    pub fn peak(&self) -> u64 {
+        self.training().max(self.load + BASE_BYTES)
+    }
+}
+
+/// Floats kept per frame by one transformer layer whose input is tracked.
+struct LayerShape {
+    /// Tokens the layer sees.
+    seq: u64,
+    dim: u64,
+    ffn: u64,
+    heads: u64,
+    /// Tensors of `seq × dim`, `seq × ffn` and `heads × seq²` floats kept.
+    counts: (u64, u64, u64),
+}
+
+impl LayerShape {
+    fn floats(&self) -> u64 {
+        let (a, b, c) = self.counts;
+        a * self.seq * self.dim + b * self.seq * self.ffn + c * self.heads * self.seq * self.seq
+    }
+}
+
+fn dropout_on(p: f64) -> u64 {
+    u64::from(p > 0.0)
+}
+
+/// Text decoder layer: layer norms are composed of ops (5 kept tensors each: centred, square,
+/// normed, scaled, shifted), linears keep matmul + bias outputs, q is scaled, q/k/v/kᵀ and the
+/// merged heads are copies, scores + mask + 3 softmax steps are `heads × seq²`; Kosmos-2 adds an
+/// inner attention layer norm and an FFN layer norm; dropout keeps its mask and its output.
+fn text_layer(cfg: &Kosmos2Config, seq: usize) -> LayerShape {
+    let t = &cfg.text_config;
+    let (d, a, act) = (
+        dropout_on(t.dropout),
+        dropout_on(t.attention_dropout),
+        dropout_on(t.activation_dropout),
+    );
+    LayerShape {
+        seq: seq as u64,
+        dim: t.embed_dim as u64,
+        ffn: t.ffn_dim as u64,
+        heads: t.attention_heads as u64,
+        counts: (34 + 4 * d, 8 + 2 * act, 5 + 2 * a),
+    }
+}
+
+/// CLIP vision layer: two layer norms, attention without mask or inner norm, quick-GELU (3 ops).
+fn vision_layer(cfg: &Kosmos2Config) -> LayerShape {
+    let v = &cfg.vision_config;
+    let a = dropout_on(v.attention_dropout);
+    LayerShape {
+        seq: v.num_patches() as u64 + 1,
+        dim: v.hidden_size as u64,
+        ffn: v.intermediate_size as u64,
+        heads: v.num_attention_heads as u64,
+        counts: (29, 5, 4 + 2 * a),
+    }
+}
+
+/// LoRA parameters: `r × (in + out)` per backbone linear (peft's "all-linear" minus the head).
+fn lora_params(cfg: &Kosmos2Config, r: usize) -> u64 {
+    let (t, v) = (&cfg.text_config, &cfg.vision_config);
+    let (d, f, dv, fv) = (t.embed_dim, t.ffn_dim, v.hidden_size, v.intermediate_size);
+    let text = t.layers * (4 * 2 * d + 2 * (d + f));
+    let vision = v.num_hidden_layers * (4 * 2 * dv + 2 * (dv + fv));
+    // image_to_text_projection: dense (dv → d) and its cross-attention q/k/v/out.
+    let projection = dv + d + 4 * 2 * d;
+    (r * (text + vision + projection)) as u64
+}
+
+/// The estimate of `rung` for this model, config and workload.
+pub fn estimate(
+    rung: Rung,
+    cfg: &TrainConfig,
+    backbone: &Kosmos2Config,
+    sizes: &ModelSizes,
+    work: Workload,
+) -> Estimate {
+    let setup = rung.setup(&cfg.train_setup);
+    let rules = TrainableRules::new(&setup, backbone.text_config.layers);
+    let total: u64 = sizes.groups.iter().map(|&(_, n)| n as u64).sum();
+    let mut trainable: u64 = sizes
+        .groups
+        .iter()
+        .filter(|&&(g, _)| rules.trainable(g))
+        .map(|&(_, n)| n as u64)
+        .sum();
+    let lora = setup.lora.as_ref();
+    if let Some(l) = lora {
+        trainable += lora_params(backbone, l.r);
+    }
+    let frames = (work.batch * work.window) as u64;
+    let q = backbone.latent_query_num;
+    let text = text_layer(backbone, q + work.prompt_tokens);
+    let vision = vision_layer(backbone);
+    let layers = backbone.text_config.layers as u64;
+    let vision_tracked = rules.trainable(Group::Vision) || lora.is_some();
+    let projection_tracked = vision_tracked || rules.trainable(Group::Projection);
+
+    // Per frame, in floats.
+    let (text_kept, text_transient) = if setup.gradient_checkpointing {
+        // Each layer's input, plus one layer recomputed during backward.
+        (layers * text.seq * text.dim, text.floats())
+    } else {
+        // The last layer only updates `[ACT]`'s row: its keys/values and first norm remain.
+        let last = 12 * text.seq * text.dim;
+        (
+            layers.saturating_sub(1) * text.floats() + last,
+            text.floats(),
+        )
+    };
+    let vision_kept = match (vision_tracked, setup.gradient_checkpointing) {
+        (false, _) => 0,
+        (true, false) => backbone.vision_config.num_hidden_layers as u64 * vision.floats(),
+        (true, true) => {
+            backbone.vision_config.num_hidden_layers as u64 * vision.seq * vision.dim
+                + vision.floats()
+        }
+    };
+    // Projection: dense over the patches, cross-attention of the latent queries over patches +
+    // queries (about a vision layer's worth at the text width).
+    let keys = vision.seq + q as u64;
+    let projection_kept = if projection_tracked {
+        16 * keys * text.dim + 5 * text.heads * q as u64 * keys
+    } else {
+        0
+    };
+    // peft's lora_dropout copies each adapted linear's input (mask + output).
+    let lora_kept = match lora {
+        Some(l) if l.dropout > 0.0 => {
+            layers * 2 * (5 * text.seq * text.dim + text.seq * text.ffn)
+                + backbone.vision_config.num_hidden_layers as u64
+                    * 2
+                    * (5 * vision.seq * vision.dim + vision.seq * vision.ffn)
+        }
+        _ => 0,
+    };
+    // Pixels of the batch and the text inputs (embeddings, positions, two dropouts).
+    let image = backbone.vision_config.image_size as u64;
+    let inputs = 3 * image * image + 6 * text.seq * text.dim;
+    let kept = text_kept + vision_kept + projection_kept + lora_kept + inputs;
+    let transient = text_transient.max(if vision_tracked { vision.floats() } else { 0 });
+
+    let grad_copies = if work.accumulate > 1 { 2 } else { 1 };
+    Estimate {
+        rung,
+        trainable,
+        weights: F32 * total,
+        gradients: F32 * trainable * grad_copies,
+        optimiser: 2 * F32 * trainable,
+        activations: F32 * frames * kept,
+        workspace: BASE_BYTES + F32 * frames * transient,
+        load: sizes.file_bytes + F32 * total,
+    }
+}
+
+/// Every rung's estimate and the choice.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub estimates: Vec<Estimate>,
+    pub budget: u64,
+    pub work: Workload,
+    /// Index into `estimates` of the strongest rung that fits and runs, if any.
+    pub choice: Option<usize>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("no training strategy fits the memory budget of {budget}: the cheapest that runs ({cheapest}) needs about {need}; free memory, lower batch_size or window_size, or pass a larger --budget")]
+pub struct NothingFits {
+    pub budget: String,
+    pub cheapest: &'static str,
+    pub need: String,
+}
+
+pub fn gib(bytes: u64) -> String {
+    format!("{:.2} GiB", bytes as f64 / (1u64 << 30) as f64)
+}
+
+/// Estimates every rung and picks the strongest that fits `budget` and that this build runs.
+pub fn plan(
+    cfg: &TrainConfig,
+    backbone: &Kosmos2Config,
+    sizes: &ModelSizes,
+    work: Workload,
+    budget: u64,
+) -> Plan {
+    let estimates: Vec<Estimate> = LADDER
+        .iter()
+        .map(|&r| estimate(r, cfg, backbone, sizes, work))
+        .collect();
+    let choice = estimates
+        .iter()
+        .position(|e| e.rung.unsupported().is_none() && e.peak() <= budget);
+    Plan {
+        estimates,
+        budget,
+        work,
+        choice,
+    }
+}
+
+impl Plan {
+    /// The chosen estimate, or the error naming the cheapest runnable rung's need.
+    pub fn chosen(&self) -> Result<&Estimate, NothingFits> {
+        if let Some(i) = self.choice {
+            return Ok(&self.estimates[i]);
+        }
+        let cheapest = self
+            .estimates
+            .iter()
+            .filter(|e| e.rung.unsupported().is_none())
+            .min_by_key(|e| e.peak());
+        Err(NothingFits {
+            budget: gib(self.budget),
+            cheapest: cheapest.map_or("none", |e| e.rung.name()),
+            need: gib(cheapest.map_or(0, Estimate::peak)),
+        })
+    }
+
+    /// Why the choice was made, for the log and `metrics.jsonl`.
+    pub fn reason(&self) -> String {
+        match self.chosen() {
+            Ok(e) => {
+                let stronger: Vec<String> = self.estimates[..self.choice.unwrap_or(0)]
+                    .iter()
+                    .map(|s| match s.rung.unsupported() {
+                        Some(why) => format!("{}: {why}", s.rung.name()),
+                        None => format!("{} needs ~{}", s.rung.name(), gib(s.peak())),
+                    })
+                    .collect();
+                let mut why = format!(
+                    "auto: {} is the strongest that fits: ~{} of the {} budget",
+                    e.rung.name(),
+                    gib(e.peak()),
+                    gib(self.budget)
+                );
+                if !stronger.is_empty() {
+                    let _ = write!(why, " ({})", stronger.join("; "));
+                }
+                why
+            }
+            Err(e) => e.to_string(),
+        }
+    }
+
+    /// The per-strategy table `mobile_vla plan` prints.
+    pub fn table(&self) -> String {
+        let w = self.work;
+        let mut out = format!(
+            "batch {} × window {} × {} tokens per frame, accumulate {}; budget {}\n",
+            w.batch,
+            w.window,
+            w.prompt_tokens,
+            w.accumulate,
+            gib(self.budget)
+        );
+        let _ = writeln!(
+            out,
+            "{:<22} {:>12} {:>10} {:>10} {:>10} {:>11} {:>10} {:>10} {:>10}  note",
+            "strategy",
+            "trainable",
+            "weights",
+            "grads",
+            "adamw",
+            "activations",
+            "workspace",
+            "load",
+            "peak"
+        );
+        let m = |b: u64| format!("{:.0}M", b as f64 / MIB as f64);
+        for (i, e) in self.estimates.iter().enumerate() {
+            let note = match (e.rung.unsupported(), Some(i) == self.choice) {
+                (Some(why), _) => format!("not run: {why}"),
+                (None, true) => "<- chosen".into(),
+                (None, false) if e.peak() > self.budget => "over budget".into(),
+                (None, false) => String::new(),
+            };
+            let _ = writeln!(
+                out,
+                "{:<22} {:>12} {:>10} {:>10} {:>10} {:>11} {:>10} {:>10} {:>10}  {note}",
+                e.rung.name(),
+                e.trainable,
+                m(e.weights),
+                m(e.gradients),
+                m(e.optimiser),
+                m(e.activations),
+                m(e.workspace),
+                m(e.load),
+                m(e.peak()),
+            );
+        }
+        out
+    }
+}
+
+/// What a requested precision really runs as on this CPU build, when that differs.
+pub fn precision_note(requested: Precision) -> Option<String> {
+    (requested != Precision::F32).then(|| {
+        format!(
+            "precision `{}` requested: this CPU build trains in f32 (`32`): candle's CPU matmul has \
+             no bf16 kernel and its f16 one is slower than f32; metrics.jsonl records what ran",
+            requested.name()
+        )
+    })
+}
+
+/// `MemAvailable` of /proc/meminfo, if readable.
+pub fn available_memory() -> Option<u64> {
+    meminfo_field("/proc/meminfo", "MemAvailable:")
+}
+
+/// This process's resident memory (`VmRSS`).
+pub fn resident_memory() -> Option<u64> {
+    meminfo_field("/proc/self/status", "VmRSS:")
+}
+
+/// Peak resident memory of this process (`VmHWM`).
+pub fn peak_resident_memory() -> Option<u64> {
+    meminfo_field("/proc/self/status", "VmHWM:")
+}
+
+fn meminfo_field(file: &str, key: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(file).ok()?;
+    let line = text.lines().find(|l| l.starts_with(key))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// `8GiB`, `512MiB`, `8G`, `1.5GB`, or plain bytes.
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let value: f64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size (e.g. 8GiB, 512MiB)"))?;
+    let scale: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kib" | "kb" => 1 << 10,
+        "m" | "mib" | "mb" => 1 << 20,
+        "g" | "gib" | "gb" => 1 << 30,
+        "t" | "tib" | "tb" => 1 << 40,
+        other => {
+            return Err(format!(
+                "unknown size unit `{other}` in `{s}` (B, KiB, MiB, GiB)"
+            ))
+        }
+    };
+    Ok((value * scale as f64) as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn setup() -> (TrainConfig, Kosmos2Config, ModelSizes) {
+        let cfg = TrainConfig::from_value(&serde_json::json!({
+            "batch_size": 2, "window_size": 4, "learning_rate": 1e-4, "min_lr_scale": 0.1,
+            "weight_decay": 0.0, "trainer": {"max_epochs": 1},
+            "train_setup": {"freeze_backbone": false, "lora_enable": false}
+        }))
+        .unwrap();
+        let mut k = Kosmos2Config::default();
+        k.text_config.layers = 4;
+        let mut groups = vec![
+            (Group::Vision, 300_000_000),
+            (Group::Projection, 10_000_000),
+            (Group::TextEmbedding, 130_000_000),
+            (Group::FinalNorm, 4096),
+            (Group::ActionToken, 2048),
+            (Group::Head, 5_000_000),
+        ];
+        groups.extend((0..4).map(|i| (Group::TextLayer(i), 50_000_000)));
+        let sizes = ModelSizes {
+            groups,
+            file_bytes: 0,
+        };
+        (cfg, k, sizes)
+    }
+
+    fn work(batch: usize, window: usize) -> Workload {
+        Workload {
+            batch,
+            window,
+            prompt_tokens: PROMPT_TOKENS,
+            accumulate: 1,
+        }
+    }
+
+    #[test]
+    fn ladder_gets_cheaper_and_choice_is_strongest_runnable_fit() {
+        let (cfg, k, sizes) = setup();
+        let p = plan(&cfg, &k, &sizes, work(1, 2), u64::MAX);
+        let peaks: Vec<u64> = p.estimates.iter().map(Estimate::peak).collect();
+        // Full → last-n → head strictly cheaper; checkpointing is cheaper than full.
+        assert!(peaks[1] < peaks[0] && peaks[2] < peaks[0] && peaks[4] < peaks[2]);
+        assert_eq!(p.chosen().unwrap().rung, Rung::Full);
+        let between = |a: u64, b: u64| plan(&cfg, &k, &sizes, work(1, 2), (a + b) / 2);
+        assert_eq!(
+            between(peaks[0], peaks[2]).chosen().unwrap().rung,
+            Rung::LastN
+        );
+        assert_eq!(
+            between(peaks[2], peaks[4]).chosen().unwrap().rung,
+            Rung::Head
+        );
+        let none = plan(&cfg, &k, &sizes, work(1, 2), peaks[4] - 1);
+        let err = none.chosen().unwrap_err().to_string();
+        assert!(err.contains("head") && err.contains("budget"), "{err}");
+    }
+
+    #[test]
+    fn activations_grow_with_batch_and_window() {
+        let (cfg, k, sizes) = setup();
+        for rung in LADDER {
+            let a = |b, w| estimate(rung, &cfg, &k, &sizes, work(b, w)).activations;
+            assert!(a(2, 2) > a(1, 2) && a(1, 4) > a(1, 2), "{rung:?}");
+            assert_eq!(a(2, 2), a(1, 4), "{rung:?}: frames = batch × window");
+        }
+        // Head-only still keeps the text activations (the action token is a Var at its input);
+        // full also keeps the vision tower's.
+        let full = estimate(Rung::Full, &cfg, &k, &sizes, work(1, 2)).activations;
+        let head = estimate(Rung::Head, &cfg, &k, &sizes, work(1, 2)).activations;
+        assert!(head > 0 && full > 2 * head);
+    }
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_bytes("8GiB").unwrap(), 8 << 30);
+        assert_eq!(parse_bytes("512 MiB").unwrap(), 512 << 20);
+        assert_eq!(parse_bytes("1.5g").unwrap(), 3 << 29);
+        assert!(parse_bytes("lots").is_err() && parse_bytes("8 parsecs").is_err());
+    }
+}

@@ -15,7 +15,7 @@ use super::{command_qos, image_qos, status_qos};
 use crate::data::episode::{check_new_episode, episode_name, recover_partials, WriteOptions};
 use crate::data::image::ChannelOrder;
 use crate::data::recording::{CameraFrame, RecordingSink};
-use crate::data::sampling::{nanos, period, seconds, Sampler, SamplerConfig};
+use crate::data::sampling::{nanos, period, seconds, SampleMode, Sampler, SamplerConfig};
 use anyhow::Context as _;
 use futures::{Stream, StreamExt};
 use r2r::geometry_msgs::msg::{Twist, TwistStamped};
@@ -34,7 +34,8 @@ use tracing::{error, info, warn};
 mod session;
 
 use session::{
-    on_sink_event, publish_status, record, respond_start, writer_stopped, LatestImage, Recording,
+    drop_waiting, on_sink_event, publish_status, respond_start, step, take_waiting,
+    writer_stopped, LatestImage, Recording,
 };
 
 pub const NAME: &str = "recorder_node";
@@ -65,7 +66,7 @@ pub struct RecorderParams {
     pub record_stops: bool,
     /// Stop (and save) the episode after this long without commands [s]; 0 disables
     pub idle_timeout_s: f64,
-    /// Skip a step when the newest image is older than this [s]
+    /// A step waits up to this long for a camera frame when the newest is older; then it is skipped [s]
     pub max_image_age_s: f64,
     /// Channel order the frames are stored in: bgr (the Mobile VLA format) or rgb
     pub channel_order: String,
@@ -258,7 +259,7 @@ pub async fn run(h: NodeHandle<RecorderParams>) -> anyhow::Result<()> {
         let state_before = (rec.is_some(), saving.is_some());
         let next_tick = sampler
             .next_tick()
-            .filter(|_| rec.as_ref().is_some_and(|r| !r.needs_first_frame));
+            .filter(|_| rec.as_ref().is_some_and(|r| r.first.is_none()));
         let tick_at = origin + Duration::from_nanos(next_tick.unwrap_or(0));
         // Biased, in this order: when a frame and a command are both pending (a busy CPU),
         // the frame is taken first, so the command is paired with the newest image.
@@ -266,33 +267,24 @@ pub async fn run(h: NodeHandle<RecorderParams>) -> anyhow::Result<()> {
             biased;
             _ = h.shutdown() => break,
             Some(frame) = frames.next() => {
-                latest = LatestImage { frame: Some(frame), at: Some(now) };
-                if rec.as_ref().is_some_and(|r| r.needs_first_frame) {
-                    let step = sampler.start(ns(now));
-                    record(&mut sink, &mut rec, &mut status, latest.frame.clone(), step);
+                if rec.as_ref().is_some_and(|r| r.first.is_some()) && v.sampling.mode == SampleMode::Rate {
+                    // Rate steps count from the episode's first frame.
+                    sampler.start(ns(now));
                 }
+                skipped_no_image += take_waiting(&mut sink, &mut rec, &mut status, &frame, v.max_image_age, now);
+                latest = LatestImage { frame: Some(frame), at: Some(now) };
             }
             Some(cmd) = cmds.next() => {
-                let step = sampler.command(ns(now), cmd);
-                if let (Some(step), true) = (step, rec.is_some()) {
-                    match latest.fresh(now, v.max_image_age) {
-                        Some(f) => record(&mut sink, &mut rec, &mut status, Some(f), step),
-                        None => {
-                            skipped_no_image += 1;
-                            warn!("step skipped: no image newer than {:?} on {}", v.max_image_age, p.image_topic);
-                        }
-                    }
+                if let (Some(s), true) = (sampler.command(ns(now), cmd), rec.is_some()) {
+                    skipped_no_image += step(&mut sink, &mut rec, &mut status, &latest, v.max_image_age, now, s);
                 }
             }
             Some(msg) = instructions.next() => {
                 instruction = msg.data;
             }
             _ = tokio::time::sleep_until(tick_at.into()), if next_tick.is_some() => {
-                while let Some((_, step)) = sampler.tick_before(ns(now) + 1) {
-                    match latest.fresh(now, v.max_image_age) {
-                        Some(f) => record(&mut sink, &mut rec, &mut status, Some(f), step),
-                        None => skipped_no_image += 1,
-                    }
+                while let Some((_, s)) = sampler.tick_before(ns(now) + 1) {
+                    skipped_no_image += step(&mut sink, &mut rec, &mut status, &latest, v.max_image_age, now, s);
                 }
             }
             Some(event) = sink_events.next() => {
@@ -326,11 +318,11 @@ pub async fn run(h: NodeHandle<RecorderParams>) -> anyhow::Result<()> {
                             Err(e) => Some(writer_stopped(&e, &mut status)),
                             Ok(()) => {
                                 info!("recording {name}: \"{text}\"");
-                                sampler.stop();
-                                rec = Some(Recording { name, instruction: text, started: now, frames_queued: 0, needs_first_frame: true, pending: None });
+                                // From rest: a key held before the start is a step at its next change.
+                                let first = sampler.start(ns(now));
+                                rec = Some(Recording { name, instruction: text, started: now, frames_queued: 0, first: Some(first), waiting: Vec::new(), pending: None });
                                 if let Some(f) = latest.fresh(now, v.max_image_age) {
-                                    let step = sampler.start(ns(now));
-                                    record(&mut sink, &mut rec, &mut status, Some(f), step);
+                                    take_waiting(&mut sink, &mut rec, &mut status, &f, v.max_image_age, now);
                                 }
                                 None
                             }
@@ -350,6 +342,7 @@ pub async fn run(h: NodeHandle<RecorderParams>) -> anyhow::Result<()> {
             Some(req) = stop_srv.next() => {
                 let (success, message) = match rec.take() {
                     Some(r) => {
+                        skipped_no_image += drop_waiting(&r);
                         let d = now.duration_since(r.started).as_secs_f64();
                         sampler.stop();
                         if let Some(pending) = r.pending {
@@ -394,6 +387,7 @@ pub async fn run(h: NodeHandle<RecorderParams>) -> anyhow::Result<()> {
                     if idle > limit {
                         let d = now.duration_since(r.started).as_secs_f64();
                         info!("{}: no command for {:.1} s, stopping", r.name, idle.as_secs_f64());
+                        skipped_no_image += drop_waiting(r);
                         sampler.stop();
                         match sink.finish(d) {
                             Ok(()) => saving = Some(r.name.clone()),
@@ -422,6 +416,7 @@ pub async fn run(h: NodeHandle<RecorderParams>) -> anyhow::Result<()> {
     // A clean shutdown keeps the episode in progress: it is finished and saved.
     if let Some(r) = rec.take() {
         info!("shutting down: saving {}", r.name);
+        skipped_no_image += drop_waiting(&r);
         if let Some(pending) = r.pending {
             respond_start(
                 pending,

@@ -19,11 +19,6 @@ FIXTURE = REPO / "test" / "fixtures" / "policy" / "native"
 W, H = 8, 6
 RATE = 20.0  # control rate of the tests [Hz]
 # Permissive limits so the policy's own numbers reach cmd_vel unless a test says otherwise.
-# Quarantined: on a quiet machine these runs lose chunks (no ActionChunk for a sent frame) and,
-# with stale Fast DDS shared-memory segments in /dev/shm, service answers; they passed under load.
-# Tracked in the closing note of the session that quarantined them (issue 10): fix, then remove.
-pytestmark = pytest.mark.skip(reason="policy_node integration runs lose chunks on a quiet machine; see issue 10")
-
 OPEN = ["max_vel_x:=10.0", "max_vel_y:=10.0", "max_vel_wz:=10.0", "max_acc_x:=1000.0",
         "max_acc_y:=1000.0", "max_acc_wz:=1000.0", "dead_zone:=0.0"]
 
@@ -126,9 +121,10 @@ class Peer:
         for seed in seeds:
             for _ in range(20):
                 stamp = self.send_image(seed)
-                # Long enough that a resend means the frame was lost, not slow (it would enter the history twice).
+                # Long enough that a resend means the frame was lost, not slow on a loaded machine
+                # (a resent frame would enter the history twice).
                 if spin_until(self.node, lambda: any(abs(secs(c.header.stamp) - stamp) < 1e-6
-                                                     for _, c in self.chunks), timeout=2.0):
+                                                     for _, c in self.chunks), timeout=8.0):
                     break
             out.append(self.chunk_for(stamp))
             self.pause(period)
@@ -308,8 +304,12 @@ def test_limits_dead_zone_and_live_parameters(start_node, rclpy_node, tmp_path):
     assert not (r := p.set_param("max_vel_x", -1.0)).successful and "max_vel_x" in r.reason
     r = p.set_param("control_rate_hz", 5.0)
     assert not r.successful and "restart" in r.reason, r.reason
-    p.stream(0.6)
-    assert abs(abs(p.cmds[-1][1].twist.linear.x) - 0.1) < 1e-6
+    # The ramp down to the new limit is max_acc_x / rate per control period: a few periods,
+    # however late a loaded machine runs them.
+    end = time.monotonic() + 10.0
+    while time.monotonic() < end and abs(abs(p.cmds[-1][1].twist.linear.x) - 0.1) > 1e-6:
+        p.stream(0.2)
+    assert abs(abs(p.cmds[-1][1].twist.linear.x) - 0.1) < 1e-6, p.cmds[-1]
     # A dead-zone above every output stops the robot although chunks keep coming.
     assert p.set_param("dead_zone", 2.0).successful
     p.stream(0.4)  # the ramp down to zero (max_acc) ends
@@ -366,9 +366,9 @@ def test_watchdog_e_stop_deadman_and_sigint(start_node, rclpy_node):
 
     # E-stop latches: images and heartbeats continue, the robot stays still until the reset.
     p.e_stop.publish(Bool(data=True))
-    p.pause(0.2)
-    p.e_stop.publish(Bool(data=False))  # a released button does not clear it
+    assert spin_until(rclpy_node, lambda: "E-STOP" in proc.output(), timeout=10), proc.output()
     t = p.now()
+    p.e_stop.publish(Bool(data=False))  # a released button does not clear it
     beat_and_stream(0.8)
     assert all(is_zero(m) for _, m in p.cmds_since(t)), "e-stop did not latch"
     assert p.call(p.reset_e_stop, Trigger.Request()).success

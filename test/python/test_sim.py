@@ -110,7 +110,7 @@ def test_recording_through_recorder_node(start_node, sim_client, tmp_path):
             n = int(f.attrs["num_frames"])
             events = [e.decode() if isinstance(e, bytes) else e for e in f["action_event_types"][:]]
             # One frame at the start, then one per key press and one per release (event mode).
-            assert n == 1 + 2 * rollout.presses, (n, rollout.presses)
+            assert n == 1 + 2 * rollout.presses, (n, rollout.presses, rec.output()[-3000:])
             assert events == ["episode_start"] + ["start_action", "stop_action"] * rollout.presses
             acts = f["actions"][:]
             assert all(tuple(a) in moves for a in acts[1::2]), acts

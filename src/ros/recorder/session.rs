@@ -18,8 +18,11 @@ pub(super) struct Recording {
     pub(super) instruction: String,
     pub(super) started: Instant,
     pub(super) frames_queued: u32,
-    /// The `episode_start` frame still needs an image.
-    pub(super) needs_first_frame: bool,
+    /// The `episode_start` step, until an image arrives for it.
+    pub(super) first: Option<Step>,
+    /// Steps made while no fresh image was there (the camera lags the teleop, or the first
+    /// frame has not come yet): the next frame takes them, in order, so a key press is not lost.
+    pub(super) waiting: Vec<(Instant, Step)>,
     /// The start request, answered when the writer reports the file open (or not).
     pub(super) pending: Option<ServiceRequest<StartEpisode::Service>>,
 }
@@ -65,7 +68,74 @@ pub(super) fn writer_stopped(e: &WriterStopped, status: &mut RecordingStatus) ->
     message
 }
 
-/// Queues the step's frame (none yet: the episode_start waits for the first image).
+/// Steps that may wait for an image; beyond this the camera is considered gone.
+const MAX_WAITING: usize = 64;
+
+/// A step at `now`: recorded with the newest image if it is fresh and no earlier step is still
+/// waiting (steps keep their order), otherwise kept for the next frame.
+pub(super) fn step(
+    sink: &mut RecordingSink,
+    rec: &mut Option<Recording>,
+    status: &mut RecordingStatus,
+    latest: &LatestImage,
+    max_age: Duration,
+    now: Instant,
+    step: Step,
+) -> u64 {
+    let Some(r) = rec.as_mut() else { return 0 };
+    if r.first.is_none() && r.waiting.is_empty() {
+        if let Some(frame) = latest.fresh(now, max_age) {
+            record(sink, rec, status, Some(frame), step);
+            return 0;
+        }
+    }
+    r.waiting.push((now, step));
+    if r.waiting.len() > MAX_WAITING {
+        r.waiting.remove(0);
+        warn!("step skipped: {MAX_WAITING} steps are waiting for a camera frame");
+        return 1;
+    }
+    0
+}
+
+/// A camera frame arrived at `now`: it is the episode's first frame if that is still missing,
+/// and the frame of every waiting step no older than `max_age`. Returns the steps skipped.
+pub(super) fn take_waiting(
+    sink: &mut RecordingSink,
+    rec: &mut Option<Recording>,
+    status: &mut RecordingStatus,
+    frame: &CameraFrame,
+    max_age: Duration,
+    now: Instant,
+) -> u64 {
+    let Some(r) = rec.as_mut() else { return 0 };
+    let first = r.first.take();
+    let waiting = std::mem::take(&mut r.waiting);
+    let mut skipped = 0;
+    for (at, s) in first.map(|s| (now, s)).into_iter().chain(waiting) {
+        if now.duration_since(at) > max_age {
+            skipped += 1;
+            warn!("step skipped: no camera frame within {max_age:?} of it");
+        } else {
+            record(sink, rec, status, Some(frame.clone()), s);
+        }
+    }
+    skipped
+}
+
+/// Steps still waiting for a frame when the episode ends; they have none.
+pub(super) fn drop_waiting(r: &Recording) -> u64 {
+    if !r.waiting.is_empty() {
+        warn!(
+            "{}: {} step(s) at the end had no camera frame",
+            r.name,
+            r.waiting.len()
+        );
+    }
+    r.waiting.len() as u64
+}
+
+/// Queues the step's frame.
 pub(super) fn record(
     sink: &mut RecordingSink,
     rec: &mut Option<Recording>,
@@ -76,7 +146,6 @@ pub(super) fn record(
     let (Some(r), Some(frame)) = (rec.as_mut(), frame) else {
         return;
     };
-    r.needs_first_frame = false;
     match sink.push(frame, action, event) {
         Ok(true) => r.frames_queued += 1,
         Ok(false) => {}

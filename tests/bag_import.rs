@@ -176,8 +176,11 @@ fn topic_errors_name_the_topic() {
     assert!(matches!(err, BagError::NoMetadata { .. }), "{err}");
 }
 
+/// One episode's name, actions, events and stored frames.
+type Content = (String, Vec<[f32; 3]>, Vec<EventType>, Vec<Vec<u8>>);
+
 /// Everything an import produced, for comparing two imports.
-fn content(eps: &[EpisodeReader]) -> Vec<(String, Vec<[f32; 3]>, Vec<EventType>, Vec<Vec<u8>>)> {
+fn content(eps: &[EpisodeReader]) -> Vec<Content> {
     eps.iter()
         .map(|e| {
             let frames = (0..e.len())

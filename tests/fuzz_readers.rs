@@ -171,8 +171,8 @@ proptest! {
         let opts = WriteOptions::default().instruction(Some(instruction.clone()));
         let mut wr = EpisodeWriter::create(dir.path(), "e", opts).unwrap();
         let frame = |k: usize| image::RgbImage::from_fn(w, h, |x, y| image::Rgb([seed, k as u8, (x * 16 + y) as u8]));
-        for k in 0..t {
-            wr.push(&frame(k), actions[k], common::event(k)).unwrap();
+        for (k, a) in actions.iter().take(t).enumerate() {
+            wr.push(&frame(k), *a, common::event(k)).unwrap();
         }
         let path = wr.finish(1.25).unwrap();
         prop_assert!(validate_file(&path, Depth::EveryFrame).is_empty());

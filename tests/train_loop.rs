@@ -182,9 +182,9 @@ fn it_learns_image_and_instruction_dependent_actions() {
                 .unwrap();
             let want = target(red, left);
             // The training actions' mean is 0 in every dim (balanced combinations).
-            for d in 0..3 {
-                err_model += ((chunk.actions[0][d] - want[d]) as f64).powi(2);
-                err_mean += (want[d] as f64).powi(2);
+            for (got, want) in chunk.actions[0].iter().zip(want) {
+                err_model += ((got - want) as f64).powi(2);
+                err_mean += (want as f64).powi(2);
             }
             n += 1;
         }

@@ -9,7 +9,7 @@ use crate::model::config::{LstmSpec, PolicyConfig};
 use crate::model::error::{ModelError, Result};
 use crate::model::kosmos2::{self, Kosmos2Config};
 use crate::model::model_dir::{
-    build_policy, read, save_model_dir, LoadOptions, CONFIG_FILE, TOKENIZER_FILE,
+    build_policy, publish_model_dir, read, LoadOptions, CONFIG_FILE, TOKENIZER_FILE,
 };
 use crate::model::robovlms::config::{self as robovlms_config, RobotSide};
 use crate::model::robovlms::{ckpt as robovlms_ckpt, map_ckpt_key};
@@ -215,27 +215,7 @@ pub fn import_robovlms(
     tensors.retain(|k, _| used.contains(k));
     from_hf.retain(|k| used.contains(k));
 
-    // Write into a sibling temp folder, then rename it into place.
-    let parent = out
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let leaf = out
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = parent.join(format!(".{leaf}.import-{}", std::process::id()));
-    let written = save_model_dir(&tmp, &config_json, &tokenizer_json, &policy_cfg, &tensors)
-        .and_then(|_| {
-            if out.exists() {
-                std::fs::remove_dir(out).map_err(|e| ModelError::io(out, e))?;
-            }
-            std::fs::rename(&tmp, out).map_err(|e| ModelError::io(out, e))
-        });
-    if written.is_err() {
-        let _ = std::fs::remove_dir_all(&tmp);
-    }
-    written?;
+    publish_model_dir(out, &config_json, &tokenizer_json, &policy_cfg, &tensors)?;
     Ok(ImportReport {
         config_source,
         policy: policy_cfg,

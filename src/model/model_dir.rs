@@ -173,6 +173,41 @@ pub fn save_model_dir(
     write_bytes(&dir.join(POLICY_FILE), &policy)
 }
 
+/// Writes a complete model directory at `out` as one step: into a sibling temp folder first,
+/// then renamed into place (an existing `out` is replaced only once the new one is complete).
+/// On error nothing new is left at `out`.
+pub fn publish_model_dir(
+    out: &Path,
+    backbone_config_json: &[u8],
+    tokenizer_json: &[u8],
+    cfg: &PolicyConfig,
+    tensors: &HashMap<String, Tensor>,
+) -> Result<()> {
+    let leaf = out
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let sibling = |what: &str| out.with_file_name(format!(".{leaf}.{what}-{}", std::process::id()));
+    let (tmp, old) = (sibling("tmp"), sibling("old"));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let written = save_model_dir(&tmp, backbone_config_json, tokenizer_json, cfg, tensors)
+        .and_then(|_| {
+            if out.exists() {
+                std::fs::rename(out, &old).map_err(|e| ModelError::io(out, e))?;
+            }
+            std::fs::rename(&tmp, out).map_err(|e| ModelError::io(out, e))
+        });
+    if written.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+        if old.exists() && !out.exists() {
+            let _ = std::fs::rename(&old, out);
+        }
+    }
+    written?;
+    let _ = std::fs::remove_dir_all(&old);
+    Ok(())
+}
+
 pub(crate) fn read(path: &Path) -> Result<Vec<u8>> {
     std::fs::read(path).map_err(|e| ModelError::io(path, e))
 }

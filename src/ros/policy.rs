@@ -674,7 +674,7 @@ pub async fn run(h: NodeHandle<PolicyParams>) -> anyhow::Result<()> {
             }
             Some(m) = heartbeats.next() => s.gate.heartbeat(s.mono(), m.data),
             Some(m) = ready.next() => {
-                if PathBuf::from(&m.data) != s.model_dir {
+                if std::path::Path::new(&m.data) != s.model_dir.as_path() {
                     s.load(m.data, None);
                 }
             }

@@ -34,8 +34,8 @@ use tracing::{error, info, warn};
 mod session;
 
 use session::{
-    drop_waiting, on_sink_event, publish_status, respond_start, step, take_waiting,
-    writer_stopped, LatestImage, Recording,
+    drop_waiting, on_sink_event, publish_status, respond_start, step, take_waiting, writer_stopped,
+    LatestImage, Recording,
 };
 
 pub const NAME: &str = "recorder_node";

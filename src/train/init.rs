@@ -9,7 +9,7 @@ use crate::config::TrainSetup;
 use crate::data::image::ChannelOrder;
 use crate::model::error::ModelError;
 use crate::model::kosmos2::Kosmos2Config;
-use crate::model::model_dir::{self, save_model_dir};
+use crate::model::model_dir::{self, publish_model_dir};
 use crate::model::tokenizer::PromptTokenizer;
 use crate::model::{ActionSpec, LstmSpec, NormRange, PolicyConfig};
 use candle_core::{DType, Device, Tensor};
@@ -185,28 +185,12 @@ pub fn init_model_dir(
     };
     let (_, params) = files.build(cfg.clone(), &frozen, false)?;
     let read = |p: &Path| std::fs::read(p).map_err(|e| ModelError::io(p, e));
-    // Written beside `out`, then renamed into place: nothing is left at `out` on error.
-    let leaf = out
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = out.with_file_name(format!(".{leaf}.init-{}", std::process::id()));
-    let written = save_model_dir(
-        &tmp,
+    publish_model_dir(
+        out,
         &read(&config_path)?,
         &read(&tokenizer_path)?,
         &cfg,
         &params.tensors(),
-    )
-    .and_then(|_| {
-        if out.exists() {
-            std::fs::remove_dir(out).map_err(|e| ModelError::io(out, e))?;
-        }
-        std::fs::rename(&tmp, out).map_err(|e| ModelError::io(out, e))
-    });
-    if written.is_err() {
-        let _ = std::fs::remove_dir_all(&tmp);
-    }
-    written?;
+    )?;
     Ok(cfg)
 }

@@ -6,7 +6,7 @@
 //! - [`strategy`]: `--strategy` (what to train);
 //! - [`plan`]: the memory planner (`mobile_vla plan`, `--strategy auto`);
 //! - [`state`]: run checkpoints for `--resume`;
-//! - [`plot`]: `loss.png`;
+//! - [`plot`] draws `loss.png`;
 //! - [`trainer`]: the loop ([`Trainer`]), with progress callbacks and cancellation;
 //! - [`init`]: a fresh model directory (action token + head) on a Hugging Face Kosmos-2.
 

@@ -21,9 +21,9 @@ use super::strategy::Strategy;
 use super::TrainError;
 use crate::config::train::Precision;
 use crate::config::{TrainConfig, TrainSetup};
-use crate::model::model_dir;
 use crate::model::error::ModelError;
 use crate::model::kosmos2::Kosmos2Config;
+use crate::model::model_dir;
 use crate::model::PolicyConfig;
 use candle_core::safetensors::MmapedSafetensors;
 use std::fmt::Write as _;
@@ -141,8 +141,8 @@ impl ModelSizes {
     /// model directory or a Hugging Face Kosmos-2 folder. The latter has no action token or head
     /// yet: those of `mobile_vla model init`'s defaults are counted.
     pub fn read(dir: &Path) -> Result<(Kosmos2Config, Option<PolicyConfig>, Self), TrainError> {
-        let backbone = Kosmos2Config::from_file(dir.join(model_dir::CONFIG_FILE))
-            .map_err(ModelError::from)?;
+        let backbone =
+            Kosmos2Config::from_file(dir.join(model_dir::CONFIG_FILE)).map_err(ModelError::from)?;
         let files = crate::model::kosmos2::weight_files(dir).map_err(ModelError::from)?;
         if files.is_empty() {
             return Err(ModelError::config(dir, "no model.safetensors (or sharded index)").into());

@@ -5,8 +5,11 @@
 use plotters::prelude::*;
 use std::path::Path;
 
-/// (step, training loss) and (step, validation loss) series of a `metrics.jsonl`.
-fn series(metrics: &str) -> (Vec<(f64, f64)>, Vec<(f64, f64)>) {
+/// (step, loss) points.
+type Series = Vec<(f64, f64)>;
+
+/// Training and validation loss series of a `metrics.jsonl`.
+fn series(metrics: &str) -> (Series, Series) {
     let (mut train, mut val) = (Vec::new(), Vec::new());
     for v in metrics
         .lines()

@@ -15,7 +15,7 @@ use crate::config::train::Precision;
 use crate::config::TrainConfig;
 use crate::data::dataset::{DatasetConfig, MobileVlaDataset};
 use crate::fsutil::write_atomic;
-use crate::model::model_dir::{self, save_model_dir};
+use crate::model::model_dir::{self, publish_model_dir};
 use crate::model::{Policy, PolicyConfig};
 use candle_core::{Tensor, Var};
 use rand::seq::SliceRandom;
@@ -569,21 +569,13 @@ impl Trainer {
         let config = read(model_dir::CONFIG_FILE)?;
         let tokenizer = read(model_dir::TOKENIZER_FILE)?;
         let dest = out.join(MODEL_DIR);
-        let tmp = out.join(format!(".model.tmp-{}", std::process::id()));
-        let old = out.join(format!(".model.old-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&tmp);
-        save_model_dir(
-            &tmp,
+        publish_model_dir(
+            &dest,
             &config,
             &tokenizer,
             &self.policy_cfg,
             &self.params.tensors(),
         )?;
-        if dest.exists() {
-            std::fs::rename(&dest, &old).map_err(io_err(&dest))?;
-        }
-        std::fs::rename(&tmp, &dest).map_err(io_err(&dest))?;
-        let _ = std::fs::remove_dir_all(&old);
         Ok(dest)
     }
 }

@@ -1,4 +1,5 @@
-//! Inference GEMM for `Linear` layers on x86-64 CPUs with AVX2 + FMA.
+//! Inference GEMM for `Linear` layers on x86-64 CPUs with AVX2 + FMA. One cohesive piece (packing,
+//! kernels and their dispatch share one panel layout), hence one file over the usual size.
 //!
 //! A policy step is ~350 GFLOP of `x · Wᵀ` with few rows (81 text tokens, 257 vision tokens) and
 //! large constant weights. A general GEMM packs the weight on every call; here each weight is

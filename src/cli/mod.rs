@@ -50,7 +50,7 @@ pub fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", crate::logging::error_chain(&e));
             ExitCode::FAILURE
         }
     }

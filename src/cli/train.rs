@@ -131,7 +131,10 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
     let mode = args.progress;
     let result = train(args);
     if let Err(e) = &result {
-        event(mode, json!({"event": "error", "message": format!("{e:#}")}));
+        event(
+            mode,
+            json!({"event": "error", "message": crate::logging::error_chain(e)}),
+        );
     }
     result
 }

@@ -17,7 +17,7 @@ pub enum ModelError {
     Config { path: PathBuf, msg: String },
     #[error("tokenizer {path}: {msg}")]
     Tokenizer { path: PathBuf, msg: String },
-    #[error("{path}: {cause}")]
+    #[error("{path}: {}", without_path(cause))]
     Tensors {
         path: PathBuf,
         cause: candle_core::Error,
@@ -55,6 +55,14 @@ impl ModelError {
 impl From<crate::model::kosmos2::Kosmos2Error> for ModelError {
     fn from(e: crate::model::kosmos2::Kosmos2Error) -> Self {
         ModelError::Backbone(Box::new(e))
+    }
+}
+
+/// candle's error without the path it wraps (ours names it already).
+fn without_path(e: &candle_core::Error) -> &candle_core::Error {
+    match e {
+        candle_core::Error::WithPath { inner, .. } => without_path(inner),
+        e => e,
     }
 }
 

@@ -106,7 +106,7 @@ where
             ExitCode::SUCCESS
         }
         Err(e) => {
-            error!("{name}: {e:#}");
+            error!("{name}: {}", crate::logging::error_chain(&e));
             ExitCode::FAILURE
         }
     }

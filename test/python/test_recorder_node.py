@@ -190,6 +190,15 @@ def test_a_step_before_its_frame_waits_for_the_next_one(start_node, rclpy_node, 
         assert events == ["episode_start", "start_action", "stop_action"], proc.output()
         np.testing.assert_allclose(f["actions"][:], [[0, 0, 0], [0.5, 0, 0], [0, 0, 0]])
         np.testing.assert_array_equal(f["images"][:], np.stack([frame] * 3))
+
+    # Parameters are read at start: a live set is refused with the reason, not accepted and ignored.
+    from rcl_interfaces.msg import Parameter, ParameterType, ParameterValue
+    from rcl_interfaces.srv import SetParameters
+
+    client = rclpy_node.create_client(SetParameters, "/recorder_node/set_parameters")
+    value = ParameterValue(type=ParameterType.PARAMETER_DOUBLE, double_value=2.0)
+    res = c.call(client, SetParameters.Request(parameters=[Parameter(name="max_image_age_s", value=value)]))
+    assert not res.results[0].successful and "restart" in res.results[0].reason, res.results[0]
     assert proc.stop() == 0, proc.output()
 
 

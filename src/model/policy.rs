@@ -82,6 +82,11 @@ impl Policy {
         &self.backbone
     }
 
+    /// The backbone, to attach training adapters ([`Kosmos2::adapt_linears`]).
+    pub fn backbone_mut(&mut self) -> &mut Kosmos2 {
+        &mut self.backbone
+    }
+
     pub fn head(&self) -> &LstmDecoder {
         &self.head
     }

@@ -183,7 +183,7 @@ pub fn init_model_dir(
         lora: None,
         gradient_checkpointing: false,
     };
-    let (_, params) = files.build(cfg.clone(), &frozen, false)?;
+    let (_, params) = files.build(cfg.clone(), &frozen, false, 0)?;
     let read = |p: &Path| std::fs::read(p).map_err(|e| ModelError::io(p, e));
     publish_model_dir(
         out,

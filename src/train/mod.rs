@@ -1,6 +1,7 @@
 //! On-device fine-tuning: the RoboVLMs training recipe in candle.
 //!
 //! - [`params`]: which parameters train (RoboVLMs `_trainable_params_setup`) and the printed table;
+//! - [`lora`]: LoRA adapters (peft's semantics) and their merge into the base weights;
 //! - [`loss`]: batches and RoboVLMs' masked Huber + gripper BCE loss;
 //! - [`optim`]: AdamW (torch semantics), RoboVLMs' schedules, global-norm clipping;
 //! - [`strategy`]: `--strategy` (what to train);
@@ -11,6 +12,7 @@
 //! - [`init`]: a fresh model directory (action token + head) on a Hugging Face Kosmos-2.
 
 pub mod init;
+pub mod lora;
 pub mod loss;
 pub mod optim;
 pub mod params;

@@ -6,7 +6,9 @@
 //!    `0` selects every layer). With `freeze_backbone: true` the `n` is never looked at (the seed's 6.2
 //!    quirk).
 //! 2. The vision tower follows `train_vision`, whatever step 1 said.
-//! 3. LoRA (peft's `get_peft_model`) freezes every non-adapter VLM weight.
+//! 3. LoRA (peft's `get_peft_model`, [`super::lora`]) freezes every non-adapter VLM weight, then
+//!    `lora_bias` unfreezes biases: `all` every bias of the VLM (layer norms' too), `lora_only`
+//!    those of the adapted linear layers.
 //! 4. The word embeddings follow `train_text_embedding` (after LoRA, so they may train beside it).
 //! 5. A separate vision resampler (never present for Kosmos-2) follows `freeze_resampler`.
 //! 6. The action token and the policy head always train.
@@ -17,6 +19,7 @@
 //! Trainable tensors become candle `Var`s; frozen ones stay plain tensors, so autograd never tracks
 //! them (and `model::kosmos2`'s linear layers skip their weight gradients).
 
+use super::lora;
 use crate::config::TrainSetup;
 use crate::model::error::ModelError;
 use crate::model::kosmos2::Kosmos2Config;
@@ -41,29 +44,35 @@ pub enum Group {
     FinalNorm,
     ActionToken,
     Head,
+    /// LoRA adapters (`*.lora_A.weight`, `*.lora_B.weight`), wherever their layer sits.
+    Lora,
 }
 
 impl Group {
     /// The group of a model-directory tensor name (HF backbone names, `action_token`, `act_head.*`).
     pub fn of(name: &str) -> Option<Self> {
         const LAYERS: &str = "text_model.model.layers.";
-        Some(if name.starts_with("vision_model.") {
-            Self::Vision
-        } else if name.starts_with("image_to_text_projection.") {
-            Self::Projection
-        } else if name.starts_with("text_model.model.embed_tokens.") {
-            Self::TextEmbedding
-        } else if let Some(rest) = name.strip_prefix(LAYERS) {
-            Self::TextLayer(rest.split('.').next()?.parse().ok()?)
-        } else if name.starts_with("text_model.model.layer_norm.") {
-            Self::FinalNorm
-        } else if name == "action_token" {
-            Self::ActionToken
-        } else if name.starts_with("act_head.") {
-            Self::Head
-        } else {
-            return None;
-        })
+        Some(
+            if name.ends_with(lora::A_SUFFIX) || name.ends_with(lora::B_SUFFIX) {
+                Self::Lora
+            } else if name.starts_with("vision_model.") {
+                Self::Vision
+            } else if name.starts_with("image_to_text_projection.") {
+                Self::Projection
+            } else if name.starts_with("text_model.model.embed_tokens.") {
+                Self::TextEmbedding
+            } else if let Some(rest) = name.strip_prefix(LAYERS) {
+                Self::TextLayer(rest.split('.').next()?.parse().ok()?)
+            } else if name.starts_with("text_model.model.layer_norm.") {
+                Self::FinalNorm
+            } else if name == "action_token" {
+                Self::ActionToken
+            } else if name.starts_with("act_head.") {
+                Self::Head
+            } else {
+                return None;
+            },
+        )
     }
 
     fn label(self) -> String {
@@ -75,6 +84,7 @@ impl Group {
             Self::FinalNorm => "final norm".into(),
             Self::ActionToken => "action token".into(),
             Self::Head => "policy head (LSTM + MLPs)".into(),
+            Self::Lora => "LoRA adapters".into(),
         }
     }
 }
@@ -109,7 +119,7 @@ impl TrainableRules {
         let s = &self.setup;
         let lora = s.lora.is_some();
         match group {
-            Group::ActionToken | Group::Head => true,
+            Group::ActionToken | Group::Head | Group::Lora => true,
             Group::TextEmbedding => s.train_text_embedding,
             Group::Vision => s.train_vision && !lora,
             Group::TextLayer(i) => {
@@ -121,6 +131,27 @@ impl TrainableRules {
                 !lora && !s.freeze_backbone && s.train_decoder_layers == -1
             }
         }
+    }
+}
+
+impl TrainableRules {
+    /// Whether backbone tensor `name` of `group` trains; `in_linear`: it belongs to a linear layer
+    /// (its module's weight is a matrix), which LoRA adapts.
+    pub fn trainable_tensor(&self, name: &str, group: Group, in_linear: bool) -> bool {
+        if self.trainable(group) {
+            return true;
+        }
+        let Some(lora) = &self.setup.lora else {
+            return false;
+        };
+        let backbone = !matches!(group, Group::ActionToken | Group::Head | Group::Lora);
+        backbone
+            && name.ends_with(".bias")
+            && match lora.bias.as_str() {
+                "all" => true,
+                "lora_only" => in_linear,
+                _ => false,
+            }
     }
 }
 
@@ -165,24 +196,34 @@ impl ParamSet {
             .collect()
     }
 
-    /// The table printed at start: group → trainable? → params. Runs of consecutive text layers
-    /// with the same status are merged into "text layers a–b".
+    /// The table printed at start: group → trainable? (yes, no, or "biases" where only biases
+    /// train) → params. Runs of consecutive text layers with the same status are merged into
+    /// "text layers a–b"; the LoRA adapters come last.
     pub fn table(&self) -> String {
-        let mut rows: Vec<(Group, Group, bool, usize)> = Vec::new();
-        let mut sums: std::collections::BTreeMap<Group, (bool, usize)> = Default::default();
+        // group → (trainable elements, elements)
+        let mut sums: std::collections::BTreeMap<Group, (usize, usize)> = Default::default();
         for p in &self.params {
-            let e = sums.entry(p.group).or_insert((p.var.is_some(), 0));
+            let e = sums.entry(p.group).or_default();
+            e.0 += p.var.as_ref().map_or(0, |v| v.elem_count());
             e.1 += p.tensor.elem_count();
         }
-        for (g, (on, n)) in sums {
+        let lora = sums.remove(&Group::Lora).unwrap_or_default();
+        let status = |(on, n): (usize, usize)| match on {
+            0 => "no",
+            _ if on == n => "yes",
+            _ => "biases",
+        };
+        let mut rows: Vec<(Group, Group, &str, usize)> = Vec::new();
+        for (g, counts) in sums {
+            let on = status(counts);
             match rows.last_mut() {
                 Some((Group::TextLayer(_), last @ Group::TextLayer(_), was, total))
                     if matches!(g, Group::TextLayer(_)) && *was == on =>
                 {
                     *last = g;
-                    *total += n;
+                    *total += counts.1;
                 }
-                _ => rows.push((g, g, on, n)),
+                _ => rows.push((g, g, on, counts.1)),
             }
         }
         let mut out = format!("{:<32} {:>10} {:>14}\n", "group", "trainable", "params");
@@ -193,7 +234,6 @@ impl ParamSet {
                 }
                 _ => first.label(),
             };
-            let on = if on { "yes" } else { "no" };
             let _ = writeln!(out, "{label:<32} {on:>10} {n:>14}");
         }
         let _ = writeln!(
@@ -201,7 +241,13 @@ impl ParamSet {
             "{:<32} {:>10} {:>14}",
             "lm_head", "tied", "(embeddings)"
         );
-        let _ = writeln!(out, "{:<32} {:>10} {:>14}", "LoRA adapters", "no", 0);
+        let _ = writeln!(
+            out,
+            "{:<32} {:>10} {:>14}",
+            Group::Lora.label(),
+            status(lora),
+            lora.1
+        );
         let _ = write!(
             out,
             "{:<32} {:>10} {:>14}\n{:<32} {:>10} {:>14}",
@@ -262,7 +308,12 @@ impl TrainBackend {
             // Asked twice (shared weights): hand out the same parameter.
             return Ok(p.var.as_ref().map_or(&p.tensor, |v| v.as_tensor()).clone());
         }
-        let (var, tensor) = if self.rules.trainable(group) {
+        let in_linear = name.strip_suffix(".bias").is_some_and(|m| {
+            self.tensors
+                .get(&format!("{m}.weight"))
+                .is_some_and(|w| w.rank() == 2)
+        });
+        let (var, tensor) = if self.rules.trainable_tensor(name, group, in_linear) {
             let v = Var::from_tensor(&t)?;
             let t = v.as_tensor().clone();
             (Some(v), t)
@@ -350,26 +401,31 @@ impl ModelFiles {
             .collect()
     }
 
-    /// Builds the policy with `setup`'s parameters trainable. With `strict`, tensors the model does
-    /// not use are an error (as `Policy::load`); otherwise they are dropped.
+    /// Builds the policy with `setup`'s parameters trainable, and LoRA adapters when it has them
+    /// (A drawn from `seed`). With `strict`, tensors the model does not use are an error (as
+    /// `Policy::load`); otherwise they are dropped.
     pub fn build(
         self,
         cfg: PolicyConfig,
         setup: &TrainSetup,
         strict: bool,
+        seed: u64,
     ) -> Result<(Policy, ParamSet), ModelError> {
         let rules = TrainableRules::new(setup, self.backbone.text_config.layers);
         let names: BTreeSet<String> = self.tensors.keys().cloned().collect();
         let (backend, handed) = TrainBackend::new(self.tensors, rules);
         let vb = VarBuilder::from_backend(Box::new(backend), DType::F32, Device::Cpu);
         let source = self.source;
-        let policy = Policy::new(cfg, &self.backbone, self.tokenizer, vb).map_err(|e| {
-            ModelError::Tensors {
-                path: source.clone(),
-                cause: e,
-            }
-        })?;
-        let params = handed.lock().map(|p| p.clone()).unwrap_or_default();
+        let err = |cause| ModelError::Tensors {
+            path: source.clone(),
+            cause,
+        };
+        let mut policy = Policy::new(cfg, &self.backbone, self.tokenizer, vb).map_err(err)?;
+        let mut params = handed.lock().map(|p| p.clone()).unwrap_or_default();
+        if let Some(l) = &setup.lora {
+            let adapters = lora::attach(&mut policy, l, seed).map_err(err)?;
+            params.params.extend(adapters);
+        }
         let used: BTreeSet<String> = params.params.iter().map(|p| p.name.clone()).collect();
         let unused: Vec<String> = names.difference(&used).cloned().collect();
         if strict && !unused.is_empty() {

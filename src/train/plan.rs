@@ -98,15 +98,6 @@ impl Rung {
     pub fn setup(self, cfg: &TrainSetup) -> TrainSetup {
         let mut s = self.strategy().setup(cfg);
         s.gradient_checkpointing = self == Self::FullCheckpointing;
-        if self == Self::Lora && s.lora.is_none() {
-            // RoboVLMs' defaults (`lora_r` 64, `lora_alpha` 16, `lora_dropout` 0.05).
-            s.lora = Some(crate::config::train::LoraSetup {
-                r: 64,
-                alpha: 16.0,
-                dropout: 0.05,
-                bias: "none".into(),
-            });
-        }
         s
     }
 
@@ -114,7 +105,6 @@ impl Rung {
     pub fn unsupported(self) -> Option<&'static str> {
         match self {
             Self::FullCheckpointing => Some("gradient checkpointing is not implemented yet"),
-            Self::Lora => Some("LoRA is not implemented yet"),
             _ => None,
         }
     }

@@ -1,6 +1,7 @@
 //! `--strategy`: what to train, from the strongest (the seed's full fine-tuning, 6.1) down to the
 //! cheapest (frozen backbone, head only); `auto` asks the memory planner ([`super::plan`]).
 
+use crate::config::train::LoraSetup;
 use crate::config::TrainSetup;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
@@ -52,7 +53,14 @@ impl Strategy {
             Self::Lora => TrainSetup {
                 freeze_backbone: true,
                 train_vision: false,
-                lora: cfg.lora.clone(),
+                // The config's LoRA settings, else RoboVLMs' defaults (`lora_r` 64,
+                // `lora_alpha` 16, `lora_dropout` 0.05, `lora_bias` none).
+                lora: Some(cfg.lora.clone().unwrap_or(LoraSetup {
+                    r: 64,
+                    alpha: 16.0,
+                    dropout: 0.05,
+                    bias: "none".into(),
+                })),
                 ..base
             },
             Self::Head => TrainSetup {

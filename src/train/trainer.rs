@@ -4,6 +4,7 @@
 //! partial group still steps), clipping, AdamW and the per-step schedule; validation each epoch,
 //! `metrics.jsonl`, run checkpoints, and the trained model directory `<out>/model`.
 
+use super::lora;
 use super::loss::{action_loss, Batch};
 use super::optim::{clip_grad_norm, AdamW, Schedule};
 use super::params::{ModelFiles, ParamSet};
@@ -11,7 +12,7 @@ use super::plan::{self, ModelSizes, Workload};
 use super::state::{self, Fingerprint, RunState};
 use super::strategy::Strategy;
 use super::TrainError;
-use crate::config::train::Precision;
+use crate::config::train::{LoraSetup, Precision};
 use crate::config::TrainConfig;
 use crate::data::dataset::{DatasetConfig, MobileVlaDataset};
 use crate::fsutil::write_atomic;
@@ -91,6 +92,8 @@ pub struct Trainer {
     policy: Policy,
     params: ParamSet,
     policy_cfg: PolicyConfig,
+    /// LoRA settings when adapters train (merged into the weights of `<out>/model`).
+    lora: Option<LoraSetup>,
     train: MobileVlaDataset,
     val: MobileVlaDataset,
     opt: AdamW,
@@ -209,14 +212,7 @@ impl Trainer {
             s => (s, s.setup(&cfg.train_setup), format!("--strategy {s:?}")),
         };
         tracing::info!("strategy {strategy:?} ({why})");
-        if setup.lora.is_some() {
-            return Err(TrainError::Unsupported(
-                "LoRA (`train_setup.lora_enable: true`, SEED 6.2) is not implemented yet; \
-                 use `--strategy last-n` or `--strategy head` for a low-memory run"
-                    .into(),
-            ));
-        }
-        let (policy, params) = files.build(policy_cfg.clone(), &setup, true)?;
+        let (policy, params) = files.build(policy_cfg.clone(), &setup, true, cfg.seed)?;
         let table = params.table();
         tracing::info!("trainable parameters ({strategy:?}):\n{table}");
 
@@ -310,6 +306,7 @@ impl Trainer {
             "precision_requested": cfg.precision.name(),
             "precision_run": precision_run.name(),
             "gradient_checkpointing": false,
+            "lora": setup.lora,
             "dropout": dropout,
             "gradient_clip": cfg.gradient_clip,
             "trainable_params": params.num_trainable(),
@@ -325,6 +322,7 @@ impl Trainer {
             policy,
             params,
             policy_cfg,
+            lora: setup.lora,
             train,
             val,
             opt,
@@ -562,20 +560,20 @@ impl Trainer {
         state::save(out, &st, &self.params, &self.opt)
     }
 
-    /// Writes `<out>/model` (all weights, `policy.json` with the training window) atomically.
+    /// Writes `<out>/model` (all weights, LoRA adapters merged into theirs, `policy.json` with
+    /// the training window) atomically.
     fn write_model(&self, out: &Path) -> Result<PathBuf, TrainError> {
+        let mut tensors = self.params.tensors();
+        if let Some(l) = &self.lora {
+            let n = lora::merge(&mut tensors, lora::scale(l))?;
+            tracing::info!("merged {n} LoRA adapters into their layers' weights");
+        }
         let src = &self.opts.model;
         let read = |f: &str| std::fs::read(src.join(f)).map_err(io_err(&src.join(f)));
         let config = read(model_dir::CONFIG_FILE)?;
         let tokenizer = read(model_dir::TOKENIZER_FILE)?;
         let dest = out.join(MODEL_DIR);
-        publish_model_dir(
-            &dest,
-            &config,
-            &tokenizer,
-            &self.policy_cfg,
-            &self.params.tensors(),
-        )?;
+        publish_model_dir(&dest, &config, &tokenizer, &self.policy_cfg, &tensors)?;
         Ok(dest)
     }
 }

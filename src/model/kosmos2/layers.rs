@@ -100,6 +100,17 @@ impl Module for LayerNorm {
     }
 }
 
+/// A trainable update added to a linear layer's output, `y = W·x + b + adapter(x)` (LoRA:
+/// `train::lora`). Training only: a trained model directory holds the merged weights.
+pub trait LinearAdapter: std::fmt::Debug + Send + Sync {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor>;
+}
+
+/// Makes the adapter of the linear layer `name` (HF name, e.g. `text_model.model.layers.0.fc1`)
+/// from its weight `(out, in)`, or none to leave it as it is.
+pub type AdapterFactory<'a> =
+    dyn FnMut(&str, &Tensor) -> Result<Option<Arc<dyn LinearAdapter>>> + 'a;
+
 /// `nn.Linear` (with bias).
 #[derive(Debug, Clone)]
 pub(crate) enum Linear {
@@ -107,6 +118,8 @@ pub(crate) enum Linear {
     Plain(candle_nn::Linear),
     /// Repacked for the CPU inference GEMM ([`gemm`]); no gradients reach it.
     Packed(Arc<PackedLinear>),
+    /// A (frozen) linear plus a training adapter.
+    Adapted(candle_nn::Linear, Arc<dyn LinearAdapter>),
 }
 
 pub(crate) fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
@@ -131,6 +144,17 @@ impl Linear {
         Ok(())
     }
 
+    /// Gives the layer `make(name, weight)`'s adapter, if any. Before packing only.
+    pub(crate) fn adapt(&mut self, name: &str, make: &mut AdapterFactory) -> Result<()> {
+        let Self::Plain(l) = self else {
+            bail!("linear layer `{name}`: adapters go on an unpacked, unadapted layer");
+        };
+        if let Some(adapter) = make(name, l.weight())? {
+            *self = Self::Adapted(l.clone(), adapter);
+        }
+        Ok(())
+    }
+
     /// `act(self(xs))`; packed, the GEMM threads apply the activation to their own columns.
     pub(crate) fn forward_act(&self, xs: &Tensor, act: Activation) -> Result<Tensor> {
         let epilogue = match act {
@@ -147,61 +171,66 @@ impl Linear {
 
 impl Module for Linear {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let l = match self {
+        match self {
             Self::Packed(p) if needs_grad(&[xs]) => {
                 candle_core::bail!(
                     "a linear layer packed for inference got an input that needs gradients; \
                      load the policy with `packing: None` to fine-tune it ({p:?})"
                 )
             }
-            Self::Packed(p) => return p.forward(xs),
-            Self::Plain(l) => l,
-        };
-        let w = l.weight();
-        if needs_grad(&[xs]) && !needs_grad(&[w]) && w.dtype() == DType::F32 && w.device().is_cpu()
-        {
-            // A frozen weight under a trainable input: candle's matmul backward would also compute
-            // the weight's (unused) gradient, a full weight-sized matmul and allocation per call.
-            let ys = xs.contiguous()?.apply_op1(FrozenMatmul {
-                weight: w.clone(),
-                weight_t: w.t()?,
-            })?;
-            return match l.bias() {
-                Some(b) => ys.broadcast_add(b),
-                None => Ok(ys),
-            };
+            Self::Packed(p) => p.forward(xs),
+            Self::Plain(l) => plain_forward(l, xs),
+            Self::Adapted(l, adapter) => plain_forward(l, xs)? + adapter.forward(xs)?,
         }
-        let half = matches!(w.dtype(), DType::BF16 | DType::F16);
-        if !half || !w.device().is_cpu() || needs_grad(&[xs, w]) {
-            return l.forward(xs);
-        }
-        // candle's CPU matmul has no bf16 kernel and widens both whole operands to f32 on every
-        // call, and its f16 kernel is slower than f32: widen the weight a cache-sized block of
-        // output rows at a time and multiply in f32, so half-precision weights cost half the
-        // memory and no more time than f32.
-        let (n, k) = w.dims2()?;
-        let lead = &xs.dims()[..xs.rank().saturating_sub(1)];
-        let x = xs.reshape(((), k))?.to_dtype(DType::F32)?.contiguous()?;
-        // ~4 MiB of f32 weight per block: stays in L3 between widening and use.
-        let rows = ((1 << 20) / k).clamp(16, n.max(16));
-        let blocks = (0..n)
-            .step_by(rows)
-            .map(|start| {
-                let block = w
-                    .narrow(0, start, rows.min(n - start))?
-                    .to_dtype(DType::F32)?;
-                x.matmul(&block.t()?)
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let mut out_shape = lead.to_vec();
-        out_shape.push(n);
-        let ys = Tensor::cat(&blocks, 1)?
-            .to_dtype(w.dtype())?
-            .reshape(out_shape)?;
-        match l.bias() {
+    }
+}
+
+/// candle's `Linear` forward, minus the frozen weight's gradient, and with half-precision CPU
+/// weights widened block by block.
+fn plain_forward(l: &candle_nn::Linear, xs: &Tensor) -> Result<Tensor> {
+    let w = l.weight();
+    if needs_grad(&[xs]) && !needs_grad(&[w]) && w.dtype() == DType::F32 && w.device().is_cpu() {
+        // A frozen weight under a trainable input: candle's matmul backward would also compute
+        // the weight's (unused) gradient, a full weight-sized matmul and allocation per call.
+        let ys = xs.contiguous()?.apply_op1(FrozenMatmul {
+            weight: w.clone(),
+            weight_t: w.t()?,
+        })?;
+        return match l.bias() {
             Some(b) => ys.broadcast_add(b),
             None => Ok(ys),
-        }
+        };
+    }
+    let half = matches!(w.dtype(), DType::BF16 | DType::F16);
+    if !half || !w.device().is_cpu() || needs_grad(&[xs, w]) {
+        return l.forward(xs);
+    }
+    // candle's CPU matmul has no bf16 kernel and widens both whole operands to f32 on every
+    // call, and its f16 kernel is slower than f32: widen the weight a cache-sized block of
+    // output rows at a time and multiply in f32, so half-precision weights cost half the
+    // memory and no more time than f32.
+    let (n, k) = w.dims2()?;
+    let lead = &xs.dims()[..xs.rank().saturating_sub(1)];
+    let x = xs.reshape(((), k))?.to_dtype(DType::F32)?.contiguous()?;
+    // ~4 MiB of f32 weight per block: stays in L3 between widening and use.
+    let rows = ((1 << 20) / k).clamp(16, n.max(16));
+    let blocks = (0..n)
+        .step_by(rows)
+        .map(|start| {
+            let block = w
+                .narrow(0, start, rows.min(n - start))?
+                .to_dtype(DType::F32)?;
+            x.matmul(&block.t()?)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let mut out_shape = lead.to_vec();
+    out_shape.push(n);
+    let ys = Tensor::cat(&blocks, 1)?
+        .to_dtype(w.dtype())?
+        .reshape(out_shape)?;
+    match l.bias() {
+        Some(b) => ys.broadcast_add(b),
+        None => Ok(ys),
     }
 }
 
@@ -334,6 +363,17 @@ impl Attention {
             l.pack(format)?;
         }
         Ok(())
+    }
+
+    /// Adapters on q, k, v and out (`<prefix>.q_proj`, …); before packing only.
+    pub(crate) fn adapt(&mut self, prefix: &str, make: &mut AdapterFactory) -> Result<()> {
+        let Projections::Separate { q, k, v } = &mut self.qkv else {
+            bail!("{prefix}: adapters go on unpacked projections");
+        };
+        for (name, l) in [("q_proj", q), ("k_proj", k), ("v_proj", v)] {
+            l.adapt(&format!("{prefix}.{name}"), make)?;
+        }
+        self.out_proj.adapt(&format!("{prefix}.out_proj"), make)
     }
 
     /// `(B, T, D)` → `(B, H, T, hd)`.

@@ -23,7 +23,7 @@ use crate::model::gemm::WeightFormat;
 
 pub use config::{Activation, Kosmos2Config, Kosmos2TextConfig, Kosmos2VisionConfig};
 pub use error::Kosmos2Error;
-pub use layers::TrainMode;
+pub use layers::{AdapterFactory, LinearAdapter, TrainMode};
 
 use projection::ImageToTextProjection;
 use text::TextTransformer;
@@ -60,7 +60,7 @@ impl Kosmos2 {
 
     /// Train-mode dropout switch (`dropout`, `attention_dropout`, `activation_dropout` of the
     /// config, placed as transformers does); off after construction.
-    pub fn train_mode(&self) -> &TrainMode {
+    pub fn train_mode(&self) -> &Arc<TrainMode> {
         &self.train
     }
 
@@ -113,6 +113,15 @@ impl Kosmos2 {
         self.vision.pack(format)?;
         self.projection.pack(format)?;
         self.text.pack(format)
+    }
+
+    /// Gives every linear layer of the backbone (vision tower, projection, text decoder; the
+    /// unloaded `lm_head` excepted) `make(name, weight)`'s adapter, if any; `name` is the layer's
+    /// Hugging Face module name. Training only, before any packing.
+    pub fn adapt_linears(&mut self, make: &mut AdapterFactory) -> Result<()> {
+        self.vision.adapt("vision_model.model", make)?;
+        self.projection.adapt("image_to_text_projection", make)?;
+        self.text.adapt("text_model.model", make)
     }
 
     pub fn config(&self) -> &Kosmos2Config {

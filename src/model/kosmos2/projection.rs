@@ -6,7 +6,7 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::config::Kosmos2Config;
-use super::layers::{linear, Attention, Linear, TrainMode};
+use super::layers::{linear, AdapterFactory, Attention, Linear, TrainMode};
 use crate::model::gemm::WeightFormat;
 use std::sync::Arc;
 
@@ -37,6 +37,12 @@ impl ImageToTextProjection {
     pub(crate) fn pack(&mut self, format: WeightFormat) -> Result<()> {
         self.dense.pack(format)?;
         self.x_attn.pack(format, false)
+    }
+
+    /// Adapters on `dense` and the cross-attention's projections.
+    pub(crate) fn adapt(&mut self, prefix: &str, make: &mut AdapterFactory) -> Result<()> {
+        self.dense.adapt(&format!("{prefix}.dense"), make)?;
+        self.x_attn.adapt(&format!("{prefix}.x_attn"), make)
     }
 
     /// `(B, N, Dv)` normalised vision tokens → `(B, latent_query_num, Dt)`.

@@ -6,7 +6,7 @@ use candle_core::{bail, Device, Module, Result, Tensor};
 use candle_nn::{Embedding, VarBuilder};
 
 use super::config::{Activation, Kosmos2TextConfig};
-use super::layers::{causal_mask, linear, Attention, LayerNorm, Linear, TrainMode};
+use super::layers::{causal_mask, linear, AdapterFactory, Attention, LayerNorm, Linear, TrainMode};
 use crate::model::gemm::WeightFormat;
 use std::sync::Arc;
 
@@ -37,6 +37,11 @@ impl Ffn {
     fn pack(&mut self, format: WeightFormat) -> Result<()> {
         self.fc1.pack(format)?;
         self.fc2.pack(format)
+    }
+
+    fn adapt(&mut self, prefix: &str, make: &mut AdapterFactory) -> Result<()> {
+        self.fc1.adapt(&format!("{prefix}.fc1"), make)?;
+        self.fc2.adapt(&format!("{prefix}.fc2"), make)
     }
 }
 
@@ -84,6 +89,11 @@ impl Block {
     fn pack(&mut self, format: WeightFormat) -> Result<()> {
         self.self_attn.pack(format, true)?;
         self.ffn.pack(format)
+    }
+
+    fn adapt(&mut self, prefix: &str, make: &mut AdapterFactory) -> Result<()> {
+        self.self_attn.adapt(&format!("{prefix}.self_attn"), make)?;
+        self.ffn.adapt(&format!("{prefix}.ffn"), make)
     }
 
     /// Updates rows `first..` of `xs (B, L, D)` → `(B, L - first, D)`; keys and values still come
@@ -165,6 +175,14 @@ impl TextTransformer {
     /// Repacks the decoder's linear weights for CPU inference ([`Linear::pack`]).
     pub(crate) fn pack(&mut self, format: WeightFormat) -> Result<()> {
         self.layers.iter_mut().try_for_each(|l| l.pack(format))
+    }
+
+    /// Adapters on every decoder linear (`<prefix>.layers.<i>.…`).
+    pub(crate) fn adapt(&mut self, prefix: &str, make: &mut AdapterFactory) -> Result<()> {
+        for (i, l) in self.layers.iter_mut().enumerate() {
+            l.adapt(&format!("{prefix}.layers.{i}"), make)?;
+        }
+        Ok(())
     }
 
     /// Unscaled word embeddings of `input_ids` (any shape of integer ids).

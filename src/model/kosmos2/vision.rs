@@ -5,7 +5,7 @@ use candle_core::{bail, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::config::{Activation, Kosmos2VisionConfig};
-use super::layers::{linear, Attention, LayerNorm, Linear, TrainMode};
+use super::layers::{linear, AdapterFactory, Attention, LayerNorm, Linear, TrainMode};
 use crate::model::gemm::WeightFormat;
 use std::sync::Arc;
 
@@ -104,6 +104,12 @@ impl EncoderLayer {
         self.fc1.pack(format)?;
         self.fc2.pack(format)
     }
+
+    fn adapt(&mut self, prefix: &str, make: &mut AdapterFactory) -> Result<()> {
+        self.self_attn.adapt(&format!("{prefix}.self_attn"), make)?;
+        self.fc1.adapt(&format!("{prefix}.mlp.fc1"), make)?;
+        self.fc2.adapt(&format!("{prefix}.mlp.fc2"), make)
+    }
 }
 
 impl Module for EncoderLayer {
@@ -155,6 +161,14 @@ impl VisionTransformer {
     /// Repacks the encoder's linear weights for CPU inference ([`Linear::pack`]).
     pub(crate) fn pack(&mut self, format: WeightFormat) -> Result<()> {
         self.layers.iter_mut().try_for_each(|l| l.pack(format))
+    }
+
+    /// Adapters on every encoder linear (`<prefix>.encoder.layers.<i>.…`).
+    pub(crate) fn adapt(&mut self, prefix: &str, make: &mut AdapterFactory) -> Result<()> {
+        for (i, l) in self.layers.iter_mut().enumerate() {
+            l.adapt(&format!("{prefix}.encoder.layers.{i}"), make)?;
+        }
+        Ok(())
     }
 
     /// `(B, C, H, W)` → `(B, 1 + patches, Dv)`: every token through

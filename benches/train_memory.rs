@@ -86,8 +86,18 @@ fn prepare(shape: &Shape) -> Result<()> {
         .lock()
         .map_err(|_| anyhow::anyhow!("var map poisoned"))?
         .iter()
-        .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
-        .collect();
+        .map(|(n, v)| {
+            // Layer norms' scales start at 1 as in PyTorch (candle's default hint is 0, which
+            // zeroes the vision features and makes their L2 normalisation's gradient NaN).
+            let t = v.as_tensor();
+            let t = if n.ends_with(".weight") && t.rank() == 1 {
+                t.ones_like()?
+            } else {
+                t.clone()
+            };
+            Ok((n.clone(), t))
+        })
+        .collect::<Result<_>>()?;
     save_model_dir(
         &dir.join("model"),
         &config_json,

@@ -368,3 +368,124 @@ fn bad_input_fails_with_the_culprit_named() {
         .unwrap();
     assert!(!out.status.success());
 }
+
+/// SEED 6.2 through the CLI: `--strategy lora` trains peft-style adapters on every backbone
+/// linear (the table counts them), the run's model directory holds them merged into the base
+/// weights (no adapter tensors, changed projections, frozen biases untouched), and `infer` serves it.
+#[test]
+fn lora_strategy_trains_merges_and_serves() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (data, model) = (tmp.path().join("data"), tmp.path().join("m"));
+    write_episodes(&data, 4, 5, 11);
+    init_model(&model);
+    let text = CONFIG.replace("MAX_STEPS", "3").replace(
+        "lora_enable: false",
+        "lora_enable: true, lora_r: 4, lora_alpha: 8, lora_dropout: 0.1, lora_bias: none",
+    );
+    let cfg = tmp.path().join("lora.yaml");
+    std::fs::write(&cfg, &text).unwrap();
+
+    // The table: adapters r × (in + out) per linear of both towers and the projection.
+    let hf: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(model.join("config.json")).unwrap()).unwrap();
+    let (t, v) = (&hf["text_config"], &hf["vision_config"]);
+    let n = |x: &serde_json::Value, k: &str| x[k].as_u64().unwrap();
+    let (d, f, dv, fv) = (
+        n(t, "embed_dim"),
+        n(t, "ffn_dim"),
+        n(v, "hidden_size"),
+        n(v, "intermediate_size"),
+    );
+    let per_layer = |d, f| 4 * 2 * d + 2 * (d + f);
+    let adapters = 4
+        * (n(t, "layers") * per_layer(d, f)
+            + n(v, "num_hidden_layers") * per_layer(dv, fv)
+            + (dv + d)
+            + 4 * 2 * d);
+    let trainer = Trainer::new(TrainOptions {
+        config: TrainConfig::from_value(&serde_yaml::from_str(&text).unwrap()).unwrap(),
+        data: data.clone(),
+        model: model.clone(),
+        out: tmp.path().join("unused"),
+        resume: false,
+        max_steps: None,
+        strategy: Strategy::Lora,
+    })
+    .unwrap();
+    let row = trainer
+        .table()
+        .lines()
+        .find(|l| l.starts_with("LoRA adapters"))
+        .unwrap()
+        .to_owned();
+    assert!(
+        row.contains("yes") && row.ends_with(&format!(" {adapters}")),
+        "{row} (want {adapters})\n{}",
+        trainer.table()
+    );
+    assert!(trainer.table().contains("vision tower"));
+
+    let run = tmp.path().join("run");
+    let out = train_cmd(&cfg, &data, &model, &run)
+        .args(["--strategy", "lora"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let start: serde_json::Value = serde_json::from_str(
+        std::fs::read_to_string(run.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .next()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(start["strategy"], "lora", "{start}");
+    assert_eq!(start["lora"]["r"], 4, "{start}");
+
+    let load = |p: &Path| candle_core::safetensors::load(p, &candle_core::Device::Cpu).unwrap();
+    let before = load(&model.join("model.safetensors"));
+    let after = load(&run.join("model/model.safetensors"));
+    let mut names: Vec<_> = after.keys().cloned().collect();
+    names.sort();
+    let mut want: Vec<_> = before.keys().cloned().collect();
+    want.sort();
+    assert_eq!(names, want, "merged directory has exactly the base tensors");
+    let moved = |name: &str| {
+        let diff = (&after[name] - &before[name])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        diff > 0.0
+    };
+    assert!(moved("text_model.model.layers.0.self_attn.q_proj.weight"));
+    assert!(moved("vision_model.model.encoder.layers.0.mlp.fc1.weight"));
+    assert!(!moved("text_model.model.layers.0.self_attn.q_proj.bias"));
+    assert!(!moved("text_model.model.embed_tokens.weight"));
+
+    let frame_path = tmp.path().join("f.png");
+    frame(true, &mut rand::rngs::StdRng::seed_from_u64(1))
+        .save(&frame_path)
+        .unwrap();
+    let out = Command::new(BIN)
+        .args(["infer", "--model"])
+        .arg(run.join("model"))
+        .args(["--instruction", INSTRUCTIONS[0], "--image"])
+        .arg(&frame_path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let served: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(served.to_string().contains("actions"), "{served}");
+}

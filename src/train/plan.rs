@@ -283,6 +283,11 @@ pub fn estimate(
     let lora = setup.lora.as_ref();
     if let Some(l) = lora {
         trainable += lora_params(backbone, l.r);
+        if l.bias != "none" {
+            // `lora_bias` all / lora_only: the linears' biases, about half their in + out
+            // (`all` adds the layer norms' shifts, a few percent more).
+            trainable += lora_params(backbone, 1) / 2;
+        }
     }
     let frames = (work.batch * work.window) as u64;
     let q = backbone.latent_query_num;
@@ -320,15 +325,30 @@ pub fn estimate(
     } else {
         0
     };
-    // peft's lora_dropout copies each adapted linear's input (mask + output).
+    // Per adapted layer and token: peft's lora_dropout copies the input (mask + output); the
+    // adapter keeps x·Aᵀ (r), B·(…) and its scaled copy (out) and the sum with the base output
+    // (out); and backward leaves a full-size gradient for every frozen tensor broadcast against a
+    // tracked one (linear biases, layer-norm scales and shifts), which candle computes and never
+    // frees before `backward` returns. Measured on the small shape (`benches/train_memory.rs`).
     let lora_kept = match lora {
-        Some(l) if l.dropout > 0.0 => {
-            layers * 2 * (5 * text.seq * text.dim + text.seq * text.ffn)
-                + backbone.vision_config.num_hidden_layers as u64
-                    * 2
-                    * (5 * vision.seq * vision.dim + vision.seq * vision.ffn)
+        Some(l) => {
+            let r = l.r as u64;
+            let drop = u64::from(l.dropout > 0.0);
+            let per_layer = |seq: u64, d: u64, f: u64, frozen_broadcasts: u64| {
+                seq * (drop * 2 * (5 * d + f) + 6 * r + 15 * d + 3 * f + frozen_broadcasts)
+            };
+            let (vl, vs, vd, vf) = (
+                backbone.vision_config.num_hidden_layers as u64,
+                vision.seq,
+                vision.dim,
+                vision.ffn,
+            );
+            let (ts, td, tf) = (text.seq, text.dim, text.ffn);
+            // Text: 6 linear biases + 4 layer norms (one at the FFN width); vision: 6 + 2.
+            layers * per_layer(ts, td, tf, 11 * td + 3 * tf)
+                + vl * per_layer(vs, vd, vf, 9 * vd + vf)
         }
-        _ => 0,
+        None => 0,
     };
     // Pixels of the batch and the text inputs (embeddings, positions, two dropouts).
     let image = backbone.vision_config.image_size as u64;
@@ -601,6 +621,12 @@ mod tests {
             between(peaks[2], peaks[4]).chosen().unwrap().rung,
             Rung::Head
         );
+        // LoRA keeps the vision tower's activations (its adapters train there), so at Kosmos-2's
+        // shape it needs more than last-N, which comes first on the ladder: a budget that fits
+        // LoRA fits last-N too.
+        assert!(peaks[2] < peaks[3] && peaks[3] < peaks[0], "{peaks:?}");
+        let p = plan(&cfg, &k, &sizes, work(1, 2), peaks[3]);
+        assert_eq!(p.chosen().unwrap().rung, Rung::LastN);
         let none = plan(&cfg, &k, &sizes, work(1, 2), peaks[4] - 1);
         let err = none.chosen().unwrap_err().to_string();
         assert!(err.contains("head") && err.contains("budget"), "{err}");

@@ -177,6 +177,15 @@ mod tests {
         assert!(e.contains("l.lora_B.weight"), "{e}");
     }
 
+    fn max_abs(t: &Tensor) -> f32 {
+        t.abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
     /// The adapted model (B non-zero) and the plain model on merged weights compute the same
     /// features: serving the merged directory is serving the trained adapters.
     #[test]
@@ -226,22 +235,8 @@ mod tests {
         };
         let (merged, _) = files.build(cfg, &frozen, true, 0).unwrap();
         let got = merged.frame_features(&pixels, &ids).unwrap();
-        let diff = (got - &want)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        let scale_of = want
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert!(diff <= 1e-5 * scale_of.max(1.0), "max |Δ| {diff}");
+        let diff = max_abs(&(got - &want).unwrap());
+        assert!(diff <= 1e-5 * max_abs(&want).max(1.0), "max |Δ| {diff}");
         let base = ModelFiles::read(&dir).unwrap();
         let (plain, _) = base
             .build(
@@ -252,14 +247,7 @@ mod tests {
             )
             .unwrap();
         let untouched = plain.frame_features(&pixels, &ids).unwrap();
-        let moved = (untouched - &want)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let moved = max_abs(&(untouched - &want).unwrap());
         assert!(
             moved > 1e-3,
             "the adapters must change the features (moved {moved})"

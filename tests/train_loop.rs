@@ -488,4 +488,32 @@ fn lora_strategy_trains_merges_and_serves() {
     );
     let served: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(served.to_string().contains("actions"), "{served}");
+
+    // The way out to RoboVLMs: the same run as a RoboVLMs JSON config, read back by our reader.
+    let printed = train_cmd(&cfg, &data, &model, &tmp.path().join("unused"))
+        .args(["--strategy", "lora", "--print-robovlms-config"])
+        .output()
+        .unwrap();
+    assert!(printed.status.success());
+    let json: serde_json::Value = serde_json::from_slice(&printed.stdout).unwrap();
+    let back = TrainConfig::from_value(&json).unwrap();
+    let mine = TrainConfig::from_value(&serde_yaml::from_str(&text).unwrap()).unwrap();
+    assert_eq!(back.train_setup, Strategy::Lora.setup(&mine.train_setup));
+    assert_eq!(
+        (
+            back.window_size,
+            back.model.fwd_pred_next_n,
+            back.model.action_dim
+        ),
+        (Some(2), Some(2), Some(3))
+    );
+    assert_eq!(
+        json["gradient_clip_val"],
+        json["trainer"]["gradient_clip_val"]
+    );
+    let auto = train_cmd(&cfg, &data, &model, &tmp.path().join("unused"))
+        .args(["--strategy", "auto", "--print-robovlms-config"])
+        .output()
+        .unwrap();
+    assert!(!auto.status.success());
 }

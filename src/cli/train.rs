@@ -2,6 +2,7 @@
 //! JSON progress lines (`--progress json`, the trainer_node contract), and SIGINT/SIGTERM handling
 //! (save a checkpoint, exit 0).
 
+use crate::config::train::ModelClaims;
 use crate::config::TrainConfig;
 use crate::train::{Outcome, Phase, Progress, Strategy, TrainOptions, Trainer};
 use anyhow::Context;
@@ -46,6 +47,11 @@ pub struct TrainArgs {
     pub strategy: Strategy,
     #[arg(long, value_enum, default_value = "bar")]
     pub progress: ProgressMode,
+    /// Print the equivalent RoboVLMs JSON config on stdout and exit (the strategy's train_setup,
+    /// the model directory's head and chunk sizes): the way out to RoboVLMs + Lightning on a GPU
+    /// cluster; `model import` is the way back.
+    #[arg(long)]
+    pub print_robovlms_config: bool,
 }
 
 /// Where progress goes: the latest report, re-sent every second by a ticker in JSON mode.
@@ -139,12 +145,43 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
     result
 }
 
+/// `--print-robovlms-config`: the config with `--strategy`'s train_setup and the model
+/// directory's architecture.
+fn robovlms_config(args: &TrainArgs, config: TrainConfig) -> anyhow::Result<serde_json::Value> {
+    if args.strategy == Strategy::Auto {
+        anyhow::bail!(
+            "--print-robovlms-config needs an explicit --strategy: `auto` depends on this \
+             machine's memory, and a GPU cluster has its own"
+        );
+    }
+    let policy_file = args.model.join(crate::model::model_dir::POLICY_FILE);
+    let p = crate::model::PolicyConfig::from_file(&policy_file)?;
+    let model = ModelClaims {
+        fwd_pred_next_n: Some(p.fwd_pred_next_n),
+        action_dim: Some(p.action.dim),
+        hidden_size: Some(p.head.hidden_size),
+        num_layers: Some(p.head.num_layers),
+        norm: p.action.norm.map(|n| (f64::from(n.min), f64::from(n.max))),
+    };
+    let setup = args.strategy.setup(&config.train_setup);
+    let config = TrainConfig {
+        window_size: config.window_size.or(Some(p.window_size)),
+        ..config
+    };
+    Ok(config.to_robovlms_json(&setup, &model))
+}
+
 fn train(args: TrainArgs) -> anyhow::Result<ExitCode> {
     let cancel = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(sig, cancel.clone()).context("installing signal handlers")?;
     }
     let config = TrainConfig::from_file(&args.config)?;
+    if args.print_robovlms_config {
+        let json = robovlms_config(&args, config)?;
+        println!("{}", serde_json::to_string_pretty(&json)?);
+        return Ok(ExitCode::SUCCESS);
+    }
     let reporter = Arc::new(Reporter::new(args.progress));
     let done = Arc::new(AtomicBool::new(false));
     reporter.report(&Progress {

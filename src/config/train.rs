@@ -329,6 +329,84 @@ impl TrainConfig {
         Ok(())
     }
 
+    /// The equivalent RoboVLMs JSON config (`train --print-robovlms-config`), the way out to a GPU
+    /// cluster: every setting this trainer reads, at the key RoboVLMs reads it from, with
+    /// `train_setup` as resolved by the strategy (`setup`) and the model's claims (`model`:
+    /// `fwd_pred_next_n`, `act_head`, normalisation). `gradient_clip_val` goes both at the top
+    /// level (where RoboVLMs' `main.py` reads it) and under `trainer` (where its configs put it), so
+    /// an upstream run clips as this one does. Reading the result back gives the same settings.
+    pub fn to_robovlms_json(&self, setup: &TrainSetup, model: &ModelClaims) -> Value {
+        let clip = self.gradient_clip.map(|c| c.max_norm);
+        let mut train_setup = serde_json::json!({
+            "freeze_backbone": setup.freeze_backbone,
+            "train_decoder_layers": setup.train_decoder_layers,
+            "train_vision": setup.train_vision,
+            "train_text_embedding": setup.train_text_embedding,
+            "freeze_resampler": setup.freeze_resampler,
+            "gradient_checkpointing": setup.gradient_checkpointing,
+            "lora_enable": setup.lora.is_some(),
+        });
+        if let Some(l) = &setup.lora {
+            for (k, v) in [
+                ("lora_r", Value::from(l.r)),
+                ("lora_alpha", Value::from(l.alpha)),
+                ("lora_dropout", Value::from(l.dropout)),
+                ("lora_bias", Value::from(l.bias.clone())),
+            ] {
+                train_setup[k] = v;
+            }
+        }
+        let scheduler = match self.scheduler {
+            SchedulerKind::Constant => "constant",
+            SchedulerKind::HalfCosine => "half-cosine",
+            SchedulerKind::Cosine => "cosine",
+        };
+        let mut act_head = serde_json::json!({"type": "LSTMDecoder"});
+        for (k, v) in [
+            ("action_dim", model.action_dim),
+            ("hidden_size", model.hidden_size),
+            ("num_layers", model.num_layers),
+        ] {
+            if let Some(v) = v {
+                act_head[k] = v.into();
+            }
+        }
+        let mut out = serde_json::json!({
+            "robovlm_name": "RoboKosMos",
+            "model": "kosmos",
+            "seed": self.seed,
+            "batch_size": self.batch_size,
+            "learning_rate": self.learning_rate,
+            "min_lr_scale": self.min_lr_scale,
+            "weight_decay": self.weight_decay,
+            "warmup_epochs": self.warmup_epochs,
+            "warmup_steps": self.warmup_steps,
+            "scheduler": scheduler,
+            "arm_gripper_loss_ratio": self.arm_gripper_loss_ratio,
+            "gradient_clip_val": clip,
+            "window_size": self.window_size,
+            "fwd_pred_next_n": model.fwd_pred_next_n,
+            "use_vision_resampler": false,
+            "norm_action": model.norm.is_some(),
+            "val_fraction": self.val_fraction,
+            "checkpoint_every_n_steps": self.checkpoint_every_n_steps,
+            "train_setup": train_setup,
+            "act_head": act_head,
+            "trainer": {
+                "precision": self.precision.name(),
+                "max_epochs": self.max_epochs,
+                "max_steps": self.max_steps.map_or(-1, |m| m as i64),
+                "accumulate_grad_batches": self.accumulate_grad_batches,
+                "gradient_clip_val": clip,
+            },
+        });
+        if let Some((lo, hi)) = model.norm {
+            out["norm_min"] = lo.into();
+            out["norm_max"] = hi.into();
+        }
+        out
+    }
+
     /// Where `gradient_clip_val` came from, for the log.
     pub fn clip_description(&self) -> String {
         match self.gradient_clip {
@@ -582,6 +660,50 @@ mod tests {
             c.ignored
         );
         assert!(c.ignored.contains(&"act_head.type".to_string()));
+    }
+
+    #[test]
+    fn robovlms_json_reads_back_as_the_same_settings() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+        for file in ["on_device_full_ft.yaml", "low_memory.yaml"] {
+            let mut c = TrainConfig::from_file(&dir.join(file)).unwrap();
+            c.model = ModelClaims {
+                fwd_pred_next_n: Some(2),
+                action_dim: Some(3),
+                hidden_size: Some(1024),
+                num_layers: Some(4),
+                norm: Some((-1.0, 1.0)),
+            };
+            c.max_steps = Some(100);
+            let json = c.to_robovlms_json(&c.train_setup, &c.model);
+            let back = TrainConfig::from_value(&json).unwrap();
+            assert_eq!(
+                back.ignored,
+                ["act_head.type", "model", "robovlm_name"],
+                "{file}"
+            );
+            assert_eq!(
+                back.gradient_clip.map(|g| g.source),
+                Some(ClipSource::TopLevel),
+                "{file}: upstream main.py must see the clip value"
+            );
+            let same = TrainConfig {
+                ignored: vec![],
+                gradient_clip: c.gradient_clip.map(|g| GradientClip {
+                    source: ClipSource::TopLevel,
+                    ..g
+                }),
+                ..c
+            };
+            assert_eq!(
+                TrainConfig {
+                    ignored: vec![],
+                    ..back
+                },
+                same,
+                "{file}"
+            );
+        }
     }
 
     #[test]

@@ -328,8 +328,8 @@ pub fn estimate(
     // Per adapted layer and token: peft's lora_dropout copies the input (mask + output); the
     // adapter keeps x·Aᵀ (r), B·(…) and its scaled copy (out) and the sum with the base output
     // (out); and backward leaves a full-size gradient for every frozen tensor broadcast against a
-    // tracked one (linear biases, layer-norm scales and shifts), which candle computes and never
-    // frees before `backward` returns. Measured on the small shape (`benches/train_memory.rs`).
+    // tracked one (the layer norms' scales and shifts; frozen linear biases are added inside the
+    // frozen matmul), which candle computes and never frees before `backward` returns.
     let lora_kept = match lora {
         Some(l) => {
             let r = l.r as u64;
@@ -344,9 +344,9 @@ pub fn estimate(
                 vision.ffn,
             );
             let (ts, td, tf) = (text.seq, text.dim, text.ffn);
-            // Text: 6 linear biases + 4 layer norms (one at the FFN width); vision: 6 + 2.
-            layers * per_layer(ts, td, tf, 11 * td + 3 * tf)
-                + vl * per_layer(vs, vd, vf, 9 * vd + vf)
+            // Text: 4 layer norms (one at the FFN width); vision: 2.
+            layers * per_layer(ts, td, tf, 2 * (3 * td + tf))
+                + vl * per_layer(vs, vd, vf, 4 * vd)
         }
         None => 0,
     };

@@ -191,14 +191,18 @@ fn plain_forward(l: &candle_nn::Linear, xs: &Tensor) -> Result<Tensor> {
     let w = l.weight();
     if needs_grad(&[xs]) && !needs_grad(&[w]) && w.dtype() == DType::F32 && w.device().is_cpu() {
         // A frozen weight under a trainable input: candle's matmul backward would also compute
-        // the weight's (unused) gradient, a full weight-sized matmul and allocation per call.
+        // the weight's (unused) gradient, a full weight-sized matmul and allocation per call. A
+        // frozen bias is added inside the op too: broadcast-added outside, backward would leave an
+        // output-sized gradient for it until `backward` returns.
+        let frozen_bias = l.bias().filter(|b| !needs_grad(&[b]));
         let ys = xs.contiguous()?.apply_op1(FrozenMatmul {
             weight: w.clone(),
             weight_t: w.t()?,
+            bias: frozen_bias.cloned(),
         })?;
         return match l.bias() {
-            Some(b) => ys.broadcast_add(b),
-            None => Ok(ys),
+            Some(b) if frozen_bias.is_none() => ys.broadcast_add(b),
+            _ => Ok(ys),
         };
     }
     let half = matches!(w.dtype(), DType::BF16 | DType::F16);
@@ -234,12 +238,13 @@ fn plain_forward(l: &candle_nn::Linear, xs: &Tensor) -> Result<Tensor> {
     }
 }
 
-/// `x · Wᵀ` for a frozen `W`: the backward returns only the input's gradient `g · W`.
+/// `x · Wᵀ (+ b)` for a frozen `W` (and `b`): the backward returns only the input's gradient `g · W`.
 struct FrozenMatmul {
     /// (out, in)
     weight: Tensor,
     /// (in, out), a view.
     weight_t: Tensor,
+    bias: Option<Tensor>,
 }
 
 impl candle_core::CustomOp1 for FrozenMatmul {
@@ -263,6 +268,10 @@ impl candle_core::CustomOp1 for FrozenMatmul {
             &candle_core::Device::Cpu,
         )?;
         let ys = xs.broadcast_matmul(&self.weight_t)?;
+        let ys = match &self.bias {
+            Some(b) => ys.broadcast_add(b)?,
+            None => ys,
+        };
         let shape = ys.shape().clone();
         Ok((
             candle_core::CpuStorage::F32(ys.flatten_all()?.to_vec1::<f32>()?),

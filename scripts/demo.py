@@ -463,8 +463,9 @@ def report(args) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("step", nargs="*", default=["all"],
-                    choices=["all", "record", "inspect", "finetune", "baselines", "drive", "report"])
+    names = ["all", "record", "inspect", "finetune", "baselines", "drive", "report"]
+    # No argparse choices: with nargs="*", Python checks the default list itself against them and fails.
+    ap.add_argument("step", nargs="*", default=["all"], help=f"one or more of {', '.join(names)}")
     ap.add_argument("--episodes", type=int, default=int(os.environ.get("MOBILE_VLA_DEMO_EPISODES", 40)),
                     help="expert demonstrations to record (tasks in turn)")
     ap.add_argument("--per-task", type=int, default=int(os.environ.get("MOBILE_VLA_DEMO_EVAL_SEEDS", 4)),
@@ -477,6 +478,9 @@ def main() -> int:
     ap.add_argument("--mode", default="chunk", choices=["first", "chunk", "ensemble"],
                     help="policy_node's execution_mode while driving")
     args = ap.parse_args()
+    unknown = [s for s in args.step if s not in names]
+    if unknown:
+        ap.error(f"unknown step {', '.join(unknown)} (choose from {', '.join(names)})")
     OUT.mkdir(parents=True, exist_ok=True)
     steps = {"record": record, "inspect": inspect, "finetune": finetune, "baselines": baselines,
              "drive": drive, "report": report}

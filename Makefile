@@ -50,9 +50,12 @@ demo: build
 	@$(ENV) && MOBILE_VLA_BIN_DIR=$(BIN_DIR) python scripts/demo.py $(DEMO_ARGS)
 
 # policy_step runs the full Kosmos-2 shape too (minutes, ~7 GB); MOBILE_VLA_BENCH_FULL=0 skips it.
+# Then policy_node end to end against the library's step (benches/policy_node_latency.py, release build).
 bench: build
 	@bash scripts/torch-venv.sh
 	@$(ENV) && cargo bench --features ros
+	@$(ENV) && cargo build --release --features ros --bin mobile_vla --bin policy_node
+	@$(ENV) && MOBILE_VLA_BIN_DIR=$(ROOT)/target/release python benches/policy_node_latency.py
 
 # The real-ROS path: a colcon workspace with this package, built as a user would.
 colcon-check: setup

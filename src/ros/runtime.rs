@@ -33,6 +33,9 @@ pub enum NodeError {
 /// the shutdown signal. Cheap to clone into tasks.
 pub struct NodeHandle<P> {
     node: Arc<Mutex<r2r::Node>>,
+    /// The node's ROS clock (sim time when `use_sim_time`), held apart from the node: reading it
+    /// must not wait for the spin thread, which holds the node lock while it waits for work.
+    clock: Arc<Mutex<r2r::Clock>>,
     params: Arc<Mutex<P>>,
     shutdown_tx: Arc<watch::Sender<bool>>,
     shutdown_rx: watch::Receiver<bool>,
@@ -42,6 +45,7 @@ impl<P> Clone for NodeHandle<P> {
     fn clone(&self) -> Self {
         Self {
             node: self.node.clone(),
+            clock: self.clock.clone(),
             params: self.params.clone(),
             shutdown_tx: self.shutdown_tx.clone(),
             shutdown_rx: self.shutdown_rx.clone(),
@@ -80,9 +84,7 @@ impl<P: Clone> NodeHandle<P> {
 
     /// The ROS clock's current time as a message stamp.
     pub fn now(&self) -> r2r::builtin_interfaces::msg::Time {
-        let clock = self.node().get_ros_clock();
-        let mut clock = lock(&clock);
-        match clock.get_now() {
+        match lock(&self.clock).get_now() {
             Ok(d) => r2r::Clock::to_builtin_time(&d),
             Err(_) => r2r::builtin_interfaces::msg::Time { sec: 0, nanosec: 0 },
         }
@@ -155,10 +157,12 @@ where
             .validate()
             .map_err(NodeError::InvalidParameter)?;
 
+        let clock = node.get_ros_clock();
         let node = Arc::new(Mutex::new(node));
         let spinner = spawn_spinner(node.clone(), stop_spin.clone());
         let handle = NodeHandle {
             node,
+            clock,
             params,
             shutdown_tx,
             shutdown_rx,

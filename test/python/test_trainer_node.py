@@ -192,7 +192,8 @@ def test_goal_feedback_result_model_ready(start_node, rclpy_node, tmp_path, job)
     assert any(f.eta_s > 0 for f in train[:-1]), [f.eta_s for f in train]
     times = [t for t, _ in c.feedback]
     gaps = np.diff(times)
-    assert len(times) >= 3 and gaps.max() < 1.6, gaps  # 1 s cadence + scheduling noise on 2 cores
+    # Every second at least: the typical gap is ≤ 1 s; the bound on the largest allows a loaded 2-core machine.
+    assert len(times) >= 3 and np.median(gaps) <= 1.05 and gaps.max() < 2.5, gaps
 
     # The trained model is an ordinary model directory: `infer` loads and runs it.
     frame = tmp_path / "f.png"

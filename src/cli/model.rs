@@ -315,8 +315,15 @@ pub fn infer(args: InferArgs) -> anyhow::Result<ExitCode> {
         let started = std::time::Instant::now();
         steps.push(policy.step(&image, &args.instruction)?);
         step_ms.push(started.elapsed().as_secs_f64() * 1e3);
-        tracing::info!("{}: step in {:.0} ms", path.display(), step_ms[step_ms.len() - 1]);
+        tracing::info!(
+            "{}: step in {:.0} ms",
+            path.display(),
+            step_ms[step_ms.len() - 1]
+        );
     }
-    println!("{}", serde_json::to_string(&InferOutput { steps, step_ms })?);
+    println!(
+        "{}",
+        serde_json::to_string(&InferOutput { steps, step_ms })?
+    );
     Ok(ExitCode::SUCCESS)
 }

@@ -278,13 +278,16 @@ enum Outcome {
 }
 
 /// Runs one job to its end, relaying feedback (the last one again every second while the child is
-/// quiet) and turning a cancel into SIGTERM.
+/// quiet) and turning a cancel, or `stop` (the node shutting down), into SIGTERM: the child saves
+/// a checkpoint and exits.
 async fn run_job(
     exe: &Path,
     job: &Job,
     mut feedback: impl FnMut(Finetune::Feedback),
     cancel: &mut (impl futures::Stream<Item = r2r::ActionServerCancelRequest> + Unpin),
+    stop: impl Future<Output = ()>,
 ) -> Outcome {
+    tokio::pin!(stop);
     info!("training: {} {}", exe.display(), job.args().join(" "));
     let mut child = match Command::new(exe)
         .args(job.args())
@@ -325,6 +328,11 @@ async fn run_job(
             Some(req) = cancel.next(), if !cancelling => {
                 info!("cancel requested: stopping training (it saves a checkpoint)");
                 req.accept();
+                cancelling = true;
+                terminate(&child);
+            }
+            _ = &mut stop, if !cancelling => {
+                info!("shutting down: stopping training (it saves a checkpoint)");
                 cancelling = true;
                 terminate(&child);
             }
@@ -464,13 +472,14 @@ pub async fn run(h: NodeHandle<TrainerParams>) -> anyhow::Result<()> {
         let Some((job, req)) = start else { continue };
         running_out = job.out.clone();
         let exe = exe.clone();
+        let stop = h.clone();
         running = Some(Box::pin(async move {
             match req {
-                Some(req) => serve_goal(&exe, &job, req).await,
+                Some(req) => serve_goal(&exe, &job, req, &stop).await,
                 None => {
                     let mut no_cancel =
                         futures::stream::pending::<r2r::ActionServerCancelRequest>();
-                    match run_job(&exe, &job, |_| {}, &mut no_cancel).await {
+                    match run_job(&exe, &job, |_| {}, &mut no_cancel, stop.shutdown()).await {
                         Outcome::Done(r) => Some(r.model_dir),
                         Outcome::Cancelled(_) => None,
                         Outcome::Failed(reason) => {
@@ -482,8 +491,18 @@ pub async fn run(h: NodeHandle<TrainerParams>) -> anyhow::Result<()> {
             }
         }));
     }
+    if let Some(job) = running {
+        // The job saw the shutdown too and asked the child to save a checkpoint: let it finish.
+        info!("waiting up to {SAVE_ON_SHUTDOWN:?} for the training process to save a checkpoint");
+        if tokio::time::timeout(SAVE_ON_SHUTDOWN, job).await.is_err() {
+            warn!("the training process did not stop in time: killed (its last checkpoint stays)");
+        }
+    }
     Ok(())
 }
+
+/// How long a shutdown waits for a running training process to save and exit.
+const SAVE_ON_SHUTDOWN: Duration = Duration::from_secs(60);
 
 /// Accepts the goal only to end it at once with the reason: the action protocol's reject
 /// carries no text, and a client deserves to know why.
@@ -503,7 +522,12 @@ fn abort_request(req: GoalRequest, reason: String) {
 }
 
 /// Runs an accepted goal; the model directory on success.
-async fn serve_goal(exe: &Path, job: &Job, req: GoalRequest) -> Option<String> {
+async fn serve_goal(
+    exe: &Path,
+    job: &Job,
+    req: GoalRequest,
+    node: &NodeHandle<TrainerParams>,
+) -> Option<String> {
     let (mut g, mut cancel) = match req.accept() {
         Ok(x) => x,
         Err(e) => {
@@ -521,6 +545,7 @@ async fn serve_goal(exe: &Path, job: &Job, req: GoalRequest) -> Option<String> {
             }
         },
         &mut cancel,
+        node.shutdown(),
     )
     .await;
     let (sent, model) = match outcome {
@@ -528,6 +553,11 @@ async fn serve_goal(exe: &Path, job: &Job, req: GoalRequest) -> Option<String> {
             let dir = r.model_dir.clone();
             info!("fine-tuning done: {dir}");
             (g.succeed(r), Some(dir))
+        }
+        // Stopped by the node's shutdown, not by the client: the goal ends aborted, with why.
+        Outcome::Cancelled(mut r) if node.is_shutdown() => {
+            r.message = format!("trainer_node shut down: {}", r.message);
+            (g.abort(r), None)
         }
         Outcome::Cancelled(r) => (g.cancel(r), None),
         Outcome::Failed(reason) => {

@@ -243,10 +243,11 @@ def test_cancel_keeps_a_checkpoint(start_node, rclpy_node, tmp_path, job):
                       timeout=60), proc.output()
     first = min(f.step for _, f in c.feedback if f.phase == "training")
     assert first >= last, (first, last)
-    handle.cancel_goal_async()
-    r = c.result(handle)
-    assert r.status == GoalStatus.STATUS_CANCELED and int(Path(r.result.checkpoint_path).name.split("-")[1]) > last
-    assert proc.alive() and proc.stop() == 0, proc.output()
+    # The node shutting down mid-job: the training process is asked to save first, not killed.
+    before = json.loads((out / "checkpoint.json").read_text())["checkpoint"]
+    assert proc.alive() and proc.stop(timeout=60) == 0, proc.output()
+    newest = json.loads((out / "checkpoint.json").read_text())["checkpoint"]
+    assert newest != before and int(Path(newest).name.split("-")[1]) > last, (before, newest, proc.output())
 
 
 def test_crash_aborts_the_goal_and_a_second_goal_is_refused(start_node, rclpy_node, tmp_path):

@@ -3,7 +3,8 @@ automatically after `auto_finetune_after` new episodes.
 
     ros2 launch mobile_vla train.launch.py model_dir:=$HOME/models/mobile_vla \
         image_topic:=/camera/image_raw output_dir:=$HOME/episodes auto_finetune_after:=10
-    ros2 action send_goal -f /trainer_node/finetune mobile_vla/action/Finetune "{dataset_dir: $HOME/episodes}"
+    ros2 action send_goal -f /trainer_node/finetune mobile_vla/action/Finetune \
+        "{dataset_dir: $HOME/episodes, config: $HOME/ws/src/mobile_vla/config/on_device_full_ft.yaml}"
 
 Each finished model is announced on /trainer_node/model_ready (policy_node follows it with follow_trainer).
 """
@@ -21,7 +22,7 @@ SHARE = get_package_share_directory("mobile_vla")
 
 # name: (default, description)
 ARGS = {
-    "model_dir": ("", "model to fine-tune from; empty = the training config's"),
+    "model_dir": ("", "model to fine-tune from (automatic jobs, goals without init_model_dir)"),
     "namespace": ("", "namespace of both nodes and their relative topics (one per robot)"),
     "image_topic": ("image", "camera topic recorded (sensor_msgs/Image)"),
     "cmd_vel_topic": ("cmd_vel", "velocity commands recorded (your teleop's output)"),

@@ -4,9 +4,9 @@
                                                   several step names run those, in order)
     python scripts/demo.py record --episodes 40   sim_node + recorder_node + scripted expert -> out/demo/episodes
     python scripts/demo.py inspect                mobile_vla dataset validate + info on the episodes
-    python scripts/demo.py finetune               trainer_node's Finetune action (pending until it exists)
+    python scripts/demo.py finetune               model init + trainer_node's Finetune action -> out/demo/train
     python scripts/demo.py baselines              expert / zero / random rollouts on held-out seeds (+ MCAP)
-    python scripts/demo.py drive                  policy_node drives the held-out seeds (pending until it exists)
+    python scripts/demo.py drive                  policy_node drives the held-out seeds in real time
     python scripts/demo.py report                 out/demo/report.{md,json} + trajectories.png
 
 Every step starts the processes it needs (sim_node from sim/, the Rust nodes from MOBILE_VLA_BIN_DIR) on a
@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -113,7 +114,10 @@ def record(args) -> dict:
     shutil.rmtree(EPISODES, ignore_errors=True)
     say(f"== record: {args.episodes} expert episodes through recorder_node -> {EPISODES}")
     t0 = time.monotonic()
-    rec = ("recorder_node", [BIN / "recorder_node", "--ros-args", "-p", f"output_dir:={EPISODES}"])
+    # One frame per key press, as the fork's keyboard collector (no frame for the release): each frame's
+    # action is the key the expert pressed on seeing it.
+    rec = ("recorder_node", [BIN / "recorder_node", "--ros-args", "-p", f"output_dir:={EPISODES}",
+                             "-p", "record_stops:=false"])
     kept, failed = [], []
     with processes(sim_argv(args.rtf, args.timeout), rec), ros_node("demo_teleop") as node:
         sim = SimClient(node)
@@ -159,7 +163,7 @@ TRAIN_OUT = OUT / "train"
 # No pretrained Kosmos-2 can be downloaded here: the demo's backbone is the project's tiny Kosmos-2-shaped
 # fixture (random weights, with its tokenizer); on a robot, pass kosmos-2-patch14-224 instead.
 BACKBONE = Path(os.environ.get("MOBILE_VLA_DEMO_BACKBONE", ROOT / "test/fixtures/policy/hf_robovlms7"))
-HEAD = ["--window-size", "4", "--fwd-pred-next-n", "2", "--action-dim", "3", "--hidden-size", "64",
+HEAD = ["--window-size", "2", "--fwd-pred-next-n", "2", "--action-dim", "3", "--hidden-size", "64",
         "--num-layers", "1", "--mlp-hidden", "64,64,32"]
 TRAIN_CONFIG = ROOT / "config" / "demo_finetune.yaml"
 
@@ -209,7 +213,17 @@ def finetune(args) -> None:
     from mobile_vla.action import Finetune
 
     shutil.rmtree(MODEL_INIT, ignore_errors=True)
+    shutil.rmtree(TRAIN_OUT, ignore_errors=True)
     run([BIN / "mobile_vla", "model", "init", "--hf-model", BACKBONE, "--out", MODEL_INIT, *HEAD])
+    # Train-mode dropout follows the backbone config; on this tiny random backbone its noise swamps the
+    # differences between inputs (as tests/train_loop.rs found), so the demo turns it off.
+    cfg_path = MODEL_INIT / "config.json"
+    hf = json.loads(cfg_path.read_text())
+    hf["text_config"].update({k: 0.0 for k in ("dropout", "attention_dropout", "activation_dropout")})
+    write_json(cfg_path, hf)
+    config = TRAIN_CONFIG.read_text()
+    if args.train_steps:  # shortened runs (CI): the same config, fewer optimiser steps
+        config = re.sub(r"max_steps: *\d+", f"max_steps: {args.train_steps}", config)
     t0 = time.monotonic()
     with processes(("trainer_node", [BIN / "trainer_node"])), ros_node("demo_finetune") as node:
         sim = SimClient(node)
@@ -218,11 +232,19 @@ def finetune(args) -> None:
             raise SystemExit(f"trainer_node offers no Finetune action (log: {LOGS / 'trainer_node.log'})")
         client = ActionClient(node, Finetune, name)
         client.wait_for_server(timeout_sec=30)
-        goal = Finetune.Goal(dataset_dir=str(EPISODES), config=str(TRAIN_CONFIG), output_dir=str(TRAIN_OUT),
-                             init_model_dir=str(MODEL_INIT))
-        feedback = lambda m: say(f"   {m.feedback.phase} epoch {m.feedback.epoch}/{m.feedback.epochs} step "  # noqa: E731
-                                 f"{m.feedback.step}/{m.feedback.total_steps} loss {m.feedback.loss:.4f} "
-                                 f"ETA {m.feedback.eta_s:.0f} s")
+        goal = Finetune.Goal(dataset_dir=str(EPISODES), config=config if args.train_steps else str(TRAIN_CONFIG),
+                             output_dir=str(TRAIN_OUT), init_model_dir=str(MODEL_INIT))
+        shown = {"at": 0.0, "feedback": 0}
+
+        def feedback(m) -> None:
+            # The node repeats its last feedback every second; print every 5 s (and each new phase).
+            f = m.feedback
+            shown["feedback"] += 1
+            if time.monotonic() - shown["at"] >= 5 or f.phase != shown.get("phase"):
+                shown.update(at=time.monotonic(), phase=f.phase)
+                say(f"   {f.phase} epoch {f.epoch}/{f.epochs} step {f.step}/{f.total_steps} loss {f.loss:.4f} "
+                    f"lr {f.learning_rate:.2e} ETA {f.eta_s:.0f} s")
+
         sent = client.send_goal_async(goal, feedback_callback=feedback)
         sim.spin_until(sent.done, 30)
         if not sent.done() or not sent.result().accepted:
@@ -232,10 +254,20 @@ def finetune(args) -> None:
         result = done.result().result
     if not result.success:
         raise SystemExit(f"fine-tuning failed: {result.message}")
-    write_json(OUT / "finetune.json", {"status": "done", "model_dir": result.model_dir, "final_loss": result.final_loss,
-                                       "best_val_loss": result.best_val_loss, "metrics": result.metrics_path,
-                                       "wall_s": round(time.monotonic() - t0, 1)})
-    say(f"   model -> {result.model_dir} (final loss {result.final_loss:.4f})")
+    lines = [json.loads(line) for line in Path(result.metrics_path).read_text().splitlines() if line.strip()]
+    steps = [m for m in lines if "loss" in m and "step" in m]
+    start = next((m for m in lines if m.get("event") == "start"), {})
+    if (TRAIN_OUT / "loss.png").exists():
+        shutil.copy(TRAIN_OUT / "loss.png", OUT / "loss.png")
+    summary = {"status": "done", "model_dir": result.model_dir, "final_loss": result.final_loss,
+               "best_val_loss": result.best_val_loss, "metrics": result.metrics_path,
+               "steps": steps[-1]["step"] if steps else 0,
+               "samples_per_s": round(steps[-1]["samples_per_s"], 1) if steps else None,
+               "train_windows": start.get("train_windows"), "trainable_params": start.get("trainable_params"),
+               "feedback_messages": shown["feedback"], "wall_s": round(time.monotonic() - t0, 1)}
+    write_json(OUT / "finetune.json", summary)
+    say(f"   model -> {result.model_dir} (final loss {result.final_loss:.4f}, {summary['steps']} steps at "
+        f"{summary['samples_per_s']} samples/s, {summary['wall_s']} s)")
 
 
 def drive(args) -> None:
@@ -249,10 +281,16 @@ def drive(args) -> None:
         return pending("drive.json", "policy_node not built yet (the nodes issue)")
     if done.get("status") != "done":
         return pending("drive.json", "no fine-tuned model (the finetune stage has not run)")
-    node = ("policy_node", [BIN / "policy_node", "--ros-args", "-p", f"model_dir:={done['model_dir']}",
-                            "-p", "autostart:=true", "-p", "use_sim_time:=true"])
-    evaluate(args, {"policy": External}, rtf=1.0, extra=[node], watch_cmd=True)
-    write_json(OUT / "drive.json", {"status": "done"})
+    # The simulated base follows its command at once, as the keyboard expert's did: acceleration limits
+    # well above its 0.5 m/s steps; velocity limits and the dead zone stay at the robot defaults.
+    params = {"model_dir": done["model_dir"], "autostart": "true", "use_sim_time": "true",
+              "execution_mode": args.mode, "max_acc_x": "10.0", "max_acc_y": "10.0", "max_acc_wz": "10.0"}
+    node = ("policy_node", [BIN / "policy_node", "--ros-args", *[a for k, v in params.items() for a in ("-p", f"{k}:={v}")]])
+    stats = evaluate(args, {"policy": External}, rtf=1.0, extra=[node], watch_cmd=True)
+    lat = sorted(stats["inference_ms"])
+    write_json(OUT / "drive.json", {"status": "done", "execution_mode": args.mode,
+                                    "inference_ms_median": lat[len(lat) // 2] if lat else None,
+                                    "inference_ms_max": lat[-1] if lat else None})
 
 
 # ---------------------------------------------------------------- 4. baselines
@@ -263,10 +301,11 @@ def baselines(args) -> None:
     evaluate(args, POLICIES, rtf=args.eval_rtf)
 
 
-def evaluate(args, policies: dict, rtf: float, extra=(), watch_cmd: bool = False) -> None:
+def evaluate(args, policies: dict, rtf: float, extra=(), watch_cmd: bool = False) -> dict:
     """Each policy on every task x held-out seed; the simulator judges each episode. A policy's rollouts
     go to out/demo/rollouts/<name>.json (outcomes, tracks) and <name>.mcap (camera, cmd_vel, pose,
-    instruction, episodes, outcomes; with policy_node also its action chunks)."""
+    instruction, episodes, outcomes; with policy_node also its action chunks). Returns policy_node's
+    inference times from /diagnostics when it drives."""
     import numpy as np
 
     from sim.client import SimClient
@@ -281,6 +320,17 @@ def evaluate(args, policies: dict, rtf: float, extra=(), watch_cmd: bool = False
         reset_policy = find_endpoint(sim, lambda n: n.get_service_names_and_types(), "std_srvs/srv/Trigger", 5,
                                      "/policy_node/reset") \
             if watch_cmd else None
+        inference_ms = []
+        if watch_cmd:
+            from diagnostic_msgs.msg import DiagnosticArray
+
+            def on_diagnostics(m) -> None:
+                for st in m.status:
+                    v = {kv.key: kv.value for kv in st.values}.get("last_inference_ms")
+                    if v and float(v) > 0:
+                        inference_ms.append(float(v))
+
+            node.create_subscription(DiagnosticArray, "/diagnostics", on_diagnostics, 10)
         for name, make in policies.items():
             t0 = time.monotonic()
             sim.log = McapLog(OUT / "rollouts" / f"{name}.mcap")
@@ -301,6 +351,7 @@ def evaluate(args, policies: dict, rtf: float, extra=(), watch_cmd: bool = False
             write_json(OUT / "rollouts" / f"{name}.json",
                        {"policy": name, "wall_s": round(time.monotonic() - t0, 1), "rollouts": rollouts})
             say(f"  {name}: {wins}/{len(rollouts)} succeeded; rollouts -> {OUT / 'rollouts' / name}.{{json,mcap}}")
+    return {"inference_ms": inference_ms}
 
 
 # ---------------------------------------------------------------- 6. report
@@ -332,9 +383,13 @@ def report(args) -> None:
     fps = [r["render_fps"] for n in order for r in runs[n]["rollouts"] if r.get("render_fps")]
     rec = json.loads((OUT / "record.json").read_text()) if (OUT / "record.json").exists() else {}
     info = json.loads((OUT / "dataset_info.json").read_text()) if (OUT / "dataset_info.json").exists() else None
-    pending = [json.loads((OUT / f).read_text()) for f in ("finetune.json", "drive.json") if (OUT / f).exists()]
+    stages = {f: json.loads((OUT / f"{f}.json").read_text()) for f in ("finetune", "drive") if (OUT / f"{f}.json").exists()}
+    pending = list(stages.values())
+    ft, dr = stages.get("finetune", {}), stages.get("drive", {})
     summary = {"success": table, "recording": rec, "render_fps": round(sum(fps) / len(fps), 1) if fps else None,
                "pending": [p for p in pending if p.get("status") == "pending"],
+               "finetune": ft if ft.get("status") == "done" else None,
+               "drive": dr if dr.get("status") == "done" else None,
                "dataset_frames": info["total_frames"] if info else None,
                "step_wall_s": json.loads((OUT / "timing.json").read_text()) if (OUT / "timing.json").exists() else {}}
     write_json(OUT / "report.json", summary)
@@ -387,6 +442,14 @@ def report(args) -> None:
         lines.append(f"Recording: {rec['episodes_saved']} expert episodes saved through recorder_node (expert success "
                      f"while recording {100 * rec['expert_success_rate']:.0f} %) in {rec['wall_s']} s at "
                      f"{rec['real_time_factor']}x real time, {summary['dataset_frames']} frames.")
+    if summary["finetune"]:
+        lines.append(f"Fine-tuning through trainer_node's Finetune action: {ft['steps']} optimiser steps on "
+                     f"{ft['train_windows']} training windows, {ft['trainable_params']} trainable parameters, "
+                     f"{ft['samples_per_s']} samples/s, {ft['wall_s']} s; final loss {ft['final_loss']:.4f}, best "
+                     f"validation loss {ft['best_val_loss']:.4f} (loss curve: loss.png).")
+    if summary["drive"] and dr.get("inference_ms_median") is not None:
+        lines.append(f"policy_node (`{dr['execution_mode']}` mode) inference: median {dr['inference_ms_median']:.1f} ms, "
+                     f"max {dr['inference_ms_max']:.1f} ms per step.")
     steps = ", ".join(f"{k} {v:.0f} s" for k, v in summary["step_wall_s"].items())
     lines += [f"Camera render rate (MuJoCo, osmesa on the CPU): {summary['render_fps']} fps.",
               f"Wall time per step (2-core machine): {steps}." if steps else "", "",
@@ -394,14 +457,15 @@ def report(args) -> None:
     lines += [f"- {p['missing']}" for p in summary["pending"]]
     lines += ["", "![trajectories](trajectories.png)", ""]
     (OUT / "report.md").write_text("\n".join(lines))
-    print("\n".join(lines[:6 + len(order) + 3]))
+    print("\n".join(line for line in lines if not line.startswith("![")).rstrip())
     say(f"report -> {OUT}/report.md, report.json, trajectories.png")
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("step", nargs="*", default=["all"],
-                    choices=["all", "record", "inspect", "finetune", "baselines", "drive", "report"])
+    names = ["all", "record", "inspect", "finetune", "baselines", "drive", "report"]
+    # No argparse choices: with nargs="*", Python checks the default list itself against them and fails.
+    ap.add_argument("step", nargs="*", default=["all"], help=f"one or more of {', '.join(names)}")
     ap.add_argument("--episodes", type=int, default=int(os.environ.get("MOBILE_VLA_DEMO_EPISODES", 40)),
                     help="expert demonstrations to record (tasks in turn)")
     ap.add_argument("--per-task", type=int, default=int(os.environ.get("MOBILE_VLA_DEMO_EVAL_SEEDS", 4)),
@@ -409,7 +473,14 @@ def main() -> int:
     ap.add_argument("--rtf", type=float, default=2.0, help="sim real-time factor while recording")
     ap.add_argument("--eval-rtf", type=float, default=4.0, help="sim real-time factor for the baselines")
     ap.add_argument("--timeout", type=float, default=15.0, help="episode time limit [s of sim time]")
+    ap.add_argument("--train-steps", type=int, default=int(os.environ.get("MOBILE_VLA_DEMO_TRAIN_STEPS", 0)),
+                    help="optimiser steps (0 = config/demo_finetune.yaml's max_steps)")
+    ap.add_argument("--mode", default="chunk", choices=["first", "chunk", "ensemble"],
+                    help="policy_node's execution_mode while driving")
     args = ap.parse_args()
+    unknown = [s for s in args.step if s not in names]
+    if unknown:
+        ap.error(f"unknown step {', '.join(unknown)} (choose from {', '.join(names)})")
     OUT.mkdir(parents=True, exist_ok=True)
     steps = {"record": record, "inspect": inspect, "finetune": finetune, "baselines": baselines,
              "drive": drive, "report": report}

@@ -38,7 +38,7 @@ pub const DEFAULTS: &str = include_str!("../../config/trainer_node.yaml");
 pub struct TrainerParams {
     /// Training executable; empty = the `mobile_vla` next to this node's binary
     pub train_executable: String,
-    /// Training config file used when a goal gives none; empty = the trainer's default
+    /// Training config file used when a goal gives none (and by automatic jobs)
     pub config: String,
     /// Run directories of goals without output_dir go under this directory
     pub runs_dir: String,
@@ -48,14 +48,22 @@ pub struct TrainerParams {
     pub recorder_status_topic: String,
     /// Episode directory of automatic jobs
     pub auto_dataset_dir: String,
-    /// Model automatic jobs start from; empty = the config's
+    /// Model directory automatic jobs, and goals without init_model_dir, start from
     pub auto_init_model_dir: String,
 }
 
 impl NodeParams for TrainerParams {
     fn validate(&self) -> Result<(), String> {
-        if self.auto_finetune_after > 0 && self.auto_dataset_dir.trim().is_empty() {
-            return Err("`auto_dataset_dir` is empty but `auto_finetune_after` is set: say where recorder_node writes".into());
+        if self.auto_finetune_after > 0 {
+            if self.auto_dataset_dir.trim().is_empty() {
+                return Err("`auto_dataset_dir` is empty but `auto_finetune_after` is set: say where recorder_node writes".into());
+            }
+            if self.auto_init_model_dir.trim().is_empty() {
+                return Err("`auto_init_model_dir` is empty but `auto_finetune_after` is set: give the model directory automatic jobs start from".into());
+            }
+            if self.config.trim().is_empty() {
+                return Err("`config` is empty but `auto_finetune_after` is set: give the training config automatic jobs use".into());
+            }
         }
         if self.runs_dir.trim().is_empty() {
             return Err("`runs_dir` is empty: give a directory for training runs".into());
@@ -78,11 +86,11 @@ pub enum ChildEvent {
         step: u64,
         #[serde(default)]
         total_steps: u64,
-        #[serde(default)]
+        #[serde(default = "nan", deserialize_with = "nullable")]
         loss: f32,
-        #[serde(default)]
+        #[serde(default = "nan", deserialize_with = "nullable")]
         lr: f32,
-        #[serde(default)]
+        #[serde(default = "nan", deserialize_with = "nullable")]
         eta_s: f32,
     },
     Done {
@@ -91,9 +99,9 @@ pub enum ChildEvent {
         checkpoint: String,
         #[serde(default)]
         metrics: String,
-        #[serde(default)]
+        #[serde(default = "nan", deserialize_with = "nullable")]
         final_loss: f32,
-        #[serde(default)]
+        #[serde(default = "nan", deserialize_with = "nullable")]
         best_val_loss: f32,
     },
     Cancelled {
@@ -103,6 +111,16 @@ pub enum ChildEvent {
     Error {
         message: String,
     },
+}
+
+fn nan() -> f32 {
+    f32::NAN
+}
+
+/// A number the child may not have yet: JSON has no NaN, so the trainer writes `null` (no loss before
+/// the first step, no validation loss without held-out episodes); it becomes NaN here.
+fn nullable<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f32, D::Error> {
+    Ok(Option::<f32>::deserialize(d)?.unwrap_or(f32::NAN))
 }
 
 impl ChildEvent {
@@ -115,9 +133,9 @@ impl ChildEvent {
 /// A job to run: the child's command line.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Job {
-    pub config: Option<PathBuf>,
+    pub config: PathBuf,
     pub data: PathBuf,
-    pub model: Option<PathBuf>,
+    pub model: PathBuf,
     pub out: PathBuf,
     pub resume: bool,
 }
@@ -130,13 +148,9 @@ impl Job {
             a.push(flag.into());
             a.push(v.display().to_string());
         };
-        if let Some(c) = &self.config {
-            push("--config", c);
-        }
+        push("--config", &self.config);
         push("--data", &self.data);
-        if let Some(m) = &self.model {
-            push("--model", m);
-        }
+        push("--model", &self.model);
         push("--out", &self.out);
         if self.resume {
             a.push("--resume".into());
@@ -150,13 +164,33 @@ impl Job {
         if goal.dataset_dir.trim().is_empty() {
             return Err("goal.dataset_dir is empty: give the episode directory".into());
         }
-        let out = if goal.output_dir.trim().is_empty() {
+        let model = match (goal.init_model_dir.trim(), p.auto_init_model_dir.trim()) {
+            ("", "") => {
+                return Err("goal.init_model_dir is empty and so is trainer_node's \
+                            `auto_init_model_dir`: give the model directory to start from \
+                            (`mobile_vla model init` or `model import` make one)"
+                    .into())
+            }
+            ("", node_default) => PathBuf::from(node_default),
+            (goal_model, _) => PathBuf::from(goal_model),
+        };
+        if goal.config.trim().is_empty() && p.config.trim().is_empty() {
+            return Err(
+                "no training config: give goal.config (a file or inline YAML) \
+                        or set trainer_node's `config` parameter"
+                    .into(),
+            );
+        }
+        // Absolute, so the model directory announced on ~/model_ready means the same to every
+        // node, whatever its working directory.
+        let out = std::path::absolute(if goal.output_dir.trim().is_empty() {
             Path::new(&p.runs_dir).join(run_name)
         } else {
             PathBuf::from(&goal.output_dir)
-        };
+        })
+        .map_err(|e| format!("cannot resolve the output directory: {e}"))?;
         let config = if goal.config.trim().is_empty() {
-            (!p.config.is_empty()).then(|| PathBuf::from(&p.config))
+            PathBuf::from(&p.config)
         } else if goal.config.contains('\n') || !Path::new(&goal.config).exists() {
             // Not a file: inline YAML, kept with the run so it can be repeated.
             std::fs::create_dir_all(&out)
@@ -164,15 +198,14 @@ impl Job {
             let path = out.join("goal_config.yaml");
             crate::fsutil::write_atomic(&path, |tmp| std::fs::write(tmp, &goal.config))
                 .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
-            Some(path)
+            path
         } else {
-            Some(PathBuf::from(&goal.config))
+            PathBuf::from(&goal.config)
         };
         Ok(Self {
             config,
             data: PathBuf::from(&goal.dataset_dir),
-            model: (!goal.init_model_dir.trim().is_empty())
-                .then(|| PathBuf::from(&goal.init_model_dir)),
+            model,
             out,
             resume: goal.resume,
         })
@@ -245,13 +278,16 @@ enum Outcome {
 }
 
 /// Runs one job to its end, relaying feedback (the last one again every second while the child is
-/// quiet) and turning a cancel into SIGTERM.
+/// quiet) and turning a cancel, or `stop` (the node shutting down), into SIGTERM: the child saves
+/// a checkpoint and exits.
 async fn run_job(
     exe: &Path,
     job: &Job,
     mut feedback: impl FnMut(Finetune::Feedback),
     cancel: &mut (impl futures::Stream<Item = r2r::ActionServerCancelRequest> + Unpin),
+    stop: impl Future<Output = ()>,
 ) -> Outcome {
+    tokio::pin!(stop);
     info!("training: {} {}", exe.display(), job.args().join(" "));
     let mut child = match Command::new(exe)
         .args(job.args())
@@ -292,6 +328,11 @@ async fn run_job(
             Some(req) = cancel.next(), if !cancelling => {
                 info!("cancel requested: stopping training (it saves a checkpoint)");
                 req.accept();
+                cancelling = true;
+                terminate(&child);
+            }
+            _ = &mut stop, if !cancelling => {
+                info!("shutting down: stopping training (it saves a checkpoint)");
                 cancelling = true;
                 terminate(&child);
             }
@@ -417,9 +458,9 @@ pub async fn run(h: NodeHandle<TrainerParams>) -> anyhow::Result<()> {
                     episodes_seen = Some(saved);
                     info!("{} new episode(s): fine-tuning automatically", saved - base);
                     Some((Job {
-                        config: (!p.config.is_empty()).then(|| PathBuf::from(&p.config)),
+                        config: PathBuf::from(&p.config),
                         data: PathBuf::from(&p.auto_dataset_dir),
-                        model: (!p.auto_init_model_dir.is_empty()).then(|| PathBuf::from(&p.auto_init_model_dir)),
+                        model: PathBuf::from(&p.auto_init_model_dir),
                         out: Path::new(&p.runs_dir).join(run_name()),
                         resume: false,
                     }, None))
@@ -431,13 +472,14 @@ pub async fn run(h: NodeHandle<TrainerParams>) -> anyhow::Result<()> {
         let Some((job, req)) = start else { continue };
         running_out = job.out.clone();
         let exe = exe.clone();
+        let stop = h.clone();
         running = Some(Box::pin(async move {
             match req {
-                Some(req) => serve_goal(&exe, &job, req).await,
+                Some(req) => serve_goal(&exe, &job, req, &stop).await,
                 None => {
                     let mut no_cancel =
                         futures::stream::pending::<r2r::ActionServerCancelRequest>();
-                    match run_job(&exe, &job, |_| {}, &mut no_cancel).await {
+                    match run_job(&exe, &job, |_| {}, &mut no_cancel, stop.shutdown()).await {
                         Outcome::Done(r) => Some(r.model_dir),
                         Outcome::Cancelled(_) => None,
                         Outcome::Failed(reason) => {
@@ -449,8 +491,18 @@ pub async fn run(h: NodeHandle<TrainerParams>) -> anyhow::Result<()> {
             }
         }));
     }
+    if let Some(job) = running {
+        // The job saw the shutdown too and asked the child to save a checkpoint: let it finish.
+        info!("waiting up to {SAVE_ON_SHUTDOWN:?} for the training process to save a checkpoint");
+        if tokio::time::timeout(SAVE_ON_SHUTDOWN, job).await.is_err() {
+            warn!("the training process did not stop in time: killed (its last checkpoint stays)");
+        }
+    }
     Ok(())
 }
+
+/// How long a shutdown waits for a running training process to save and exit.
+const SAVE_ON_SHUTDOWN: Duration = Duration::from_secs(60);
 
 /// Accepts the goal only to end it at once with the reason: the action protocol's reject
 /// carries no text, and a client deserves to know why.
@@ -470,7 +522,12 @@ fn abort_request(req: GoalRequest, reason: String) {
 }
 
 /// Runs an accepted goal; the model directory on success.
-async fn serve_goal(exe: &Path, job: &Job, req: GoalRequest) -> Option<String> {
+async fn serve_goal(
+    exe: &Path,
+    job: &Job,
+    req: GoalRequest,
+    node: &NodeHandle<TrainerParams>,
+) -> Option<String> {
     let (mut g, mut cancel) = match req.accept() {
         Ok(x) => x,
         Err(e) => {
@@ -488,6 +545,7 @@ async fn serve_goal(exe: &Path, job: &Job, req: GoalRequest) -> Option<String> {
             }
         },
         &mut cancel,
+        node.shutdown(),
     )
     .await;
     let (sent, model) = match outcome {
@@ -495,6 +553,11 @@ async fn serve_goal(exe: &Path, job: &Job, req: GoalRequest) -> Option<String> {
             let dir = r.model_dir.clone();
             info!("fine-tuning done: {dir}");
             (g.succeed(r), Some(dir))
+        }
+        // Stopped by the node's shutdown, not by the client: the goal ends aborted, with why.
+        Outcome::Cancelled(mut r) if node.is_shutdown() => {
+            r.message = format!("trainer_node shut down: {}", r.message);
+            (g.abort(r), None)
         }
         Outcome::Cancelled(r) => (g.cancel(r), None),
         Outcome::Failed(reason) => {
@@ -539,20 +602,31 @@ mod tests {
             })
         );
         assert_eq!(ChildEvent::parse("loading weights..."), None);
+        // JSON's NaN: no loss while loading, no validation loss without held-out episodes.
+        let f = feedback_of(
+            &ChildEvent::parse(r#"{"event":"progress","phase":"loading","loss":null,"lr":1e-3}"#)
+                .unwrap(),
+        )
+        .unwrap();
+        assert!(f.loss.is_nan() && f.eta_s.is_nan() && f.learning_rate == 1e-3);
+        assert!(matches!(
+            ChildEvent::parse(r#"{"event":"done","model_dir":"m","final_loss":0.1,"best_val_loss":null}"#),
+            Some(ChildEvent::Done { best_val_loss, .. }) if best_val_loss.is_nan()
+        ));
     }
 
     #[test]
     fn job_command_line_follows_the_contract() {
         let j = Job {
-            config: Some("c.yaml".into()),
+            config: "c.yaml".into(),
             data: "eps".into(),
-            model: None,
+            model: "m".into(),
             out: "runs/r1".into(),
             resume: true,
         };
         assert_eq!(
             j.args().join(" "),
-            "train --config c.yaml --data eps --out runs/r1 --resume --progress json"
+            "train --config c.yaml --data eps --model m --out runs/r1 --resume --progress json"
         );
     }
 

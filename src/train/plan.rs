@@ -345,8 +345,7 @@ pub fn estimate(
             );
             let (ts, td, tf) = (text.seq, text.dim, text.ffn);
             // Text: 4 layer norms (one at the FFN width); vision: 2.
-            layers * per_layer(ts, td, tf, 2 * (3 * td + tf))
-                + vl * per_layer(vs, vd, vf, 4 * vd)
+            layers * per_layer(ts, td, tf, 2 * (3 * td + tf)) + vl * per_layer(vs, vd, vf, 4 * vd)
         }
         None => 0,
     };

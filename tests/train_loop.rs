@@ -228,21 +228,37 @@ fn step_metrics(run: &Path) -> Vec<serde_json::Value> {
         .collect()
 }
 
-#[test]
-fn kill_9_then_resume_equals_the_uninterrupted_run() {
-    let tmp = tempfile::tempdir().unwrap();
-    let (data, model) = (tmp.path().join("data"), tmp.path().join("m"));
-    write_episodes(&data, 4, 5, 5);
-    init_model(&model);
-    let cfg = write_config(tmp.path(), 10);
-
-    let full = tmp.path().join("full");
-    let out = train_cmd(&cfg, &data, &model, &full).output().unwrap();
+/// The command exited 0; otherwise its stderr is the failure message.
+fn assert_succeeded(out: &std::process::Output) {
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// A temp dir with `count` generated episodes of `len` frames (`seed`) in `data` and a fresh model
+/// directory `m`.
+fn episodes_and_model(
+    count: usize,
+    len: usize,
+    seed: u64,
+) -> (tempfile::TempDir, PathBuf, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let (data, model) = (tmp.path().join("data"), tmp.path().join("m"));
+    write_episodes(&data, count, len, seed);
+    init_model(&model);
+    (tmp, data, model)
+}
+
+#[test]
+fn kill_9_then_resume_equals_the_uninterrupted_run() {
+    let (tmp, data, model) = episodes_and_model(4, 5, 5);
+    let cfg = write_config(tmp.path(), 10);
+
+    let full = tmp.path().join("full");
+    let out = train_cmd(&cfg, &data, &model, &full).output().unwrap();
+    assert_succeeded(&out);
     let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
         .lines()
         .map(|l| serde_json::from_str(l).expect("stdout holds only JSON lines"))
@@ -290,11 +306,7 @@ fn kill_9_then_resume_equals_the_uninterrupted_run() {
         .arg("--resume")
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_succeeded(&out);
     assert_eq!(step_metrics(&killed), step_metrics(&full));
     let a = std::fs::read(full.join("model/model.safetensors")).unwrap();
     let b = std::fs::read(killed.join("model/model.safetensors")).unwrap();
@@ -306,10 +318,7 @@ fn kill_9_then_resume_equals_the_uninterrupted_run() {
 
 #[test]
 fn bad_input_fails_with_the_culprit_named() {
-    let tmp = tempfile::tempdir().unwrap();
-    let (data, model) = (tmp.path().join("data"), tmp.path().join("m"));
-    write_episodes(&data, 2, 3, 9);
-    init_model(&model);
+    let (tmp, data, model) = episodes_and_model(2, 3, 9);
     let run = |cfg: &str, extra: &[&str]| {
         let p = tmp.path().join("c.yaml");
         std::fs::write(&p, cfg).unwrap();
@@ -349,11 +358,7 @@ fn bad_input_fails_with_the_culprit_named() {
     )
     .output()
     .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_succeeded(&out);
     let msg = run(
         &base.replace("learning_rate: 3.0e-3", "learning_rate: 1.0e-3"),
         &["--resume"],
@@ -374,10 +379,7 @@ fn bad_input_fails_with_the_culprit_named() {
 /// weights (no adapter tensors, changed projections, frozen biases untouched), and `infer` serves it.
 #[test]
 fn lora_strategy_trains_merges_and_serves() {
-    let tmp = tempfile::tempdir().unwrap();
-    let (data, model) = (tmp.path().join("data"), tmp.path().join("m"));
-    write_episodes(&data, 4, 5, 11);
-    init_model(&model);
+    let (tmp, data, model) = episodes_and_model(4, 5, 11);
     let text = CONFIG.replace("MAX_STEPS", "3").replace(
         "lora_enable: false",
         "lora_enable: true, lora_r: 4, lora_alpha: 8, lora_dropout: 0.1, lora_bias: none",
@@ -430,11 +432,7 @@ fn lora_strategy_trains_merges_and_serves() {
         .args(["--strategy", "lora"])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_succeeded(&out);
     let start: serde_json::Value = serde_json::from_str(
         std::fs::read_to_string(run.join("metrics.jsonl"))
             .unwrap()
@@ -481,11 +479,7 @@ fn lora_strategy_trains_merges_and_serves() {
         .arg(&frame_path)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_succeeded(&out);
     let served: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(served.to_string().contains("actions"), "{served}");
 

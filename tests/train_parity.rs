@@ -11,10 +11,10 @@ use mobile_vla::config::train::{LoraSetup, SchedulerKind};
 use mobile_vla::config::TrainSetup;
 use mobile_vla::model::model_dir::POLICY_FILE;
 use mobile_vla::model::PolicyConfig;
+use mobile_vla::train::accumulate::Accumulator;
 use mobile_vla::train::loss::Batch;
 use mobile_vla::train::optim::{AdamW, Schedule};
 use mobile_vla::train::params::ModelFiles;
-use mobile_vla::train::trainer::Accumulator;
 use policy_common::policy_fixtures;
 use std::collections::HashMap;
 
@@ -34,15 +34,7 @@ fn expected() -> HashMap<String, Tensor> {
 }
 
 fn setup(freeze: bool, layers: i64, vision: bool, embed: bool) -> TrainSetup {
-    TrainSetup {
-        freeze_backbone: freeze,
-        train_decoder_layers: layers,
-        train_vision: vision,
-        train_text_embedding: embed,
-        freeze_resampler: true,
-        lora: None,
-        gradient_checkpointing: false,
-    }
+    TrainSetup::layers(freeze, layers, vision, embed)
 }
 
 /// The generator's LoRA settings (`LORA` in gen_train.py) with `bias`.
@@ -77,23 +69,16 @@ fn build(
 
 /// `‖a − b‖ / ‖b‖` of one parameter tensor.
 fn norm_rel(a: &Tensor, b: &Tensor) -> f32 {
-    let d = (a - b)
-        .unwrap()
-        .sqr()
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-        .sqrt();
-    d / b
-        .sqr()
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-        .sqrt()
+    let norm = |t: &Tensor| {
+        t.sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            .sqrt()
+    };
+    norm(&(a - b).unwrap()) / norm(b)
 }
 
 fn run_case(case: &str, model: &str, s: TrainSetup, exp: &HashMap<String, Tensor>) {

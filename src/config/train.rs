@@ -113,6 +113,28 @@ pub struct TrainSetup {
     pub gradient_checkpointing: bool,
 }
 
+impl TrainSetup {
+    /// A setup by the four switches RoboVLMs' `_trainable_params_setup` reads, with the resampler
+    /// frozen, no LoRA and no checkpointing; `TrainSetup::layers(true, -1, false, false)` trains
+    /// the head alone.
+    pub fn layers(
+        freeze_backbone: bool,
+        train_decoder_layers: i64,
+        train_vision: bool,
+        train_text_embedding: bool,
+    ) -> Self {
+        Self {
+            freeze_backbone,
+            train_decoder_layers,
+            train_vision,
+            train_text_embedding,
+            freeze_resampler: true,
+            lora: None,
+            gradient_checkpointing: false,
+        }
+    }
+}
+
 /// Sizes a config may state about the model; checked against the model directory, which owns them.
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
 pub struct ModelClaims {

@@ -174,15 +174,7 @@ pub fn init_model_dir(
         .extend(fresh_policy_tensors(&cfg, d, opts.seed)?);
     // Building the policy checks every shape and tells which tensors it uses (the tied `lm_head`
     // is dropped). Nothing trains here; the setup only decides which tensors become `Var`s.
-    let frozen = TrainSetup {
-        freeze_backbone: true,
-        train_decoder_layers: -1,
-        train_vision: false,
-        train_text_embedding: false,
-        freeze_resampler: true,
-        lora: None,
-        gradient_checkpointing: false,
-    };
+    let frozen = TrainSetup::layers(true, -1, false, false);
     let (_, params) = files.build(cfg.clone(), &frozen, false, 0)?;
     let read = |p: &Path| std::fs::read(p).map_err(|e| ModelError::io(p, e));
     publish_model_dir(

@@ -199,13 +199,8 @@ mod tests {
             bias: "none".into(),
         };
         let setup = TrainSetup {
-            freeze_backbone: true,
-            train_decoder_layers: -1,
-            train_vision: false,
-            train_text_embedding: false,
-            freeze_resampler: true,
             lora: Some(lora.clone()),
-            gradient_checkpointing: false,
+            ..TrainSetup::layers(true, -1, false, false)
         };
         let files = ModelFiles::read(&dir).unwrap();
         let (adapted, params) = files.build(cfg.clone(), &setup, true, 7).unwrap();

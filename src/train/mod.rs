@@ -4,6 +4,7 @@
 //! - [`lora`]: LoRA adapters (peft's semantics) and their merge into the base weights;
 //! - [`loss`]: batches and RoboVLMs' masked Huber + gripper BCE loss;
 //! - [`optim`]: AdamW (torch semantics), RoboVLMs' schedules, global-norm clipping;
+//! - [`accumulate`]: Lightning's gradient accumulation, one optimiser step per group;
 //! - [`strategy`]: `--strategy` (what to train);
 //! - [`plan`]: the memory planner (`mobile_vla plan`, `--strategy auto`);
 //! - [`state`]: run checkpoints for `--resume`;
@@ -11,9 +12,11 @@
 //! - [`trainer`]: the loop ([`Trainer`]), with progress callbacks and cancellation;
 //! - [`init`]: a fresh model directory (action token + head) on a Hugging Face Kosmos-2.
 
+pub mod accumulate;
 pub mod init;
 pub mod lora;
 pub mod loss;
+mod metrics;
 pub mod optim;
 pub mod params;
 pub mod plan;

@@ -445,18 +445,13 @@ mod tests {
 
     fn setup(freeze: bool, layers: i64, vision: bool, embed: bool, lora: bool) -> TrainSetup {
         TrainSetup {
-            freeze_backbone: freeze,
-            train_decoder_layers: layers,
-            train_vision: vision,
-            train_text_embedding: embed,
-            freeze_resampler: true,
             lora: lora.then(|| LoraSetup {
                 r: 4,
                 alpha: 8.0,
                 dropout: 0.0,
                 bias: "none".into(),
             }),
-            gradient_checkpointing: false,
+            ..TrainSetup::layers(freeze, layers, vision, embed)
         }
     }
 

@@ -4,9 +4,11 @@
 //! partial group still steps), clipping, AdamW and the per-step schedule; validation each epoch,
 //! `metrics.jsonl`, run checkpoints, and the trained model directory `<out>/model`.
 
+use super::accumulate::Accumulator;
 use super::lora;
 use super::loss::{action_loss, Batch};
-use super::optim::{clip_grad_norm, AdamW, Schedule};
+use super::metrics::{truncate_lines, Metrics};
+use super::optim::{AdamW, Schedule};
 use super::params::{ModelFiles, ParamSet};
 use super::plan::{self, ModelSizes, Workload};
 use super::state::{self, Fingerprint, RunState};
@@ -18,12 +20,10 @@ use crate::data::dataset::{DatasetConfig, MobileVlaDataset};
 use crate::fsutil::write_atomic;
 use crate::model::model_dir::{self, publish_model_dir};
 use crate::model::{Policy, PolicyConfig};
-use candle_core::{Tensor, Var};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde::Serialize;
 use std::collections::HashMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
@@ -106,7 +106,7 @@ pub struct Trainer {
     prompts: HashMap<String, Vec<u32>>,
 }
 
-fn io_err(path: &Path) -> impl Fn(std::io::Error) -> TrainError + '_ {
+pub(super) fn io_err(path: &Path) -> impl Fn(std::io::Error) -> TrainError + '_ {
     move |source| TrainError::Io {
         path: path.to_owned(),
         source,
@@ -576,108 +576,4 @@ impl Trainer {
         publish_model_dir(&dest, &config, &tokenizer, &self.policy_cfg, &tensors)?;
         Ok(dest)
     }
-}
-
-/// One optimiser step's worth of batches: Lightning divides each batch's loss by
-/// `accumulate_grad_batches` and sums the gradients; the step then clips and updates.
-pub struct Accumulator {
-    grads: Vec<Option<Tensor>>,
-    losses: Vec<f64>,
-    accumulate: usize,
-}
-
-impl Accumulator {
-    pub fn new(params: usize, accumulate: usize) -> Self {
-        Self {
-            grads: vec![None; params],
-            losses: Vec::new(),
-            accumulate,
-        }
-    }
-
-    /// Forward + backward of one batch; returns its (undivided) loss. A non-finite loss is an error
-    /// naming `step` and the batch's episodes.
-    pub fn add(
-        &mut self,
-        policy: &Policy,
-        params: &[Var],
-        batch: &Batch,
-        gripper_ratio: f64,
-        step: u64,
-    ) -> Result<f64, TrainError> {
-        let out = policy.forward_window(&batch.pixel_values, &batch.token_ids)?;
-        let loss = action_loss(&out, batch, gripper_ratio)?;
-        let value = loss.total.to_scalar::<f32>()? as f64;
-        if !value.is_finite() {
-            return Err(TrainError::NonFiniteLoss {
-                step,
-                episodes: batch.episodes.clone(),
-            });
-        }
-        let grads = (loss.total / self.accumulate as f64)?.backward()?;
-        for (slot, var) in self.grads.iter_mut().zip(params) {
-            if let Some(g) = grads.get(var.as_tensor()) {
-                *slot = Some(match slot.take() {
-                    Some(prev) => (prev + g)?,
-                    None => g.clone(),
-                });
-            }
-        }
-        self.losses.push(value);
-        Ok(value)
-    }
-
-    /// Clips (when `clip` is set) and steps; returns the group's mean loss and the gradient norm
-    /// before clipping.
-    pub fn apply(
-        mut self,
-        opt: &mut AdamW,
-        params: &[Var],
-        clip: Option<f64>,
-        lr: f64,
-    ) -> Result<(f64, Option<f64>), TrainError> {
-        let norm = match clip {
-            Some(max_norm) => Some(clip_grad_norm(&mut self.grads, max_norm)?),
-            None => None,
-        };
-        opt.step(params, &self.grads, lr)?;
-        let loss = self.losses.iter().sum::<f64>() / self.losses.len().max(1) as f64;
-        Ok((loss, norm))
-    }
-}
-
-/// `metrics.jsonl`, one JSON object per line, flushed per line.
-struct Metrics {
-    file: std::fs::File,
-    lines: usize,
-}
-
-impl Metrics {
-    fn open(path: &Path, lines: usize) -> Result<Self, TrainError> {
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .map_err(io_err(path))?;
-        Ok(Self { file, lines })
-    }
-
-    fn write(&mut self, v: &serde_json::Value) -> Result<(), TrainError> {
-        writeln!(self.file, "{v}")
-            .and_then(|_| self.file.flush())
-            .map_err(|source| TrainError::Io {
-                path: PathBuf::from(METRICS_FILE),
-                source,
-            })?;
-        self.lines += 1;
-        Ok(())
-    }
-}
-
-/// Keeps the first `n` lines of `path` (what the checkpoint had seen), atomically.
-fn truncate_lines(path: &Path, n: usize) -> Result<(), TrainError> {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let kept: String = text.lines().take(n).map(|l| format!("{l}\n")).collect();
-    write_atomic(path, |p| std::fs::write(p, kept)).map_err(io_err(path))?;
-    Ok(())
 }

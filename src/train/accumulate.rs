@@ -1,0 +1,76 @@
+//! Lightning's gradient accumulation: forward + backward of each batch with its loss divided by
+//! `accumulate_grad_batches`, gradients summed, then one clipped AdamW step for the group.
+
+use super::loss::{action_loss, Batch};
+use super::optim::{clip_grad_norm, AdamW};
+use super::TrainError;
+use crate::model::Policy;
+use candle_core::{Tensor, Var};
+
+/// One optimiser step's worth of batches: Lightning divides each batch's loss by
+/// `accumulate_grad_batches` and sums the gradients; the step then clips and updates.
+pub struct Accumulator {
+    grads: Vec<Option<Tensor>>,
+    losses: Vec<f64>,
+    accumulate: usize,
+}
+
+impl Accumulator {
+    pub fn new(params: usize, accumulate: usize) -> Self {
+        Self {
+            grads: vec![None; params],
+            losses: Vec::new(),
+            accumulate,
+        }
+    }
+
+    /// Forward + backward of one batch; returns its (undivided) loss. A non-finite loss is an error
+    /// naming `step` and the batch's episodes.
+    pub fn add(
+        &mut self,
+        policy: &Policy,
+        params: &[Var],
+        batch: &Batch,
+        gripper_ratio: f64,
+        step: u64,
+    ) -> Result<f64, TrainError> {
+        let out = policy.forward_window(&batch.pixel_values, &batch.token_ids)?;
+        let loss = action_loss(&out, batch, gripper_ratio)?;
+        let value = loss.total.to_scalar::<f32>()? as f64;
+        if !value.is_finite() {
+            return Err(TrainError::NonFiniteLoss {
+                step,
+                episodes: batch.episodes.clone(),
+            });
+        }
+        let grads = (loss.total / self.accumulate as f64)?.backward()?;
+        for (slot, var) in self.grads.iter_mut().zip(params) {
+            if let Some(g) = grads.get(var.as_tensor()) {
+                *slot = Some(match slot.take() {
+                    Some(prev) => (prev + g)?,
+                    None => g.clone(),
+                });
+            }
+        }
+        self.losses.push(value);
+        Ok(value)
+    }
+
+    /// Clips (when `clip` is set) and steps; returns the group's mean loss and the gradient norm
+    /// before clipping.
+    pub fn apply(
+        mut self,
+        opt: &mut AdamW,
+        params: &[Var],
+        clip: Option<f64>,
+        lr: f64,
+    ) -> Result<(f64, Option<f64>), TrainError> {
+        let norm = match clip {
+            Some(max_norm) => Some(clip_grad_norm(&mut self.grads, max_norm)?),
+            None => None,
+        };
+        opt.step(params, &self.grads, lr)?;
+        let loss = self.losses.iter().sum::<f64>() / self.losses.len().max(1) as f64;
+        Ok((loss, norm))
+    }
+}

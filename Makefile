@@ -26,6 +26,7 @@ setup-sim: setup
 # Also links the executables into install/lib/mobile_vla, where `ros2 run` and
 # launch files look for them, so the dev tree works like an installed package.
 build: setup
+	@bash scripts/r2r-bindings-check.sh
 	@$(ENV) && cargo build --features ros --all-targets
 	@mkdir -p install/lib/mobile_vla && for b in $(NODE_BINS); do ln -sfn $(BIN_DIR)/$$b install/lib/mobile_vla/$$b; done
 

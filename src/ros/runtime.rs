@@ -203,9 +203,14 @@ fn spawn_spinner(
             let start = Instant::now();
             lock(&node).spin_once(Duration::from_millis(20));
             // spin_once returns at once when there is nothing to wait on; don't busy-loop.
-            if start.elapsed() < Duration::from_millis(1) {
-                std::thread::sleep(Duration::from_millis(5));
-            }
+            // Otherwise still pause briefly with the lock released: a std Mutex is not fair, and
+            // relocking at once starved the node's task of it (seconds to create its endpoints).
+            let pause = if start.elapsed() < Duration::from_millis(1) {
+                Duration::from_millis(5)
+            } else {
+                Duration::from_micros(200)
+            };
+            std::thread::sleep(pause);
         }
     })
 }

@@ -117,3 +117,19 @@ def spin_until(node, predicate, timeout=20.0, step=0.05):
         return predicate()
     finally:
         executor.remove_node(node)
+
+
+def call_service(node, client, request, timeout=20.0, resend=3.0):
+    """Calls a service; returns the response, or None after `timeout`. The request is sent again
+    when no answer came within `resend` s: a server that has not yet discovered this client's
+    reply reader drops the reply (rmw_fastrtps waits only 100 ms for it, "cannot answer a request:
+    RCL_RET_TIMEOUT"), which discovery on a loaded machine can exceed. Only for requests that are
+    safe to repeat."""
+    deadline = time.monotonic() + timeout
+    while True:
+        fut = client.call_async(request)
+        if spin_until(node, fut.done, timeout=max(0.0, min(resend, deadline - time.monotonic()))):
+            return fut.result()
+        client.remove_pending_request(fut)
+        if time.monotonic() >= deadline:
+            return None

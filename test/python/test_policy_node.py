@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, bin_path, spin_until
+from conftest import REPO, bin_path, call_service, spin_until
 
 FIXTURE = REPO / "test" / "fixtures" / "policy" / "native"
 W, H = 8, 6
@@ -94,8 +94,16 @@ class Peer:
         self.load_model = srv(LoadModel, "load_model")
         self.set_params = srv(SetParameters, "set_parameters")
         self.instr_qos = QoSProfile(depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL)
-        ok = spin_until(node, lambda: self.image.get_subscription_count() > 0 and self.get_state.service_is_ready())
+        ok = spin_until(node, lambda: self.image.get_subscription_count() > 0 and self.get_state.service_is_ready(),
+                        timeout=60)
         assert ok, f"policy_node never came up:\n{proc.output()}"
+        # Transitions are not safe to repeat: settle the reply path of change_state with a request
+        # the node refuses (an unknown transition), repeated until it is answered.
+        from lifecycle_msgs.msg import Transition
+        from lifecycle_msgs.srv import ChangeState
+
+        warm = ChangeState.Request(transition=Transition(label="warm_up"))
+        assert call_service(node, self.change_state, warm, timeout=60) is not None, proc.output()
 
     def now(self) -> float:
         return self.node.get_clock().now().nanoseconds * 1e-9
@@ -130,11 +138,13 @@ class Peer:
             self.pause(period)
         return out
 
-    def call(self, client, request, timeout=20.0):
+    def call(self, client, request, timeout=30.0):
+        """A service call; requests other than transitions are resent until answered."""
         assert client.wait_for_service(timeout_sec=10), f"no service:\n{self.proc.output()}"
-        fut = client.call_async(request)
-        assert spin_until(self.node, fut.done, timeout=timeout), f"no answer:\n{self.proc.output()}"
-        return fut.result()
+        resend = timeout if client is self.change_state else 3.0
+        resp = call_service(self.node, client, request, timeout=timeout, resend=resend)
+        assert resp is not None, f"no answer:\n{self.proc.output()}"
+        return resp
 
     def transition(self, label: str) -> bool:
         from lifecycle_msgs.srv import ChangeState
@@ -431,3 +441,23 @@ def test_bad_parameters_fail_with_their_name(start_node, bad, name):
     proc.proc.wait(timeout=20)
     assert proc.proc.returncode != 0
     assert name in proc.output()
+
+
+def test_use_sim_time_stamps_commands_with_the_clock(start_node, rclpy_node):
+    """With use_sim_time the node's clock is /clock (a simulator's): commands carry sim time. A
+    build whose r2r lacks sim-time support would stamp wall time (~1.8e9 s) instead."""
+    from rosgraph_msgs.msg import Clock
+
+    clock = rclpy_node.create_publisher(Clock, "/clock", 10)
+    proc = start_policy(start_node, *OPEN, "use_sim_time:=true")
+    p = Peer(rclpy_node, proc)
+    sim_t, end = 42.0, time.monotonic() + 3.0
+    while time.monotonic() < end:
+        msg = Clock()
+        msg.clock.sec, msg.clock.nanosec = int(sim_t), int(round((sim_t % 1) * 1e9))
+        clock.publish(msg)
+        sim_t += 0.05
+        p.pause(0.05)
+    stamps = [secs(m.header.stamp) for _, m in p.cmds[-5:]]
+    assert stamps and all(42.0 <= s <= sim_t for s in stamps), (stamps, proc.output()[-2000:])
+    assert proc.stop() == 0, proc.output()

@@ -10,7 +10,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from conftest import bin_path, spin_until
+from conftest import bin_path, call_service, spin_until
 
 W, H = 8, 6
 
@@ -67,8 +67,15 @@ class Client:
             and self.cmd.get_subscription_count() > 0
             and self.instr.get_subscription_count() > 0
             and self.start.service_is_ready(),
+            timeout=60,
         )
         assert ok, f"recorder never came up:\n{proc.output()}"
+        # start_episode is not safe to repeat: settle its reply path with a name the node refuses.
+        from mobile_vla.srv import StartEpisode
+
+        warm = StartEpisode.Request(episode_name="warm/up")
+        resp = call_service(self.node, self.start, warm, timeout=60)
+        assert resp is not None and not resp.success, proc.output()
 
     def send_image(self, frame):
         self.img.publish(png_msg(frame) if self.compressed else image_msg(frame))
@@ -84,9 +91,14 @@ class Client:
             self.cmd.publish(t)
 
     def call(self, client, request):
-        fut = client.call_async(request)
-        assert spin_until(self.node, fut.done, timeout=10)
-        return fut.result()
+        # Not for start_episode: a resent start would be refused as "already recording".
+        if client is self.start:
+            fut = client.call_async(request)
+            assert spin_until(self.node, fut.done, timeout=30)
+            return fut.result()
+        resp = call_service(self.node, client, request, timeout=30)
+        assert resp is not None, f"{client.srv_name} did not answer"
+        return resp
 
     def pause(self, seconds):
         spin_until(self.node, lambda: False, timeout=seconds)

@@ -121,9 +121,11 @@ def node_latencies(model: Path, frames: list) -> tuple:
     reset = node.create_client(Trigger, "/policy_node/reset")
 
     def spin_until(pred, timeout):
+        # spin_once returns when a message arrives (callbacks take the arrival time): no busy
+        # loop competing with the node for the CPU.
         end = time.monotonic() + timeout
         while time.monotonic() < end and not pred():
-            rclpy.spin_once(node, timeout_sec=0.001)
+            rclpy.spin_once(node, timeout_sec=min(0.1, max(0.0, end - time.monotonic())))
         return pred()
 
     def send(rgb, stamp_ns):
@@ -158,14 +160,15 @@ def node_latencies(model: Path, frames: list) -> tuple:
             if not spin_until(lambda: chunk_for(stamp) is not None, 120):
                 sys.exit(f"no chunk for frame {i} (log: {WORK / 'policy_node.log'})")
             t1, chunk = chunk_for(stamp)
-            first = chunk.actions[0]
-            want = (first.linear.x, first.linear.y, first.angular.z)
-            carries = lambda m: all(abs(a - b) < 1e-4 for a, b in zip((m.linear.x, m.linear.y, m.angular.z), want))  # noqa: E731
+            # The action due when the chunk lands (a late chunk starts past its first action).
+            wants = [(a.linear.x, a.linear.y, a.angular.z) for a in chunk.actions]
+            carries = lambda m: any(all(abs(a - b) < 1e-4 for a, b in zip((m.linear.x, m.linear.y, m.angular.z), w))  # noqa: E731
+                                    for w in wants)
             spin_until(lambda: any(t >= t1 and carries(m) for t, m in cmds), 5)
             t2 = next((t for t, m in cmds if t >= t1 and carries(m)), float("nan"))
             to_chunk.append((t1 - t0) * 1e3)
             to_twist.append((t2 - t0) * 1e3)
-            spin_until(lambda: False, 0.05)  # the node is idle again before the next frame
+            spin_until(lambda: False, 0.2)  # the node is idle again before the next frame
         return to_chunk, to_twist
     finally:
         node.destroy_node()

@@ -8,6 +8,7 @@
 //! a default (`batch_size`, `learning_rate`, `min_lr_scale`, `weight_decay`, `trainer.max_epochs`,
 //! `train_setup.freeze_backbone`, `train_setup.lora_enable`, and the `lora_*` keys when LoRA is on);
 //! the others default as RoboVLMs' `.get(key, default)` or Lightning's `Trainer` do.
+//! One file over the usual size on purpose: every key's reading, default and error sit together.
 
 use serde_json::Value;
 use std::cell::RefCell;

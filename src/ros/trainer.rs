@@ -11,6 +11,8 @@
 //! `~/model_ready` (transient-local), which policy_node follows with `follow_trainer: true`.
 //! With `auto_finetune_after` > 0 a job starts by itself after that many new episodes saved by
 //! recorder_node (its `~/status`).
+//! One file over the usual size on purpose: the job protocol (goal, child process, progress lines,
+//! cancel, result) reads as one piece.
 
 use super::params::NodeParams;
 use super::runtime::NodeHandle;

@@ -15,6 +15,7 @@
 //! Per-layer activation counts (tensors kept per token, by kind) come from the forward code in
 //! `model::kosmos2` (composed layer norms, linears with bias, head split, softmax, dropout masks);
 //! `benches/train_memory.rs` checks the totals against measured peak RSS.
+//! One file over the usual size on purpose: the memory model of every strategy is one account.
 
 use super::params::{Group, TrainableRules};
 use super::strategy::Strategy;

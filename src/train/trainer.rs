@@ -3,6 +3,8 @@
 //! gradient accumulation (each batch's loss divided by `accumulate_grad_batches`; an epoch's last,
 //! partial group still steps), clipping, AdamW and the per-step schedule; validation each epoch,
 //! `metrics.jsonl`, run checkpoints, and the trained model directory `<out>/model`.
+//! One file over the usual size on purpose: the loop (set-up, resume, steps, validation, saves)
+//! is one sequence; accumulation and metrics live in their own modules.
 
 use super::accumulate::Accumulator;
 use super::lora;

@@ -1,4 +1,4 @@
-//! Streaming episode writer: frames are appended one at a time to chunked, resizable datasets in
+//! Streaming episode writer (one cohesive piece, hence one file over the usual size): frames are appended one at a time to chunked, resizable datasets in
 //! `.<name>.h5.partial`; `finish()` sets the attributes, closes, fsyncs and renames to
 //! `<name>.h5`. A writer that dies (crash, SIGKILL) therefore never leaves a file under a final
 //! name, and because the partial is flushed every `flush_every` frames, [`recover_partials`] can

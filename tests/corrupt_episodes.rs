@@ -18,6 +18,14 @@ fn fixture() -> PathBuf {
         .join("test/fixtures/episodes/corrupt_metadata_crashes_libhdf5.h5")
 }
 
+/// Held by each test: libhdf5 opens files without close-on-exec, so a process one test spawns
+/// would inherit (and keep locked) an episode another test is writing at that moment.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// `a_crash.h5` (the fixture) beside two good episodes.
 fn mixed_dir() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
@@ -34,6 +42,7 @@ fn is_crash_defect(e: &EpisodeError) -> bool {
 
 #[test]
 fn reader_reports_the_crashing_file_as_invalid() {
+    let _serial = serial();
     let err = EpisodeReader::open(&fixture()).unwrap_err();
     assert!(is_crash_defect(&err), "{err}");
     let defects = validate_file(&fixture(), Depth::Structure);
@@ -44,6 +53,7 @@ fn reader_reports_the_crashing_file_as_invalid() {
 
 #[test]
 fn dataset_skips_the_corrupt_file_and_strict_fails() {
+    let _serial = serial();
     let dir = mixed_dir();
     let cfg = DatasetConfig {
         window_size: 2,
@@ -57,7 +67,8 @@ fn dataset_skips_the_corrupt_file_and_strict_fails() {
         .iter()
         .map(|e| e.meta().episode_name.as_str())
         .collect();
-    assert_eq!(names, ["b_good", "c_good"]);
+    let skipped: Vec<String> = ds.skipped().iter().map(|e| e.to_string()).collect();
+    assert_eq!(names, ["b_good", "c_good"], "skipped: {skipped:?}");
     assert_eq!(ds.skipped().len(), 1);
     assert!(
         ds.skipped()[0].to_string().contains("a_crash.h5"),
@@ -86,6 +97,7 @@ fn dataset_skips_the_corrupt_file_and_strict_fails() {
 
 #[test]
 fn cli_info_lists_the_good_episodes_and_the_skipped_one() {
+    let _serial = serial();
     let dir = mixed_dir();
     let run = |args: &[&str]| {
         Command::new(env!("CARGO_BIN_EXE_mobile_vla"))

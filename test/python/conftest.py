@@ -139,6 +139,12 @@ class LifecycleClient:
     """`ros2 lifecycle` from rclpy: the lifecycle_msgs services and `~/transition_event` of the
     managed node `name` (e.g. "/recorder_node")."""
 
+    # The events of configure, activate, deactivate, cleanup and shutdown, in that order.
+    WHOLE_CYCLE = (("unconfigured", "configuring"), ("configuring", "inactive"), ("inactive", "activating"),
+                   ("activating", "active"), ("active", "deactivating"), ("deactivating", "inactive"),
+                   ("inactive", "cleaningup"), ("cleaningup", "unconfigured"), ("unconfigured", "shuttingdown"),
+                   ("shuttingdown", "finalized"))
+
     def __init__(self, node, name: str, proc):
         from lifecycle_msgs.msg import Transition, TransitionEvent
         from lifecycle_msgs.srv import ChangeState, GetAvailableTransitions, GetState

@@ -526,10 +526,13 @@ pub async fn run(h: NodeHandle<TrainerParams>) -> anyhow::Result<()> {
                     }
                 }
             }
-            Some(s) = status.next() => {
+            // Armed while active only: episodes saved before activation do not count.
+            Some(s) = status.next() => if !active {
+                None
+            } else {
                 let saved = s.episodes_saved;
                 let base = *episodes_seen.get_or_insert(saved);
-                if active && saved >= base + p.auto_finetune_after {
+                if saved >= base + p.auto_finetune_after {
                     auto_pending = true;
                 }
                 if auto_pending && running.is_none() {

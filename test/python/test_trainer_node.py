@@ -339,3 +339,41 @@ def test_lifecycle_deactivate_stops_the_job_with_a_checkpoint(start_node, rclpy_
     assert lc.transition("shutdown") and lc.state() == "finalized"
     assert lc.saw(*lc.WHOLE_CYCLE), [(e.start_state.label, e.goal_state.label) for e in lc.events]
     assert proc.alive() and proc.stop() == 0, proc.output()
+
+
+def test_auto_finetune_is_armed_on_activate(start_node, rclpy_node, tmp_path, job):
+    """auto_finetune_after counts recorder_node's saved episodes while active only: those saved
+    before activate start nothing; that many more after it start a job whose model is announced."""
+    from mobile_vla.msg import RecordingStatus
+    from rclpy.qos import DurabilityPolicy, QoSProfile
+    from std_msgs.msg import String
+
+    episodes, model = job
+    config = tmp_path / "auto.yaml"
+    config.write_text(TRAIN_YAML.format(steps=4, ckpt=0))
+    proc = start_trainer(start_node, tmp_path, "autostart:=false", "auto_finetune_after:=2",
+                         f"auto_dataset_dir:={episodes}", f"auto_init_model_dir:={model}", f"config:={config}")
+    lc = LifecycleClient(rclpy_node, "/trainer_node", proc)
+    qos = QoSProfile(depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL)
+    status = rclpy_node.create_publisher(RecordingStatus, "/recorder_node/status", qos)
+    ready = []
+    rclpy_node.create_subscription(String, "/trainer_node/model_ready", lambda m: ready.append(m.data), qos)
+    assert spin_until(rclpy_node, lambda: status.get_subscription_count() > 0, timeout=30), proc.output()
+
+    def saved(n):
+        status.publish(RecordingStatus(episodes_saved=n))
+        spin_until(rclpy_node, lambda: False, timeout=0.3)
+
+    assert lc.transition("configure")
+    saved(0)
+    saved(5)  # inactive: not counted
+    assert lc.transition("activate")
+    saved(5)  # the count starts here
+    saved(6)
+    spin_until(rclpy_node, lambda: False, timeout=0.5)
+    assert not (tmp_path / "runs").exists(), proc.output()
+    saved(7)
+    assert spin_until(rclpy_node, lambda: ready, timeout=60), proc.output()
+    assert Path(ready[0]).name == "model" and Path(ready[0]).parent.parent == tmp_path / "runs", ready
+    assert "2 new episode(s)" in proc.output()
+    assert proc.stop() == 0, proc.output()

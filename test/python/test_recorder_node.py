@@ -391,7 +391,11 @@ def test_lifecycle_deactivate_saves_the_episode(start_node, rclpy_node, tmp_path
     assert lc.state() == "unconfigured"
     resp = c.call(c.start, StartEpisode.Request(episode_name="early"))
     assert not resp.success and "unconfigured" in resp.message, resp.message
-    assert not out.exists(), "output_dir is prepared by configure"
+    # A configure that fails (output_dir is a file) returns to unconfigured and logs why.
+    out.write_bytes(b"")
+    assert not lc.transition("configure") and lc.state() == "unconfigured"
+    assert "cannot create output_dir" in proc.output(), proc.output()
+    out.unlink()
 
     assert lc.transition("configure") and lc.state() == "inactive"
     assert out.is_dir()

@@ -341,6 +341,14 @@ def test_lifecycle_deactivate_stops_the_job_with_a_checkpoint(start_node, rclpy_
     assert proc.alive() and proc.stop() == 0, proc.output()
 
 
+def test_autostart_stops_at_a_failing_configure(start_node, rclpy_node, tmp_path):
+    proc = start_trainer(start_node, tmp_path, f"train_executable:={tmp_path / 'missing'}")
+    lc = LifecycleClient(rclpy_node, "/trainer_node", proc)
+    assert lc.state() == "unconfigured"
+    assert "train_executable" in proc.output() and proc.alive(), proc.output()
+    assert proc.stop() == 0, proc.output()
+
+
 def test_auto_finetune_is_armed_on_activate(start_node, rclpy_node, tmp_path, job):
     """auto_finetune_after counts recorder_node's saved episodes while active only: those saved
     before activate start nothing; that many more after it start a job whose model is announced."""

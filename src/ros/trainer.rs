@@ -645,8 +645,9 @@ async fn serve_goal(
             r.message = format!("trainer_node shut down: {}", r.message);
             (g.abort(r), None)
         }
-        // Stopped by a lifecycle transition: canceled, as the protocol has no other end for a
-        // goal stopped on purpose, saying by what.
+        // A client's cancel, or a lifecycle transition (deactivate, shutdown): canceled either
+        // way, the message saying which. (r2r's `cancel` sends the CANCELED result without a
+        // client's request; only the status topic keeps showing the goal as executing.)
         Outcome::Cancelled(mut r) => {
             if let Some(why) = *stop.borrow() {
                 r.message = format!("trainer_node {why}: {}", r.message);

@@ -18,11 +18,10 @@ use super::lifecycle::{self, Transition};
 use super::params::NodeParams;
 use super::runtime::NodeHandle;
 use super::{command_qos, image_qos, status_qos};
-use crate::data::episode::{check_new_episode, episode_name, recover_partials, WriteOptions};
+use crate::data::episode::{check_new_episode, episode_name, WriteOptions};
 use crate::data::image::ChannelOrder;
-use crate::data::recording::{drain, CameraFrame, RecordingSink, SinkEvents};
+use crate::data::recording::CameraFrame;
 use crate::data::sampling::{nanos, period, seconds, SampleMode, Sampler, SamplerConfig};
-use anyhow::Context as _;
 use futures::{Stream, StreamExt};
 use r2r::geometry_msgs::msg::{Twist, TwistStamped};
 use r2r::mobile_vla::msg::RecordingStatus;
@@ -35,14 +34,16 @@ use serde::Deserialize;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::time::{Duration, Instant, SystemTime};
-use tracing::{error, info, warn};
+use tracing::{info, warn};
 
 mod session;
+mod writer;
 
 use session::{
     on_sink_event, publish_status, respond_start, save_episode, step, take_waiting, writer_stopped,
     LatestImage, Recording,
 };
+use writer::{close, prepare, Writer};
 
 pub const NAME: &str = "recorder_node";
 pub const DEFAULTS: &str = include_str!("../../config/recorder_node.yaml");
@@ -155,55 +156,6 @@ impl NodeParams for RecorderParams {
 
 type Frames = Pin<Box<dyn Stream<Item = CameraFrame> + Send>>;
 type Commands = Pin<Box<dyn Stream<Item = [f32; 3]> + Send>>;
-
-/// What configure prepares and cleanup releases: the episode writer thread and its reports.
-struct Writer {
-    sink: RecordingSink,
-    events: SinkEvents,
-}
-
-/// Configure: the output directory exists and is writable, what a killed recorder left there is
-/// salvaged before anything new is written, and the writer thread runs.
-fn prepare(p: &RecorderParams, v: &Validated) -> anyhow::Result<Writer> {
-    std::fs::create_dir_all(&v.dir)
-        .with_context(|| format!("cannot create output_dir {}", v.dir.display()))?;
-    // A probe file, removed on drop: a read-only directory fails here, not at the first episode.
-    tempfile::NamedTempFile::new_in(&v.dir).with_context(|| {
-        format!(
-            "output_dir {} is not writable: fix its permissions or choose another",
-            v.dir.display()
-        )
-    })?;
-    let report = recover_partials(&v.dir)?;
-    for (path, n) in &report.recovered {
-        warn!(
-            "recovered {n} frame(s) of an interrupted episode into {}",
-            path.display()
-        );
-    }
-    for (path, why) in &report.discarded {
-        warn!("discarded interrupted episode {}: {why}", path.display());
-    }
-    for (path, why) in &report.kept {
-        error!(
-            "interrupted episode {} could not be recovered and stays there: {why}",
-            path.display()
-        );
-    }
-    let (sink, events) =
-        RecordingSink::spawn(p.queue_size as usize).context("starting the episode writer")?;
-    info!(
-        "recorder_node: {} ({}) + {} + {} -> {} [{:?} mode, {} order]",
-        p.image_topic,
-        if p.compressed { "compressed" } else { "raw" },
-        p.cmd_topic,
-        p.instruction_topic,
-        v.dir.display(),
-        v.sampling.mode,
-        v.order
-    );
-    Ok(Writer { sink, events })
-}
 
 /// How long a transition that ends an episode waits for the writer to save it.
 const SAVE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -492,25 +444,6 @@ pub async fn run(h: NodeHandle<RecorderParams>) -> anyhow::Result<()> {
         status.episodes_saved, status.frames_dropped, skipped_no_image
     );
     Ok(())
-}
-
-/// Cleanup: waits for the writer to write everything queued, ends its thread and takes its last
-/// reports.
-fn close(
-    w: Writer,
-    rec: &mut Option<Recording>,
-    saving: &mut Option<String>,
-    status: &mut RecordingStatus,
-    sampler: &mut Sampler,
-) {
-    let Writer { sink, mut events } = w;
-    status.frames_dropped = u32::try_from(sink.dropped()).unwrap_or(u32::MAX);
-    if let Err(e) = sink.close() {
-        writer_stopped(&e, status);
-    }
-    for event in drain(&mut events) {
-        on_sink_event(event, rec, saving, status, sampler);
-    }
 }
 
 #[cfg(test)]

@@ -379,7 +379,7 @@ def test_start_episode_answers_the_real_outcome(start_node, rclpy_node, tmp_path
 def test_lifecycle_deactivate_saves_the_episode(start_node, rclpy_node, tmp_path):
     """A managed recorder (autostart:=false) as lifecycle_manager drives it: unconfigured and
     inactive refuse episodes naming the state; configure prepares output_dir, activate records;
-    deactivate saves the episode in progress before it returns; cleanup and shutdown end it."""
+    deactivate, and shutdown from active, save the episode in progress before they return."""
     from mobile_vla.srv import StartEpisode
 
     out = tmp_path / "episodes"
@@ -428,8 +428,21 @@ def test_lifecycle_deactivate_saves_the_episode(start_node, rclpy_node, tmp_path
     assert not resp.success and "inactive" in resp.message, resp.message
 
     assert lc.transition("cleanup") and lc.state() == "unconfigured"
+
+    # Shutdown from active saves the episode in progress first.
+    assert lc.transition("configure") and lc.transition("activate")
+    for _ in range(3):
+        c.send_image(frame)
+        c.pause(0.1)
+    assert c.call(c.start, StartEpisode.Request(episode_name="last_ep")).success
+    c.send_cmd(0.0, 0.5, 0.0)
+    c.pause(0.3)
     assert lc.transition("shutdown") and lc.state() == "finalized"
-    assert lc.saw(*lc.WHOLE_CYCLE), [(e.start_state.label, e.goal_state.label) for e in lc.events]
+    assert sorted(f.name for f in out.glob("*.h5")) == ["last_ep.h5", "managed_ep.h5"], proc.output()
+    with h5py.File(out / "last_ep.h5", "r") as f:
+        assert f.attrs["num_frames"] == 2
+    assert lc.saw(*lc.WHOLE_CYCLE[:8], ("active", "shuttingdown"), ("shuttingdown", "finalized")), \
+        [(e.start_state.label, e.goal_state.label) for e in lc.events]
     assert proc.stop() == 0, proc.output()
 
 

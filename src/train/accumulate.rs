@@ -43,7 +43,10 @@ impl Accumulator {
                 episodes: batch.episodes.clone(),
             });
         }
-        let grads = (loss.total / self.accumulate as f64)?.backward()?;
+        let grads = policy
+            .backbone()
+            .train_mode()
+            .backward(&(loss.total / self.accumulate as f64)?, params)?;
         for (slot, var) in self.grads.iter_mut().zip(params) {
             if let Some(g) = grads.get(var.as_tensor()) {
                 *slot = Some(match slot.take() {

@@ -101,14 +101,6 @@ impl Rung {
         s.gradient_checkpointing = self == Self::FullCheckpointing;
         s
     }
-
-    /// Why this build cannot run the rung (the trainer's own limits), if it cannot.
-    pub fn unsupported(self) -> Option<&'static str> {
-        match self {
-            Self::FullCheckpointing => Some("gradient checkpointing is not implemented yet"),
-            _ => None,
-        }
-    }
 }
 
 /// What the run feeds through the model per optimiser step.
@@ -184,13 +176,18 @@ pub struct Estimate {
     pub activations: u64,
     /// The process base, plus backward's transient gradients (about one layer's activations).
     pub workspace: u64,
+    /// AdamW's per-tensor temporaries during the step (after backward, activations freed): the
+    /// second-moment update holds four copies of the tensor, so four of the largest trainable one.
+    pub step: u64,
     /// While loading: the weight file read whole + its f32 tensors.
     pub load: u64,
 }
 
 impl Estimate {
     pub fn training(&self) -> u64 {
-        self.weights + self.gradients + self.optimiser + self.activations + self.workspace
+        let backward = self.activations + self.workspace;
+        let step = BASE_BYTES + self.step;
+        self.weights + self.gradients + self.optimiser + backward.max(step)
     }
 
     pub fn peak(&self) -> u64 {
@@ -275,12 +272,15 @@ pub fn estimate(
     let setup = rung.setup(&cfg.train_setup);
     let rules = TrainableRules::new(&setup, backbone.text_config.layers);
     let total: u64 = sizes.groups.iter().map(|&(_, n)| n as u64).sum();
-    let mut trainable: u64 = sizes
-        .groups
-        .iter()
-        .filter(|&&(g, _)| rules.trainable(g))
-        .map(|&(_, n)| n as u64)
-        .sum();
+    let trained = || {
+        sizes
+            .groups
+            .iter()
+            .filter(|&&(g, _)| rules.trainable(g))
+            .map(|&(_, n)| n as u64)
+    };
+    let mut trainable: u64 = trained().sum();
+    let largest_trainable = trained().max().unwrap_or(0);
     let lora = setup.lora.as_ref();
     if let Some(l) = lora {
         trainable += lora_params(backbone, l.r);
@@ -300,8 +300,9 @@ pub fn estimate(
 
     // Per frame, in floats.
     let (text_kept, text_transient) = if setup.gradient_checkpointing {
-        // Each layer's input, plus one layer recomputed during backward.
-        (layers * text.seq * text.dim, text.floats())
+        // Each layer's input, plus one layer recomputed during backward and its backward's
+        // transient gradients.
+        (layers * text.seq * text.dim + text.floats(), text.floats())
     } else {
         // The last layer only updates `[ACT]`'s row: its keys/values and first norm remain.
         let last = 12 * text.seq * text.dim;
@@ -365,6 +366,7 @@ pub fn estimate(
         optimiser: 2 * F32 * trainable,
         activations: F32 * frames * kept,
         workspace: BASE_BYTES + F32 * frames * transient,
+        step: 4 * F32 * largest_trainable,
         load: sizes.file_bytes + F32 * total,
     }
 }
@@ -391,7 +393,7 @@ pub fn gib(bytes: u64) -> String {
     format!("{:.2} GiB", bytes as f64 / (1u64 << 30) as f64)
 }
 
-/// Estimates every rung and picks the strongest that fits `budget` and that this build runs.
+/// Estimates every rung and picks the strongest that fits `budget`.
 pub fn plan(
     cfg: &TrainConfig,
     backbone: &Kosmos2Config,
@@ -403,9 +405,7 @@ pub fn plan(
         .iter()
         .map(|&r| estimate(r, cfg, backbone, sizes, work))
         .collect();
-    let choice = estimates
-        .iter()
-        .position(|e| e.rung.unsupported().is_none() && e.peak() <= budget);
+    let choice = estimates.iter().position(|e| e.peak() <= budget);
     Plan {
         estimates,
         budget,
@@ -415,16 +415,12 @@ pub fn plan(
 }
 
 impl Plan {
-    /// The chosen estimate, or the error naming the cheapest runnable rung's need.
+    /// The chosen estimate, or the error naming the cheapest rung's need.
     pub fn chosen(&self) -> Result<&Estimate, NothingFits> {
         if let Some(i) = self.choice {
             return Ok(&self.estimates[i]);
         }
-        let cheapest = self
-            .estimates
-            .iter()
-            .filter(|e| e.rung.unsupported().is_none())
-            .min_by_key(|e| e.peak());
+        let cheapest = self.estimates.iter().min_by_key(|e| e.peak());
         Err(NothingFits {
             budget: gib(self.budget),
             cheapest: cheapest.map_or("none", |e| e.rung.name()),
@@ -438,10 +434,7 @@ impl Plan {
             Ok(e) => {
                 let stronger: Vec<String> = self.estimates[..self.choice.unwrap_or(0)]
                     .iter()
-                    .map(|s| match s.rung.unsupported() {
-                        Some(why) => format!("{}: {why}", s.rung.name()),
-                        None => format!("{} needs ~{}", s.rung.name(), gib(s.peak())),
-                    })
+                    .map(|s| format!("{} needs ~{}", s.rung.name(), gib(s.peak())))
                     .collect();
                 let mut why = format!(
                     "auto: {} is the strongest that fits: ~{} of the {} budget",
@@ -471,7 +464,7 @@ impl Plan {
         );
         let _ = writeln!(
             out,
-            "{:<22} {:>12} {:>10} {:>10} {:>10} {:>11} {:>10} {:>10} {:>10}  note",
+            "{:<22} {:>12} {:>10} {:>10} {:>10} {:>11} {:>10} {:>10} {:>10} {:>10}  note",
             "strategy",
             "trainable",
             "weights",
@@ -479,20 +472,22 @@ impl Plan {
             "adamw",
             "activations",
             "workspace",
+            "adamw step",
             "load",
             "peak"
         );
         let m = |b: u64| format!("{:.0}M", b as f64 / MIB as f64);
         for (i, e) in self.estimates.iter().enumerate() {
-            let note = match (e.rung.unsupported(), Some(i) == self.choice) {
-                (Some(why), _) => format!("not run: {why}"),
-                (None, true) => "<- chosen".into(),
-                (None, false) if e.peak() > self.budget => "over budget".into(),
-                (None, false) => String::new(),
+            let note = if Some(i) == self.choice {
+                "<- chosen"
+            } else if e.peak() > self.budget {
+                "over budget"
+            } else {
+                ""
             };
             let _ = writeln!(
                 out,
-                "{:<22} {:>12} {:>10} {:>10} {:>10} {:>11} {:>10} {:>10} {:>10}  {note}",
+                "{:<22} {:>12} {:>10} {:>10} {:>10} {:>11} {:>10} {:>10} {:>10} {:>10}  {note}",
                 e.rung.name(),
                 e.trainable,
                 m(e.weights),
@@ -500,6 +495,7 @@ impl Plan {
                 m(e.optimiser),
                 m(e.activations),
                 m(e.workspace),
+                m(e.step),
                 m(e.load),
                 m(e.peak()),
             );
@@ -579,15 +575,16 @@ mod tests {
         .unwrap();
         let mut k = Kosmos2Config::default();
         k.text_config.layers = 4;
-        let mut groups = vec![
-            (Group::Vision, 300_000_000),
+        // One entry per tensor, as read from a weight file: the largest is the word embeddings.
+        let mut groups = vec![(Group::Vision, 12_500_000); 24];
+        groups.extend([
             (Group::Projection, 10_000_000),
             (Group::TextEmbedding, 130_000_000),
             (Group::FinalNorm, 4096),
             (Group::ActionToken, 2048),
             (Group::Head, 5_000_000),
-        ];
-        groups.extend((0..4).map(|i| (Group::TextLayer(i), 50_000_000)));
+        ]);
+        groups.extend((0..16).map(|i| (Group::TextLayer(i / 4), 12_500_000)));
         let sizes = ModelSizes {
             groups,
             file_bytes: 0,
@@ -605,7 +602,7 @@ mod tests {
     }
 
     #[test]
-    fn ladder_gets_cheaper_and_choice_is_strongest_runnable_fit() {
+    fn ladder_gets_cheaper_and_choice_is_strongest_fit() {
         let (cfg, k, sizes) = setup();
         let p = plan(&cfg, &k, &sizes, work(1, 2), u64::MAX);
         let peaks: Vec<u64> = p.estimates.iter().map(Estimate::peak).collect();
@@ -614,7 +611,12 @@ mod tests {
         assert_eq!(p.chosen().unwrap().rung, Rung::Full);
         let between = |a: u64, b: u64| plan(&cfg, &k, &sizes, work(1, 2), (a + b) / 2);
         assert_eq!(
-            between(peaks[0], peaks[2]).chosen().unwrap().rung,
+            between(peaks[0], peaks[1]).chosen().unwrap().rung,
+            Rung::FullCheckpointing
+        );
+        assert!(peaks[2] < peaks[1], "{peaks:?}");
+        assert_eq!(
+            between(peaks[1], peaks[2]).chosen().unwrap().rung,
             Rung::LastN
         );
         assert_eq!(

@@ -224,10 +224,15 @@ impl Trainer {
             tracing::warn!("{note}");
         }
         if setup.gradient_checkpointing {
-            tracing::warn!(
-                "`gradient_checkpointing: true`: not implemented yet, training without it (more memory)"
+            tracing::info!(
+                "gradient checkpointing: each transformer layer's input is kept and the layer \
+                 recomputed in the backward (less activation memory, about one more forward of time)"
             );
         }
+        policy
+            .backbone()
+            .train_mode()
+            .set_checkpointing(setup.gradient_checkpointing);
         tracing::info!("train-mode dropout {dropout} (the backbone config's; off for validation)");
         tracing::info!("{}", cfg.clip_description());
         if !cfg.ignored.is_empty() {
@@ -307,7 +312,7 @@ impl Trainer {
             "strategy_reason": why,
             "precision_requested": cfg.precision.name(),
             "precision_run": precision_run.name(),
-            "gradient_checkpointing": false,
+            "gradient_checkpointing": setup.gradient_checkpointing,
             "lora": setup.lora,
             "dropout": dropout,
             "gradient_clip": cfg.gradient_clip,

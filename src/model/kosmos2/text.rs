@@ -227,7 +227,10 @@ impl TextTransformer {
             } else {
                 0
             };
-            xs = layer.forward(&xs, &mask.narrow(0, first, len - first)?, first)?;
+            let (layer, mask) = (layer.clone(), mask.narrow(0, first, len - first)?);
+            xs = self
+                .train
+                .checkpoint(&xs, move |xs| layer.forward(xs, &mask, first))?;
         }
         if last_only {
             xs = xs.narrow(1, xs.dim(1)? - 1, 1)?; // already one row unless there are no layers

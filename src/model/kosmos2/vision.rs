@@ -135,6 +135,7 @@ pub(crate) struct VisionTransformer {
     post_layernorm: LayerNorm,
     num_channels: usize,
     image_size: usize,
+    train: Arc<TrainMode>,
 }
 
 impl VisionTransformer {
@@ -155,6 +156,7 @@ impl VisionTransformer {
             post_layernorm: LayerNorm::new(cfg.hidden_size, eps, vb.pp("post_layernorm"))?,
             num_channels: cfg.num_channels,
             image_size: cfg.image_size,
+            train: train.clone(),
         })
     }
 
@@ -195,7 +197,8 @@ impl VisionTransformer {
             .forward(pixel_values)?
             .apply(&self.pre_layrnorm)?;
         for layer in &self.layers {
-            xs = layer.forward(&xs)?;
+            let layer = layer.clone();
+            xs = self.train.checkpoint(&xs, move |xs| layer.forward(xs))?;
         }
         self.post_layernorm.forward(&xs)
     }

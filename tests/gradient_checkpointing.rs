@@ -16,7 +16,7 @@ use mobile_vla::train::accumulate::Accumulator;
 use mobile_vla::train::loss::{action_loss, Batch};
 use mobile_vla::train::optim::AdamW;
 use mobile_vla::train::params::{ModelFiles, ParamSet};
-use policy_common::policy_fixtures;
+use policy_common::{input_ids, l2, policy_fixtures};
 use std::collections::HashMap;
 
 /// Relative tolerance where every layer trains: the two backwards sum the same terms in a
@@ -47,12 +47,7 @@ fn batch() -> Batch {
     let path = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("test/fixtures/train/expected.safetensors");
     let exp: HashMap<String, Tensor> = candle_core::safetensors::load(path, &Device::Cpu).unwrap();
-    let ids: Vec<u32> = exp["input_ids"]
-        .to_vec1::<i64>()
-        .unwrap()
-        .iter()
-        .map(|&i| i as u32)
-        .collect();
+    let ids = input_ids(&exp);
     let k = |name: &str| exp[&format!("native.batch0.{name}")].clone();
     let pixel_values = k("pixel_values");
     Batch {
@@ -77,16 +72,6 @@ fn gradients(policy: &Policy, params: &[Var], batch: &Batch, checkpointing: bool
     train.backward(&loss.total, params).unwrap()
 }
 
-fn norm(t: &Tensor) -> f32 {
-    t.sqr()
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-        .sqrt()
-}
-
 fn check(case: &str, s: TrainSetup, p: f64, tol: f32) {
     let batch = batch();
     let (policy, params) = build(&s, p);
@@ -105,10 +90,10 @@ fn check(case: &str, s: TrainSetup, p: f64, tol: f32) {
         // A key bias cannot change the attention (softmax ignores a constant per query): its
         // gradient is 0 up to rounding, so only its size against the query bias's is comparable.
         let scale = match name.strip_suffix("k_proj.bias") {
-            Some(layer) => norm(&grad(&plain, &format!("{layer}q_proj.bias")).unwrap()),
-            None => norm(&b),
+            Some(layer) => l2(&grad(&plain, &format!("{layer}q_proj.bias")).unwrap()),
+            None => l2(&b),
         };
-        let err = norm(&(&a - &b).unwrap()) / scale;
+        let err = l2(&(&a - &b).unwrap()) / scale;
         assert!(
             err <= tol,
             "{case}: gradient of `{name}` differs by {err:e}"
@@ -145,7 +130,7 @@ fn check(case: &str, s: TrainSetup, p: f64, tol: f32) {
     };
     let (a, b) = (stepped(true), stepped(false));
     for ((name, va), (_, vb)) in a.trainable().zip(b.trainable()) {
-        let err = norm(&(va.as_tensor() - vb.as_tensor()).unwrap()) / norm(vb.as_tensor());
+        let err = l2(&(va.as_tensor() - vb.as_tensor()).unwrap()) / l2(vb.as_tensor());
         // AdamW normalises the key bias's rounding-noise gradient into a full-size step (as in
         // train_parity): only that drift's size is comparable.
         let tol = if name.ends_with("k_proj.bias") {

@@ -15,7 +15,7 @@ use mobile_vla::train::accumulate::Accumulator;
 use mobile_vla::train::loss::Batch;
 use mobile_vla::train::optim::{AdamW, Schedule};
 use mobile_vla::train::params::ModelFiles;
-use policy_common::policy_fixtures;
+use policy_common::{input_ids, l2, policy_fixtures};
 use std::collections::HashMap;
 
 const B: usize = 2;
@@ -69,16 +69,7 @@ fn build(
 
 /// `‖a − b‖ / ‖b‖` of one parameter tensor.
 fn norm_rel(a: &Tensor, b: &Tensor) -> f32 {
-    let norm = |t: &Tensor| {
-        t.sqr()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-            .sqrt()
-    };
-    norm(&(a - b).unwrap()) / norm(b)
+    l2(&(a - b).unwrap()) / l2(b)
 }
 
 fn run_case(case: &str, model: &str, s: TrainSetup, exp: &HashMap<String, Tensor>) {
@@ -89,12 +80,7 @@ fn run_case(case: &str, model: &str, s: TrainSetup, exp: &HashMap<String, Tensor
             var.set(init).unwrap();
         }
     }
-    let ids: Vec<u32> = exp["input_ids"]
-        .to_vec1::<i64>()
-        .unwrap()
-        .iter()
-        .map(|&i| i as u32)
-        .collect();
+    let ids = input_ids(exp);
     let vars: Vec<_> = params.trainable().map(|(_, v)| v.clone()).collect();
     let mut opt = AdamW::new(&vars, WD).unwrap();
     let schedule = Schedule {

@@ -27,6 +27,27 @@ pub fn frame(i: usize) -> image::RgbImage {
     image::open(frame_path(i)).expect("fixture frame").to_rgb8()
 }
 
+/// A fixture's `input_ids` (i64) as token ids.
+pub fn input_ids(exp: &HashMap<String, Tensor>) -> Vec<u32> {
+    exp["input_ids"]
+        .to_vec1::<i64>()
+        .unwrap()
+        .iter()
+        .map(|&i| i as u32)
+        .collect()
+}
+
+/// The L2 norm of an f32 tensor.
+pub fn l2(t: &Tensor) -> f32 {
+    t.sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+        .sqrt()
+}
+
 /// Max |a − b| over all elements (f32).
 pub fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims(), "shape mismatch");

@@ -179,10 +179,9 @@ TRAIN_CONFIG = ROOT / "config" / "demo_finetune.yaml"
 def demo_backbone() -> Path:
     """The backbone `model init` starts from (`MOBILE_VLA_DEMO_BACKBONE` overrides; on a robot,
     kosmos-2-patch14-224). No pretrained Kosmos-2 can be downloaded here, so the project makes one in
-    out/demo/backbone: its tiny Kosmos-2-shaped fixture (random weights, Hugging Face's initialisation) with a
-    tokenizer that has a piece for every word of the prompt and the simulator's instructions, as a real
-    vocabulary would. The fixture's own tokenizer (made for the fork's instructions) spells "red" and "blue"
-    letter by letter; trained on it, the policy told the two colours apart far less often."""
+    out/demo/backbone: its tiny Kosmos-2-shaped test fixture (seeded random weights, test/fixtures/gen_policy.py)
+    with a tokenizer that has a piece for every word of the prompt and the simulator's instructions, as a real
+    vocabulary would (the fixture's own spells "red" and "blue" letter by letter)."""
     if os.environ.get("MOBILE_VLA_DEMO_BACKBONE"):
         return Path(os.environ["MOBILE_VLA_DEMO_BACKBONE"])
     from sim.world import TASKS

@@ -33,7 +33,7 @@ OUTCOMES = ("success", "collision", "timeout", "wrong_side", "wrong_target")
 
 ROBOT_RADIUS = 0.17
 REACH_CUP = 0.30  # base centre within this of the cup: reached
-REACH_BOX = 0.35  # base centre within this of a box's face (plus the robot's radius): reached
+REACH_BOX = 0.25  # base centre within this of a box's face (plus the robot's radius): reached
 ARENA = (-0.8, 3.4, -1.5, 1.5)  # x_min, x_max, y_min, y_max (inner faces of the walls)
 MAX_LINEAR, MAX_ANGULAR = 1.2, 1.5  # the base's limits [m/s], [rad/s]
 RGBA = {
@@ -106,7 +106,8 @@ def make_layout(task: str, seed: int) -> Layout:
         box = Box(colour, u(1.0, 2.2), -side * u(0.5, 0.9), u(0.12, 0.18), u(0.12, 0.18))
         return Layout(task, seed, start, [box], (u(1.3, 2.5), side * u(0.3, 1.0)))
     bx = [u(1.5, 2.1), u(1.5, 2.1)]
-    by = [u(0.45, 0.85), -u(0.45, 0.85)]
+    # Far enough to the sides that driving straight on reaches neither box: only a committed move does.
+    by = [u(0.8, 1.05), -u(0.8, 1.05)]
     red_left = bool(rng.integers(2))
     sizes = [(u(0.14, 0.2), u(0.14, 0.2)) for _ in range(2)]
     names = ["red", "blue"] if red_left else ["blue", "red"]

@@ -29,7 +29,8 @@ pub struct TrainMode {
     seed: AtomicU64,
     calls: AtomicU64,
     checkpointing: AtomicBool,
-    /// The checkpointed layers of the current training forward, in order.
+    /// The checkpointed layers of the current training forward, in order. Their layers hold this
+    /// `TrainMode` too: `backward`, `enable` and `disable` empty it, which ends that cycle.
     tape: Mutex<Vec<Segment>>,
 }
 
@@ -146,11 +147,10 @@ impl TrainMode {
             // d/dθ Σ(out ⊙ g) = gᵀ ∂out/∂θ: the vector-Jacobian product backward needs.
             let sub = (out * grad_out)?.sum_all()?.backward()?;
             for &id in sub.get_ids().filter(|id| wanted.contains(id)) {
-                let g = sub.get_id(id).cloned();
-                let sum = match (grads.get_id(id), g) {
-                    (Some(prev), Some(g)) => (prev + g)?,
-                    (None, Some(g)) => g,
-                    (_, None) => continue,
+                let Some(g) = sub.get_id(id) else { continue };
+                let sum = match grads.get_id(id) {
+                    Some(prev) => (prev + g)?,
+                    None => g.clone(),
                 };
                 grads.insert_id(id, sum);
             }

@@ -6,7 +6,8 @@
 //! model directory and batch × window as `train_memory`): `config/low_memory.yaml`'s optimiser and
 //! LoRA settings (AdamW lr 2e-5, constant schedule, clipping at 1.0; r 32, alpha 16, dropout 0.1)
 //! with accumulation 2 and precision 32, train-mode dropout, `WARMUP` untimed optimiser steps, then
-//! `MOBILE_VLA_BENCH_TRAIN_STEPS` (default 2) timed ones. candle's time includes its data pipeline
+//! `MOBILE_VLA_BENCH_TRAIN_STEPS` (default 3) timed ones, of which the median counts (the machine
+//! may be shared: a step slowed by another process should not decide). candle's time includes its data pipeline
 //! (episodes read and frames resized per batch); PyTorch draws random tensors of the same shapes.
 //! Each case runs in its own process, so its peak RSS (`VmHWM`, read after the last step, before
 //! anything is saved) is its own. Threads as in `policy_step`: `RAYON_NUM_THREADS` (default 2) for
@@ -41,7 +42,7 @@ fn work_dir() -> PathBuf {
 }
 
 fn timed_steps() -> Result<usize> {
-    std::env::var("MOBILE_VLA_BENCH_TRAIN_STEPS").map_or(Ok(2), |v| {
+    std::env::var("MOBILE_VLA_BENCH_TRAIN_STEPS").map_or(Ok(3), |v| {
         v.parse()
             .with_context(|| format!("MOBILE_VLA_BENCH_TRAIN_STEPS={v:?}: expected a count"))
     })
@@ -94,26 +95,38 @@ fn run_candle(name: &str, strategy: Strategy) -> Result<()> {
         },
         &AtomicBool::new(false),
     )?;
-    let (Some(start), Some(end), Some(peak)) =
-        (done.get(WARMUP - 1), done.get(WARMUP + steps - 1), peak)
-    else {
+    let (true, Some(peak)) = (done.len() == WARMUP + steps, peak) else {
         bail!(
             "the run stopped after {} of {} steps",
             done.len(),
             WARMUP + steps
         );
     };
-    let secs = (*end - *start).as_secs_f64();
+    let step_s = median(
+        done[WARMUP - 1..]
+            .windows(2)
+            .map(|w| (w[1] - w[0]).as_secs_f64())
+            .collect(),
+    );
     println!(
         "{}",
         serde_json::json!({
             "framework": "candle", "strategy": name, "trainable": trainable,
-            "samples_per_s": (steps * ACCUMULATE * shape.batch) as f64 / secs,
-            "step_s": secs / steps as f64, "peak_rss": peak,
+            "samples_per_s": (ACCUMULATE * shape.batch) as f64 / step_s,
+            "step_s": step_s, "peak_rss": peak,
             "threads": candle_core::utils::get_num_threads(),
         })
     );
     Ok(())
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    match xs.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => xs[n / 2],
+        n => 0.5 * (xs[n / 2 - 1] + xs[n / 2]),
+    }
 }
 
 /// The torch script's arguments for the same run.
@@ -199,7 +212,7 @@ fn main() -> Result<()> {
     let exe = std::env::current_exe()?;
     println!(
         "\ntraining, {SHAPE} shape (batch {} × window {}, accumulation {ACCUMULATE}, precision 32), \
-         {steps} timed optimiser steps after {WARMUP} warm-up, {} threads",
+         median of {steps} timed optimiser steps after {WARMUP} warm-up, {} threads",
         shape.batch,
         shape.window,
         candle_core::utils::get_num_threads()

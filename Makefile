@@ -1,5 +1,6 @@
 # mobile_vla — every target sets itself up (apt, pip, cargo) and is idempotent.
 #   make demo    the end-to-end demo on embedded defaults
+#   make study   the fine-tuning strategies compared on the demo's loop
 #   make test    cargo tests + rclpy integration tests (what CI runs)
 #   make bench   benchmarks against the PyTorch reference
 SHELL := /bin/bash
@@ -14,7 +15,7 @@ PY := $(ENV) && python
 export ROS_AUTOMATIC_DISCOVERY_RANGE := LOCALHOST
 export ROS_DOMAIN_ID ?= 73
 
-.PHONY: setup setup-sim build test test-rust test-python demo bench lint fmt colcon-check clean
+.PHONY: setup setup-sim build test test-rust test-python demo study bench lint fmt colcon-check clean
 
 setup:
 	@bash scripts/setup.sh
@@ -49,6 +50,12 @@ fmt:
 demo: build
 	@bash scripts/setup.sh demo
 	@$(ENV) && MOBILE_VLA_BIN_DIR=$(BIN_DIR) python scripts/demo.py $(DEMO_ARGS)
+
+# The strategy study (≤ 60 min): pretrain on another simulated task, then full / last-N / LoRA / frozen
+# fine-tuning on the demo's episodes (recorded first if out/demo has none), each driven by policy_node.
+study: build
+	@bash scripts/setup.sh demo
+	@$(ENV) && MOBILE_VLA_BIN_DIR=$(BIN_DIR) python scripts/demo.py study $(STUDY_ARGS)
 
 # policy_step runs the full Kosmos-2 shape too (minutes, ~7 GB); MOBILE_VLA_BENCH_FULL=0 skips it.
 # Then policy_node end to end against the library's step (benches/policy_node_latency.py, release build).

@@ -2,12 +2,15 @@
 
     python scripts/demo.py [all]                  every step below, in order (what `make demo` runs;
                                                   several step names run those, in order)
-    python scripts/demo.py record --episodes 40   sim_node + recorder_node + scripted expert -> out/demo/episodes
+    python scripts/demo.py record --episodes 120  sim_node + recorder_node + scripted expert -> out/demo/episodes
     python scripts/demo.py inspect                mobile_vla dataset validate + info on the episodes
     python scripts/demo.py finetune               model init + trainer_node's Finetune action -> out/demo/train
     python scripts/demo.py baselines              expert / zero / random rollouts on held-out seeds (+ MCAP)
     python scripts/demo.py drive                  policy_node drives the held-out seeds in real time
     python scripts/demo.py report                 out/demo/report.{md,json} + trajectories.png
+    python scripts/demo.py study                  `make study` (not in `all`): a backbone pretrained on another
+                                                  task, then full / last-N / LoRA / frozen fine-tuning of it,
+                                                  each driven by policy_node -> out/demo/study/study.md
 
 Every step starts the processes it needs (sim_node from sim/, the Rust nodes from MOBILE_VLA_BIN_DIR) on a
 private loopback ROS domain and stops them; outputs go to out/demo/ (MOBILE_VLA_DEMO_OUT; logs in logs/). The success
@@ -35,7 +38,7 @@ BIN = Path(os.environ.get("MOBILE_VLA_BIN_DIR", ROOT / "target/debug"))
 OUT = Path(os.environ.get("MOBILE_VLA_DEMO_OUT", ROOT / "out" / "demo"))
 LOGS = OUT / "logs"
 EPISODES = OUT / "episodes"
-DOMAIN = int(os.environ.get("MOBILE_VLA_DEMO_DOMAIN", "87"))
+DOMAIN = int(os.environ.get("MOBILE_VLA_DEMO_DOMAIN", "187"))  # above the tests' 1..100
 TASKS = ["1box_hori_left", "1box_hori_right", "red_box", "blue_box"]
 HELD_OUT_SEED0 = 1000  # evaluation seeds start here; recording uses 0..N-1
 T0 = time.monotonic()
@@ -109,14 +112,21 @@ def run(cmd) -> str:
 def record(args) -> dict:
     """The expert drives sim_node through cmd_vel; recorder_node records image + instruction + cmd_vel in
     event mode (one frame per command change); a failed demonstration is discarded, not saved."""
+    summary = record_episodes(args, TASKS, args.episodes, EPISODES)
+    write_json(OUT / "record.json", summary)
+    return summary
+
+
+def record_episodes(args, tasks: list[str], count: int, dest: Path, seed0: int = 0) -> dict:
+    """`count` expert episodes (the tasks in turn, seeds from `seed0`) recorded into `dest`."""
     from sim.client import RecorderClient, SimClient
 
-    shutil.rmtree(EPISODES, ignore_errors=True)
-    say(f"== record: {args.episodes} expert episodes through recorder_node -> {EPISODES}")
+    shutil.rmtree(dest, ignore_errors=True)
+    say(f"== record: {count} expert episodes through recorder_node -> {dest}")
     t0 = time.monotonic()
     # One frame per key press, as the fork's keyboard collector (no frame for the release): each frame's
     # action is the key the expert pressed on seeing it.
-    rec = ("recorder_node", [BIN / "recorder_node", "--ros-args", "-p", f"output_dir:={EPISODES}",
+    rec = ("recorder_node", [BIN / "recorder_node", "--ros-args", "-p", f"output_dir:={dest}",
                              "-p", "record_stops:=false"])
     kept, failed = [], []
     with processes(sim_argv(args.rtf, args.timeout), rec), ros_node("demo_teleop") as node:
@@ -124,21 +134,20 @@ def record(args) -> dict:
         recorder = RecorderClient(sim)
         if not (sim.wait_ready(60) and recorder.wait_ready(30)):
             raise SystemExit(f"sim_node or recorder_node did not come up (logs: {LOGS})")
-        for i in range(args.episodes):
-            task, seed = TASKS[i % len(TASKS)], i
+        for i in range(count):
+            task, seed = tasks[i % len(tasks)], seed0 + i
             name = f"episode_sim_{task}_s{seed:04d}"
             r, ok = recorder.record(task, seed, name)
             (kept if ok else failed).append(name)
-            say(f"  {i + 1}/{args.episodes} {task} seed {seed}: {r.outcome['outcome']} in "
+            say(f"  {i + 1}/{count} {task} seed {seed}: {r.outcome['outcome']} in "
                 f"{r.outcome['time_s']:.1f} s sim, {r.presses} presses -> {'saved' if ok else 'discarded'}")
     deadline = time.monotonic() + 15
-    while len(list(EPISODES.glob("*.h5"))) < len(kept) and time.monotonic() < deadline:
+    while len(list(dest.glob("*.h5"))) < len(kept) and time.monotonic() < deadline:
         time.sleep(0.1)
-    files = sorted(EPISODES.glob("*.h5"))
-    summary = {"episodes_requested": args.episodes, "episodes_saved": len(files), "expert_failures": failed,
-               "expert_success_rate": len(kept) / max(1, args.episodes), "wall_s": round(time.monotonic() - t0, 1),
+    files = sorted(dest.glob("*.h5"))
+    summary = {"episodes_requested": count, "episodes_saved": len(files), "expert_failures": failed,
+               "expert_success_rate": len(kept) / max(1, count), "wall_s": round(time.monotonic() - t0, 1),
                "real_time_factor": args.rtf}
-    write_json(OUT / "record.json", summary)
     say(f"recorded {len(files)} episodes in {summary['wall_s']} s (expert success "
         f"{100 * summary['expert_success_rate']:.0f} %)")
     if len(files) != len(kept):
@@ -160,12 +169,39 @@ def inspect(args) -> None:
 # ---------------------------------------------------------------- 3./5. staged: trainer_node, policy_node
 MODEL_INIT = OUT / "model_init"
 TRAIN_OUT = OUT / "train"
-# No pretrained Kosmos-2 can be downloaded here: the demo's backbone is the project's tiny Kosmos-2-shaped
-# fixture (random weights, with its tokenizer); on a robot, pass kosmos-2-patch14-224 instead.
-BACKBONE = Path(os.environ.get("MOBILE_VLA_DEMO_BACKBONE", ROOT / "test/fixtures/policy/hf_robovlms7"))
+FIXTURE_BACKBONE = ROOT / "test/fixtures/policy/hf_robovlms7"
+PROMPT = "An image of a robot"  # RoboVLMs' Kosmos prompt before the instruction (src/model/tokenizer.rs)
 HEAD = ["--window-size", "2", "--fwd-pred-next-n", "2", "--action-dim", "3", "--hidden-size", "64",
         "--num-layers", "1", "--mlp-hidden", "64,64,32"]
 TRAIN_CONFIG = ROOT / "config" / "demo_finetune.yaml"
+
+
+def demo_backbone() -> Path:
+    """The backbone `model init` starts from (`MOBILE_VLA_DEMO_BACKBONE` overrides; on a robot,
+    kosmos-2-patch14-224). No pretrained Kosmos-2 can be downloaded here, so the project makes one in
+    out/demo/backbone: its tiny Kosmos-2-shaped test fixture (seeded random weights, test/fixtures/gen_policy.py)
+    with a tokenizer that has a piece for every word of the prompt and the simulator's instructions, as a real
+    vocabulary would (the fixture's own spells "red" and "blue" letter by letter)."""
+    if os.environ.get("MOBILE_VLA_DEMO_BACKBONE"):
+        return Path(os.environ["MOBILE_VLA_DEMO_BACKBONE"])
+    from sim.world import TASKS
+
+    out = OUT / "backbone"
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(FIXTURE_BACKBONE / name, out / name)
+    tok = json.loads((FIXTURE_BACKBONE / "tokenizer.json").read_text())
+    # Ids from len(vocab) on are Kosmos-2's added tokens (<image>, <grounding>, ...): the size stays.
+    size, texts = len(tok["model"]["vocab"]), [PROMPT, *TASKS.values()]
+    pieces = tok["model"]["vocab"][:4]  # <s> <pad> </s> <unk>
+    pieces += [[w, -2.0] for w in dict.fromkeys("\u2581" + w for t in texts for w in t.split())]
+    pieces += [["\u2581", -4.0]] + [[c, -8.0] for c in sorted(set("".join(texts)) - {" "})]
+    if len(pieces) > size:
+        raise SystemExit(f"the instructions need {len(pieces)} tokenizer pieces, the backbone has {size}")
+    pieces += [[f"<unused{i}>", -100.0] for i in range(size - len(pieces))]
+    tok["model"]["vocab"] = pieces
+    write_json(out / "tokenizer.json", tok)
+    return out
 
 
 def pending(stage_file: str, what: str) -> None:
@@ -198,6 +234,18 @@ def call_trigger(sim, name: str) -> None:
     sim.node.destroy_client(client)
 
 
+def model_init(out: Path) -> None:
+    """`model init` on the demo's backbone with the demo's head."""
+    shutil.rmtree(out, ignore_errors=True)
+    run([BIN / "mobile_vla", "model", "init", "--hf-model", demo_backbone(), "--out", out, *HEAD])
+    # Train-mode dropout follows the backbone config; on this tiny random backbone its noise swamps the
+    # differences between inputs (as tests/train_loop.rs found), so the demo turns it off.
+    cfg_path = out / "config.json"
+    hf = json.loads(cfg_path.read_text())
+    hf["text_config"].update({k: 0.0 for k in ("dropout", "attention_dropout", "activation_dropout")})
+    write_json(cfg_path, hf)
+
+
 def finetune(args) -> None:
     """`model init` makes the starting model directory; trainer_node fine-tunes it on the recorded
     episodes through its Finetune action, printing the feedback."""
@@ -212,15 +260,8 @@ def finetune(args) -> None:
         return pending("finetune.json", f"{' and '.join(missing)} not built yet (the fine-tuning and nodes issues)")
     from mobile_vla.action import Finetune
 
-    shutil.rmtree(MODEL_INIT, ignore_errors=True)
     shutil.rmtree(TRAIN_OUT, ignore_errors=True)
-    run([BIN / "mobile_vla", "model", "init", "--hf-model", BACKBONE, "--out", MODEL_INIT, *HEAD])
-    # Train-mode dropout follows the backbone config; on this tiny random backbone its noise swamps the
-    # differences between inputs (as tests/train_loop.rs found), so the demo turns it off.
-    cfg_path = MODEL_INIT / "config.json"
-    hf = json.loads(cfg_path.read_text())
-    hf["text_config"].update({k: 0.0 for k in ("dropout", "attention_dropout", "activation_dropout")})
-    write_json(cfg_path, hf)
+    model_init(MODEL_INIT)
     config = TRAIN_CONFIG.read_text()
     if args.train_steps:  # shortened runs (CI): the same config, fewer optimiser steps
         config = re.sub(r"max_steps: *\d+", f"max_steps: {args.train_steps}", config)
@@ -270,6 +311,14 @@ def finetune(args) -> None:
         f"{summary['samples_per_s']} samples/s, {summary['wall_s']} s)")
 
 
+def policy_node(model_dir, mode: str) -> tuple[str, list]:
+    # The simulated base follows its command at once, as the keyboard expert's did: acceleration limits
+    # well above its 0.5 m/s steps; velocity limits and the dead zone stay at the robot defaults.
+    params = {"model_dir": model_dir, "autostart": "true", "use_sim_time": "true",
+              "execution_mode": mode, "max_acc_x": "10.0", "max_acc_y": "10.0", "max_acc_wz": "10.0"}
+    return "policy_node", [BIN / "policy_node", "--ros-args", *[a for k, v in params.items() for a in ("-p", f"{k}:={v}")]]
+
+
 def drive(args) -> None:
     """policy_node (camera + instruction in, cmd_vel out) drives sim_node on the held-out seeds, in real
     time; the simulator judges every episode, as for the baselines."""
@@ -281,12 +330,8 @@ def drive(args) -> None:
         return pending("drive.json", "policy_node not built yet (the nodes issue)")
     if done.get("status") != "done":
         return pending("drive.json", "no fine-tuned model (the finetune stage has not run)")
-    # The simulated base follows its command at once, as the keyboard expert's did: acceleration limits
-    # well above its 0.5 m/s steps; velocity limits and the dead zone stay at the robot defaults.
-    params = {"model_dir": done["model_dir"], "autostart": "true", "use_sim_time": "true",
-              "execution_mode": args.mode, "max_acc_x": "10.0", "max_acc_y": "10.0", "max_acc_wz": "10.0"}
-    node = ("policy_node", [BIN / "policy_node", "--ros-args", *[a for k, v in params.items() for a in ("-p", f"{k}:={v}")]])
-    stats = evaluate(args, {"policy": External}, rtf=1.0, extra=[node], watch_cmd=True)
+    stats = evaluate(args, {"policy": External}, rtf=1.0, extra=[policy_node(done["model_dir"], args.mode)],
+                     watch_cmd=True)
     lat = sorted(stats["inference_ms"])
     write_json(OUT / "drive.json", {"status": "done", "execution_mode": args.mode,
                                     "inference_ms_median": lat[len(lat) // 2] if lat else None,
@@ -301,7 +346,7 @@ def baselines(args) -> None:
     evaluate(args, POLICIES, rtf=args.eval_rtf)
 
 
-def evaluate(args, policies: dict, rtf: float, extra=(), watch_cmd: bool = False) -> dict:
+def evaluate(args, policies: dict, rtf: float, extra=(), watch_cmd: bool = False, out: Path = OUT) -> dict:
     """Each policy on every task x held-out seed; the simulator judges each episode. A policy's rollouts
     go to out/demo/rollouts/<name>.json (outcomes, tracks) and <name>.mcap (camera, cmd_vel, pose,
     instruction, episodes, outcomes; with policy_node also its action chunks). Returns policy_node's
@@ -333,7 +378,7 @@ def evaluate(args, policies: dict, rtf: float, extra=(), watch_cmd: bool = False
             node.create_subscription(DiagnosticArray, "/diagnostics", on_diagnostics, 10)
         for name, make in policies.items():
             t0 = time.monotonic()
-            sim.log = McapLog(OUT / "rollouts" / f"{name}.mcap")
+            sim.log = McapLog(out / "rollouts" / f"{name}.mcap")
             rollouts = []
             for task in TASKS:
                 for seed in seeds:
@@ -348,9 +393,9 @@ def evaluate(args, policies: dict, rtf: float, extra=(), watch_cmd: bool = False
             sim.log.close()
             sim.log = None
             wins = sum(r["outcome"] == "success" for r in rollouts)
-            write_json(OUT / "rollouts" / f"{name}.json",
+            write_json(out / "rollouts" / f"{name}.json",
                        {"policy": name, "wall_s": round(time.monotonic() - t0, 1), "rollouts": rollouts})
-            say(f"  {name}: {wins}/{len(rollouts)} succeeded; rollouts -> {OUT / 'rollouts' / name}.{{json,mcap}}")
+            say(f"  {name}: {wins}/{len(rollouts)} succeeded; rollouts -> {out / 'rollouts' / name}.{{json,mcap}}")
     return {"inference_ms": inference_ms}
 
 
@@ -461,20 +506,113 @@ def report(args) -> None:
     say(f"report -> {OUT}/report.md, report.json, trajectories.png")
 
 
+# ---------------------------------------------------------------- 7. study (`make study`; not in `all`)
+STUDY = OUT / "study"
+STRATEGIES = {"full": "full fine-tuning (SEED 6.1)", "last-n": "last text layer of 2 + head",
+              "lora": "LoRA on the frozen backbone (SEED 6.2)", "head": "frozen backbone: [ACT] + head"}
+PRETRAIN_TASKS = ["go_to_cup"]
+PRETRAIN_SEED0 = 5000
+
+
+def study(args) -> None:
+    """The seed's strategies on this loop: a backbone first trained on another task (`go_to_cup`, as a
+    robot's VLM comes pretrained on other data), then each strategy fine-tunes it on the same demo
+    episodes for the same steps, and policy_node drives the same held-out seeds with each result."""
+    import yaml
+
+    from sim.policies import External
+
+    say("== study: full fine-tuning vs last-N layers vs LoRA (6.2) vs frozen backbone")
+    STUDY.mkdir(parents=True, exist_ok=True)
+    pre_episodes = STUDY / "pretrain_episodes"
+    if len(list(pre_episodes.glob("*.h5"))) < args.pretrain_episodes:
+        record_episodes(args, PRETRAIN_TASKS, args.pretrain_episodes, pre_episodes, PRETRAIN_SEED0)
+    if len(list(EPISODES.glob("*.h5"))) < args.episodes:
+        record(args)
+    # One config for every run: the demo's, plus the last-N depth and SEED 6.2's LoRA (low_memory.yaml's r,
+    # alpha, dropout); `--strategy` picks what trains.
+    cfg = yaml.safe_load(TRAIN_CONFIG.read_text())
+    lora = yaml.safe_load((ROOT / "config" / "low_memory.yaml").read_text())["train_setup"]
+    cfg["train_setup"].update(train_decoder_layers=1, lora_enable=True,
+                              **{k: lora[k] for k in ("lora_r", "lora_alpha", "lora_dropout", "lora_bias")})
+    config = STUDY / "config.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    model_init(STUDY / "model_init")
+    pre = train_run(config, pre_episodes, STUDY / "model_init", STUDY / "pretrain", args.pretrain_steps, "full")
+    rows = {"pretrain": pre}
+    for strategy in STRATEGIES:
+        row = train_run(config, EPISODES, Path(pre["model_dir"]), STUDY / strategy, args.study_steps, strategy)
+        evaluate(args, {strategy: External}, rtf=1.0, extra=[policy_node(row["model_dir"], args.mode)],
+                 watch_cmd=True, out=STUDY)
+        rollouts = json.loads((STUDY / "rollouts" / f"{strategy}.json").read_text())["rollouts"]
+        row["success_rate"] = sum(r["outcome"] == "success" for r in rollouts) / len(rollouts)
+        row["per_task"] = {t: sum(r["outcome"] == "success" for r in rollouts if r["task"] == t) /
+                           max(1, sum(r["task"] == t for r in rollouts)) for t in TASKS}
+        rows[strategy] = row
+        write_json(STUDY / "study.json", rows)
+    lines = ["| strategy | trains | trainable params | success | " + " | ".join(TASKS) +
+             " | peak RSS | training time | samples/s | best val loss |",
+             "|---|---|---|---|" + "---|" * len(TASKS) + "---|---|---|---|"]
+    for strategy, what in STRATEGIES.items():
+        r = rows[strategy]
+        cells = " | ".join(f"{100 * r['per_task'][t]:.0f} %" for t in TASKS)
+        lines.append(f"| `{strategy}` | {what} | {r['trainable_params']} | **{100 * r['success_rate']:.0f} %** | "
+                     f"{cells} | {r['peak_rss_mib']:.0f} MiB | {r['wall_s']:.0f} s | {r['samples_per_s']:.1f} | "
+                     f"{r['best_val_loss']:.4f} |")
+    lines += ["", f"Pretraining: {args.pretrain_episodes} `go_to_cup` episodes, {args.pretrain_steps} steps of full "
+              f"fine-tuning from the random backbone ({pre['wall_s']:.0f} s); then {args.study_steps} steps per "
+              f"strategy on {len(list(EPISODES.glob('*.h5')))} demo episodes; {len(TASKS)} tasks x {args.per_task} "
+              "held-out seeds driven by policy_node."]
+    (STUDY / "study.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    say(f"study -> {STUDY}/study.md, study.json")
+
+
+def train_run(config: Path, data: Path, model: Path, out: Path, steps: int, strategy: str) -> dict:
+    """`mobile_vla train` as a child process (its peak RSS is its own, from wait4), progress every 10 s."""
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [BIN / "mobile_vla", "train", "--config", config, "--data", data, "--model", model, "--out", out,
+           "--max-steps", steps, "--strategy", strategy, "--progress", "json"]
+    say("$ " + " ".join(str(c) for c in cmd))
+    t0, shown, done = time.monotonic(), 0.0, {}
+    with open(LOGS / f"train_{out.name}.log", "w") as log:
+        proc = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=log, text=True)
+        for line in proc.stdout:
+            event = json.loads(line)
+            if event.get("event") == "done":
+                done = event
+            elif event.get("event") == "progress" and event.get("loss") is not None and time.monotonic() - shown >= 10:
+                shown = time.monotonic()
+                say(f"   {strategy}: step {event['step']}/{event['total_steps']} loss {event['loss']:.4f} "
+                    f"ETA {event.get('eta_s') or 0:.0f} s")
+        _, status, usage = os.wait4(proc.pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0 or not done:
+        raise SystemExit(f"training ({strategy}) failed (log: {LOGS / f'train_{out.name}.log'})")
+    metrics = [json.loads(m) for m in (out / "metrics.jsonl").read_text().splitlines() if m.strip()]
+    start = next(m for m in metrics if m.get("event") == "start")
+    last = [m for m in metrics if "samples_per_s" in m][-1]
+    return {"model_dir": done["model_dir"], "wall_s": round(time.monotonic() - t0, 1),
+            "peak_rss_mib": usage.ru_maxrss / 1024, "samples_per_s": last["samples_per_s"],
+            "trainable_params": start["trainable_params"], "best_val_loss": done["best_val_loss"]}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    names = ["all", "record", "inspect", "finetune", "baselines", "drive", "report"]
+    names = ["all", "record", "inspect", "finetune", "baselines", "drive", "report", "study"]
     # No argparse choices: with nargs="*", Python checks the default list itself against them and fails.
     ap.add_argument("step", nargs="*", default=["all"], help=f"one or more of {', '.join(names)}")
-    ap.add_argument("--episodes", type=int, default=int(os.environ.get("MOBILE_VLA_DEMO_EPISODES", 40)),
+    ap.add_argument("--episodes", type=int, default=int(os.environ.get("MOBILE_VLA_DEMO_EPISODES", 120)),
                     help="expert demonstrations to record (tasks in turn)")
-    ap.add_argument("--per-task", type=int, default=int(os.environ.get("MOBILE_VLA_DEMO_EVAL_SEEDS", 4)),
+    ap.add_argument("--per-task", type=int, default=int(os.environ.get("MOBILE_VLA_DEMO_EVAL_SEEDS", 6)),
                     help="held-out seeds per task for the evaluations")
     ap.add_argument("--rtf", type=float, default=2.0, help="sim real-time factor while recording")
     ap.add_argument("--eval-rtf", type=float, default=4.0, help="sim real-time factor for the baselines")
     ap.add_argument("--timeout", type=float, default=15.0, help="episode time limit [s of sim time]")
     ap.add_argument("--train-steps", type=int, default=int(os.environ.get("MOBILE_VLA_DEMO_TRAIN_STEPS", 0)),
                     help="optimiser steps (0 = config/demo_finetune.yaml's max_steps)")
+    ap.add_argument("--pretrain-episodes", type=int, default=80, help="study: go_to_cup episodes to pretrain on")
+    ap.add_argument("--pretrain-steps", type=int, default=1000, help="study: optimiser steps of pretraining")
+    ap.add_argument("--study-steps", type=int, default=1000, help="study: optimiser steps per strategy")
     ap.add_argument("--mode", default="chunk", choices=["first", "chunk", "ensemble"],
                     help="policy_node's execution_mode while driving")
     args = ap.parse_args()
@@ -483,9 +621,9 @@ def main() -> int:
         ap.error(f"unknown step {', '.join(unknown)} (choose from {', '.join(names)})")
     OUT.mkdir(parents=True, exist_ok=True)
     steps = {"record": record, "inspect": inspect, "finetune": finetune, "baselines": baselines,
-             "drive": drive, "report": report}
+             "drive": drive, "report": report, "study": study}
     everything = "all" in args.step
-    todo = list(steps) if everything else args.step
+    todo = [s for s in steps if s != "study"] if everything else args.step
     timing_path = OUT / "timing.json"
     timing = json.loads(timing_path.read_text()) if timing_path.exists() and not everything else {}
     for step in todo:

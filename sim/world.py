@@ -6,6 +6,8 @@ Two task families share a scene per seed, so that only the instruction tells the
 - `1box_hori_left` / `1box_hori_right`: a box stands between the robot and a cup; pass the box on
   the named side and reach the cup (the Mobile VLA fork's scenarios and instruction text).
 - `red_box` / `blue_box`: a red and a blue box, on random sides; drive up to the named one.
+One more family is for pretraining only (`make study` trains a backbone on it first, as a robot's VLM comes
+pretrained on other data): `go_to_cup`, a cup on a random side and a box of a random colour on the other.
 """
 
 from __future__ import annotations
@@ -24,13 +26,14 @@ TASKS = {
     "1box_hori_right": "Navigate around the obstacle on the right side and reach the cup",
     "red_box": "Go to the red box",
     "blue_box": "Go to the blue box",
+    "go_to_cup": "Go to the cup",
 }
 # Episode outcomes. Only `success` counts; the others say why an episode failed.
 OUTCOMES = ("success", "collision", "timeout", "wrong_side", "wrong_target")
 
 ROBOT_RADIUS = 0.17
 REACH_CUP = 0.30  # base centre within this of the cup: reached
-REACH_BOX = 0.35  # base centre within this of a box's face (plus the robot's radius): reached
+REACH_BOX = 0.25  # base centre within this of a box's face (plus the robot's radius): reached
 ARENA = (-0.8, 3.4, -1.5, 1.5)  # x_min, x_max, y_min, y_max (inner faces of the walls)
 MAX_LINEAR, MAX_ANGULAR = 1.2, 1.5  # the base's limits [m/s], [rad/s]
 RGBA = {
@@ -84,7 +87,7 @@ class Layout:
 def family(task: str) -> str:
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}: one of {', '.join(TASKS)}")
-    return "1box" if task.startswith("1box") else "color"
+    return "1box" if task.startswith("1box") else "cup" if task == "go_to_cup" else "color"
 
 
 def make_layout(task: str, seed: int) -> Layout:
@@ -97,8 +100,14 @@ def make_layout(task: str, seed: int) -> Layout:
         box = Box("obstacle", u(1.0, 1.3), u(-0.12, 0.12), u(0.12, 0.2), u(0.25, 0.38))
         cup = (box.x + u(0.9, 1.3), u(-0.2, 0.2))
         return Layout(task, seed, start, [box], cup)
+    if fam == "cup":
+        side = 1.0 if rng.integers(2) else -1.0
+        colour = ["red", "blue", "obstacle"][int(rng.integers(3))]
+        box = Box(colour, u(1.0, 2.2), -side * u(0.5, 0.9), u(0.12, 0.18), u(0.12, 0.18))
+        return Layout(task, seed, start, [box], (u(1.3, 2.5), side * u(0.3, 1.0)))
     bx = [u(1.5, 2.1), u(1.5, 2.1)]
-    by = [u(0.45, 0.85), -u(0.45, 0.85)]
+    # Far enough to the sides that driving straight on reaches neither box: only a committed move does.
+    by = [u(0.8, 1.05), -u(0.8, 1.05)]
     red_left = bool(rng.integers(2))
     sizes = [(u(0.14, 0.2), u(0.14, 0.2)) for _ in range(2)]
     names = ["red", "blue"] if red_left else ["blue", "red"]
@@ -171,7 +180,10 @@ class Judge:
         lay = self.layout
         if collided:
             return "collision"
-        if lay.cup is not None:
+        if family(lay.task) == "cup":
+            if math.hypot(x - lay.cup[0], y - lay.cup[1]) < REACH_CUP:
+                return "success"
+        elif lay.cup is not None:
             box = lay.boxes[0]
             if self.side is None and abs(x - box.x) <= box.hx:
                 self.side = "left" if y > box.y else "right"

@@ -7,16 +7,21 @@
 //! uses too: per command change (`mode: event`, the fork's keyboard collector) or at `rate_hz`
 //! (`mode: rate`). Frames go to a writer thread that never blocks this task; the state is
 //! published on `~/status` at each change and at `status_rate_hz`.
+//!
+//! A managed node ([`lifecycle`]): configure prepares `output_dir` (writable, interrupted
+//! episodes salvaged) and starts the writer; episodes start only while active; deactivate saves
+//! the episode in progress, as stop_episode does, before it returns; cleanup ends the writer;
+//! shutdown saves first. `autostart` (the default) walks to active at start.
 
 use super::convert::{camera_frame, twist_to_action};
+use super::lifecycle::{self, Transition};
 use super::params::NodeParams;
 use super::runtime::NodeHandle;
 use super::{command_qos, image_qos, status_qos};
-use crate::data::episode::{check_new_episode, episode_name, recover_partials, WriteOptions};
+use crate::data::episode::{check_new_episode, episode_name, WriteOptions};
 use crate::data::image::ChannelOrder;
-use crate::data::recording::{CameraFrame, RecordingSink};
+use crate::data::recording::CameraFrame;
 use crate::data::sampling::{nanos, period, seconds, SampleMode, Sampler, SamplerConfig};
-use anyhow::Context as _;
 use futures::{Stream, StreamExt};
 use r2r::geometry_msgs::msg::{Twist, TwistStamped};
 use r2r::mobile_vla::msg::RecordingStatus;
@@ -29,14 +34,16 @@ use serde::Deserialize;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::time::{Duration, Instant, SystemTime};
-use tracing::{error, info, warn};
+use tracing::{info, warn};
 
 mod session;
+mod writer;
 
 use session::{
-    drop_waiting, on_sink_event, publish_status, respond_start, step, take_waiting, writer_stopped,
+    on_sink_event, publish_status, respond_start, save_episode, step, take_waiting, writer_stopped,
     LatestImage, Recording,
 };
+use writer::{close, prepare, Writer};
 
 pub const NAME: &str = "recorder_node";
 pub const DEFAULTS: &str = include_str!("../../config/recorder_node.yaml");
@@ -44,6 +51,8 @@ pub const DEFAULTS: &str = include_str!("../../config/recorder_node.yaml");
 #[derive(Debug, Clone, Deserialize, RosParams)]
 #[serde(deny_unknown_fields)]
 pub struct RecorderParams {
+    /// Configure and activate at start; false: wait unconfigured for lifecycle transitions
+    pub autostart: bool,
     /// Camera topic
     pub image_topic: String,
     /// Subscribe to sensor_msgs/CompressedImage instead of sensor_msgs/Image
@@ -148,28 +157,13 @@ impl NodeParams for RecorderParams {
 type Frames = Pin<Box<dyn Stream<Item = CameraFrame> + Send>>;
 type Commands = Pin<Box<dyn Stream<Item = [f32; 3]> + Send>>;
 
+/// How long a transition that ends an episode waits for the writer to save it.
+const SAVE_TIMEOUT: Duration = Duration::from_secs(60);
+
 pub async fn run(h: NodeHandle<RecorderParams>) -> anyhow::Result<()> {
     let p = h.params();
     let v = p.validate()?;
-    std::fs::create_dir_all(&v.dir)
-        .with_context(|| format!("cannot create output_dir {}", v.dir.display()))?;
-    // What a killed recorder left behind: salvage it before writing anything new.
-    let report = recover_partials(&v.dir)?;
-    for (path, n) in &report.recovered {
-        warn!(
-            "recovered {n} frame(s) of an interrupted episode into {}",
-            path.display()
-        );
-    }
-    for (path, why) in &report.discarded {
-        warn!("discarded interrupted episode {}: {why}", path.display());
-    }
-    for (path, why) in &report.kept {
-        error!(
-            "interrupted episode {} could not be recovered and stays there: {why}",
-            path.display()
-        );
-    }
+    let mut lifecycle = lifecycle::start(&h, p.autostart)?;
 
     let (
         mut frames,
@@ -225,19 +219,10 @@ pub async fn run(h: NodeHandle<RecorderParams>) -> anyhow::Result<()> {
             node.create_publisher::<RecordingStatus>("~/status", status_qos())?,
         )
     };
-    info!(
-        "recorder_node: {} ({}) + {} + {} -> {} [{:?} mode, {} order]",
-        p.image_topic,
-        if p.compressed { "compressed" } else { "raw" },
-        p.cmd_topic,
-        p.instruction_topic,
-        v.dir.display(),
-        v.sampling.mode,
-        v.order
-    );
 
-    let (mut sink, mut sink_events) =
-        RecordingSink::spawn(p.queue_size as usize).context("starting the episode writer")?;
+    // Configured: Some; active: episodes may start.
+    let mut writer: Option<Writer> = None;
+    let mut active = false;
     // Sampler time: nanoseconds since the node started.
     let origin = Instant::now();
     let ns = |t: Instant| nanos(t.duration_since(origin));
@@ -266,69 +251,113 @@ pub async fn run(h: NodeHandle<RecorderParams>) -> anyhow::Result<()> {
         tokio::select! {
             biased;
             _ = h.shutdown() => break,
+            pending = lifecycle.next() => {
+                let result = match pending.transition {
+                    Transition::Configure => prepare(&p, &v).map(|w| writer = Some(w)).map_err(|e| format!("{e:#}")),
+                    Transition::Activate => {
+                        active = true;
+                        Ok(())
+                    }
+                    Transition::Deactivate | Transition::Cleanup | Transition::Shutdown => {
+                        active = false;
+                        if let Some(w) = writer.as_mut() {
+                            let why = format!("`{}` transition: the episode ends here", pending.transition.label());
+                            let saved = save_episode(&mut rec, &w.sink, &mut sampler, &mut saving, &mut status, &mut skipped_no_image, &why);
+                            if let Some(Err(e)) = saved {
+                                warn!("{why}: the episode in progress could not be saved: {e}");
+                            }
+                            // The transition ends with the episode on disk (or the writer's reason why not).
+                            let wait = async {
+                                while saving.is_some() {
+                                    let Some(event) = w.events.next().await else { break };
+                                    on_sink_event(event, &mut rec, &mut saving, &mut status, &mut sampler);
+                                }
+                            };
+                            if tokio::time::timeout(SAVE_TIMEOUT, wait).await.is_err() {
+                                warn!("the writer is still saving after {SAVE_TIMEOUT:?}; it goes on in the background");
+                            }
+                        }
+                        if pending.transition != Transition::Deactivate {
+                            if let Some(w) = writer.take() {
+                                close(w, &mut rec, &mut saving, &mut status, &mut sampler);
+                            }
+                        }
+                        Ok(())
+                    }
+                };
+                lifecycle.finish(pending, result);
+            }
             Some(frame) = frames.next() => {
                 if rec.as_ref().is_some_and(|r| r.first.is_some()) && v.sampling.mode == SampleMode::Rate {
                     // Rate steps count from the episode's first frame.
                     sampler.start(ns(now));
                 }
-                skipped_no_image += take_waiting(&mut sink, &mut rec, &mut status, &frame, v.max_image_age, now);
+                if let Some(w) = writer.as_mut() {
+                    skipped_no_image += take_waiting(&mut w.sink, &mut rec, &mut status, &frame, v.max_image_age, now);
+                }
                 latest = LatestImage { frame: Some(frame), at: Some(now) };
             }
             Some(cmd) = cmds.next() => {
-                if let (Some(s), true) = (sampler.command(ns(now), cmd), rec.is_some()) {
-                    skipped_no_image += step(&mut sink, &mut rec, &mut status, &latest, v.max_image_age, now, s);
+                if let (Some(s), Some(w), true) = (sampler.command(ns(now), cmd), writer.as_mut(), rec.is_some()) {
+                    skipped_no_image += step(&mut w.sink, &mut rec, &mut status, &latest, v.max_image_age, now, s);
                 }
             }
             Some(msg) = instructions.next() => {
                 instruction = msg.data;
             }
             _ = tokio::time::sleep_until(tick_at.into()), if next_tick.is_some() => {
-                while let Some((_, s)) = sampler.tick_before(ns(now) + 1) {
-                    skipped_no_image += step(&mut sink, &mut rec, &mut status, &latest, v.max_image_age, now, s);
+                while let (Some((_, s)), Some(w)) = (sampler.tick_before(ns(now) + 1), writer.as_mut()) {
+                    skipped_no_image += step(&mut w.sink, &mut rec, &mut status, &latest, v.max_image_age, now, s);
                 }
             }
-            Some(event) = sink_events.next() => {
+            Some(event) = async { writer.as_mut().expect("guarded").events.next().await }, if writer.is_some() => {
                 on_sink_event(event, &mut rec, &mut saving, &mut status, &mut sampler);
             }
             Some(req) = start_srv.next() => {
-                let refused = if let Some(r) = &rec {
-                    Some(format!("already recording {}", r.name))
-                } else {
-                    let suffix = &p.scenario;
-                    let name = if req.message.episode_name.is_empty() {
-                        let secs = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-                        episode_name(&v.dir, &p.episode_prefix, secs, suffix)
-                    } else {
-                        req.message.episode_name.clone()
-                    };
-                    let text = [&req.message.instruction, &instruction, &p.instruction]
-                        .into_iter()
-                        .find(|s| !s.trim().is_empty())
-                        .cloned()
-                        .unwrap_or_default();
-                    let instruction = (!text.is_empty()).then(|| text.clone());
-                    let opts = WriteOptions::default()
-                        .gzip_level(v.gzip)
-                        .compression_threads(p.compression_threads as usize)
-                        .channel_order(v.order)
-                        .instruction(instruction.clone());
-                    match check_new_episode(&v.dir, &name, instruction.as_deref()) {
-                        Err(e) => Some(format!("cannot record: {e}")),
-                        Ok(()) => match sink.start(&v.dir, &name, opts) {
-                            Err(e) => Some(writer_stopped(&e, &mut status)),
-                            Ok(()) => {
-                                info!("recording {name}: \"{text}\"");
-                                // From rest: a key held before the start is a step at its next change.
-                                let first = sampler.start(ns(now));
-                                rec = Some(Recording { name, instruction: text, started: now, frames_queued: 0, first: Some(first), waiting: Vec::new(), pending: None });
-                                if let Some(f) = latest.fresh(now, v.max_image_age) {
-                                    take_waiting(&mut sink, &mut rec, &mut status, &f, v.max_image_age, now);
+                let refused = match (&rec, writer.as_ref().filter(|_| active)) {
+                    (_, None) => Some(format!(
+                        "recorder_node is {}: episodes start only while it is active (ros2 lifecycle set <node> activate)",
+                        lifecycle.state().label()
+                    )),
+                    (Some(r), _) => Some(format!("already recording {}", r.name)),
+                    (None, Some(w)) => {
+                        let sink = &w.sink;
+                        let suffix = &p.scenario;
+                        let name = if req.message.episode_name.is_empty() {
+                            let secs = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+                            episode_name(&v.dir, &p.episode_prefix, secs, suffix)
+                        } else {
+                            req.message.episode_name.clone()
+                        };
+                        let text = [&req.message.instruction, &instruction, &p.instruction]
+                            .into_iter()
+                            .find(|s| !s.trim().is_empty())
+                            .cloned()
+                            .unwrap_or_default();
+                        let instruction = (!text.is_empty()).then(|| text.clone());
+                        let opts = WriteOptions::default()
+                            .gzip_level(v.gzip)
+                            .compression_threads(p.compression_threads as usize)
+                            .channel_order(v.order)
+                            .instruction(instruction.clone());
+                        match check_new_episode(&v.dir, &name, instruction.as_deref()) {
+                            Err(e) => Some(format!("cannot record: {e}")),
+                            Ok(()) => match sink.start(&v.dir, &name, opts) {
+                                Err(e) => Some(writer_stopped(&e, &mut status)),
+                                Ok(()) => {
+                                    info!("recording {name}: \"{text}\"");
+                                    // From rest: a key held before the start is a step at its next change.
+                                    let first = sampler.start(ns(now));
+                                    rec = Some(Recording { name, instruction: text, started: now, frames_queued: 0, first: Some(first), waiting: Vec::new(), pending: None });
+                                    None
                                 }
-                                None
-                            }
-                        },
+                            },
+                        }
                     }
                 };
+                if let (None, Some(w), Some(f)) = (&refused, writer.as_mut(), latest.fresh(now, v.max_image_age)) {
+                    take_waiting(&mut w.sink, &mut rec, &mut status, &f, v.max_image_age, now);
+                }
                 match (refused, rec.as_mut()) {
                     (Some(message), _) => {
                         warn!("start_episode refused: {message}");
@@ -340,23 +369,13 @@ pub async fn run(h: NodeHandle<RecorderParams>) -> anyhow::Result<()> {
                 }
             }
             Some(req) = stop_srv.next() => {
-                let (success, message) = match rec.take() {
-                    Some(r) => {
-                        skipped_no_image += drop_waiting(&r);
-                        let d = now.duration_since(r.started).as_secs_f64();
-                        sampler.stop();
-                        if let Some(pending) = r.pending {
-                            respond_start(pending, false, "stopped before the writer opened the file".into(), r.name.clone());
-                        }
-                        match sink.finish(d) {
-                            Ok(()) => {
-                                info!("stopping {} after {d:.1} s ({} frames queued)", r.name, r.frames_queued);
-                                saving = Some(r.name.clone());
-                                (true, format!("saving {} ({} frames)", r.name, r.frames_queued))
-                            }
-                            Err(e) => (false, writer_stopped(&e, &mut status)),
-                        }
-                    }
+                let saved = writer.as_ref().and_then(|w| {
+                    save_episode(&mut rec, &w.sink, &mut sampler, &mut saving, &mut status, &mut skipped_no_image,
+                                 "stopped before the writer opened the file")
+                });
+                let (success, message) = match saved {
+                    Some(Ok(m)) => (true, m),
+                    Some(Err(e)) => (false, e),
                     None => (false, "not recording".to_string()),
                 };
                 if let Err(e) = req.respond(Trigger::Response { success, message }) {
@@ -364,39 +383,33 @@ pub async fn run(h: NodeHandle<RecorderParams>) -> anyhow::Result<()> {
                 }
             }
             Some(req) = discard_srv.next() => {
-                let (success, message) = match rec.take() {
-                    Some(r) => {
+                let (success, message) = match (rec.take(), writer.as_ref()) {
+                    (Some(r), Some(w)) => {
                         sampler.stop();
                         if let Some(pending) = r.pending {
                             respond_start(pending, false, "discarded before the writer opened the file".into(), r.name.clone());
                         }
-                        match sink.abort() {
+                        match w.sink.abort() {
                             Ok(()) => (true, format!("discarded {}", r.name)),
                             Err(e) => (false, writer_stopped(&e, &mut status)),
                         }
                     }
-                    None => (false, "not recording".to_string()),
+                    _ => (false, "not recording".to_string()),
                 };
                 if let Err(e) = req.respond(Trigger::Response { success, message }) {
                     warn!("discard_episode: cannot respond: {e}");
                 }
             }
             _ = status_tick.tick() => {
-                if let (Some(r), Some(limit)) = (&rec, v.idle_timeout) {
+                if let (Some(r), Some(limit), Some(w)) = (&rec, v.idle_timeout, writer.as_ref()) {
                     let idle = sampler.since_command(ns(now)).map_or_else(|| now.duration_since(r.started), Duration::from_nanos);
                     if idle > limit {
-                        let d = now.duration_since(r.started).as_secs_f64();
                         info!("{}: no command for {:.1} s, stopping", r.name, idle.as_secs_f64());
-                        skipped_no_image += drop_waiting(r);
-                        sampler.stop();
-                        match sink.finish(d) {
-                            Ok(()) => saving = Some(r.name.clone()),
-                            Err(e) => { writer_stopped(&e, &mut status); }
-                        }
-                        rec = None;
+                        save_episode(&mut rec, &w.sink, &mut sampler, &mut saving, &mut status, &mut skipped_no_image,
+                                     "stopped by the idle timeout before the writer opened the file");
                     }
                 }
-                publish_status(&h, &status_pub, &mut status, &sink, rec.as_ref(), saving.as_deref(), now);
+                publish_status(&h, &status_pub, &mut status, writer.as_ref().map(|w| &w.sink), rec.as_ref(), saving.as_deref(), now);
                 continue;
             }
         }
@@ -405,7 +418,7 @@ pub async fn run(h: NodeHandle<RecorderParams>) -> anyhow::Result<()> {
                 &h,
                 &status_pub,
                 &mut status,
-                &sink,
+                writer.as_ref().map(|w| &w.sink),
                 rec.as_ref(),
                 saving.as_deref(),
                 Instant::now(),
@@ -414,31 +427,21 @@ pub async fn run(h: NodeHandle<RecorderParams>) -> anyhow::Result<()> {
     }
 
     // A clean shutdown keeps the episode in progress: it is finished and saved.
-    if let Some(r) = rec.take() {
-        info!("shutting down: saving {}", r.name);
-        skipped_no_image += drop_waiting(&r);
-        if let Some(pending) = r.pending {
-            respond_start(
-                pending,
-                false,
-                "the node is shutting down".into(),
-                r.name.clone(),
-            );
-        }
-        if let Err(e) = sink.finish(Instant::now().duration_since(r.started).as_secs_f64()) {
-            writer_stopped(&e, &mut status);
-        }
-    }
-    let dropped = sink.dropped();
-    if let Err(e) = sink.close() {
-        writer_stopped(&e, &mut status);
-    }
-    while let Ok(event) = sink_events.try_recv() {
-        on_sink_event(event, &mut rec, &mut saving, &mut status, &mut sampler);
+    if let Some(w) = writer {
+        save_episode(
+            &mut rec,
+            &w.sink,
+            &mut sampler,
+            &mut saving,
+            &mut status,
+            &mut skipped_no_image,
+            "the node is shutting down",
+        );
+        close(w, &mut rec, &mut saving, &mut status, &mut sampler);
     }
     info!(
         "recorder_node: {} episode(s) saved, {} frame(s) dropped, {} step(s) without an image",
-        status.episodes_saved, dropped, skipped_no_image
+        status.episodes_saved, status.frames_dropped, skipped_no_image
     );
     Ok(())
 }

@@ -11,9 +11,14 @@
 //! `~/model_ready` (transient-local), which policy_node follows with `follow_trainer: true`.
 //! With `auto_finetune_after` > 0 a job starts by itself after that many new episodes saved by
 //! recorder_node (its `~/status`).
+//! A managed node ([`lifecycle`]): configure checks the parameters, goals (and the automatic
+//! trigger) are served only while active, and deactivate or shutdown stop a running job as a
+//! cancel does (checkpoint saved, the goal ends canceled saying why); `autostart` (the default)
+//! walks to active at start.
 //! One file over the usual size on purpose: the job protocol (goal, child process, progress lines,
 //! cancel, result) reads as one piece.
 
+use super::lifecycle::{self, Transition};
 use super::params::NodeParams;
 use super::runtime::NodeHandle;
 use super::status_qos;
@@ -30,6 +35,7 @@ use std::process::Stdio;
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
+use tokio::sync::watch;
 use tracing::{info, warn};
 
 pub const NAME: &str = "trainer_node";
@@ -38,6 +44,8 @@ pub const DEFAULTS: &str = include_str!("../../config/trainer_node.yaml");
 #[derive(Debug, Clone, Deserialize, RosParams)]
 #[serde(deny_unknown_fields)]
 pub struct TrainerParams {
+    /// Configure and activate at start; false: wait unconfigured for lifecycle transitions
+    pub autostart: bool,
     /// Training executable; empty = the `mobile_vla` next to this node's binary
     pub train_executable: String,
     /// Training config file used when a goal gives none (and by automatic jobs)
@@ -393,9 +401,38 @@ fn describe_exit(status: std::process::ExitStatus) -> String {
 
 type GoalRequest = r2r::ActionServerGoalRequest<Finetune::Action>;
 
+/// A job's stop signal: the node shutting down, or a lifecycle transition (its reason) leaving active.
+async fn stopped(
+    node: &NodeHandle<TrainerParams>,
+    mut stop: watch::Receiver<Option<&'static str>>,
+) {
+    tokio::select! {
+        _ = node.shutdown() => {}
+        _ = stop.wait_for(Option::is_some) => {}
+    }
+}
+
+/// The running job (one at a time), polled by the node's loop: r2r's goal handles cannot move to
+/// another thread. It yields the model directory to announce, if any.
+type RunningJob = Pin<Box<dyn Future<Output = Option<String>>>>;
+
+/// Configure: the parameters hold together and the training executable is there.
+fn configure(p: &TrainerParams) -> Result<PathBuf, String> {
+    p.validate()?;
+    let exe = executable(p);
+    // A bare name is looked up on PATH when the job starts; a path must exist now.
+    if exe.components().count() > 1 && !exe.is_file() {
+        return Err(format!(
+            "training executable {} not found: build it, or set `train_executable`",
+            exe.display()
+        ));
+    }
+    Ok(exe)
+}
+
 pub async fn run(h: NodeHandle<TrainerParams>) -> anyhow::Result<()> {
     let p = h.params();
-    let exe = executable(&p);
+    let mut lifecycle = lifecycle::start(&h, p.autostart)?;
     let (mut goals, ready_pub, mut status) = {
         let mut node = h.node();
         let name = node.name()?;
@@ -412,10 +449,18 @@ pub async fn run(h: NodeHandle<TrainerParams>) -> anyhow::Result<()> {
             status,
         )
     };
-    info!("trainer_node: serving finetune with {}", exe.display());
-    // The running job (one at a time), polled here: r2r's goal handles cannot move to another
-    // thread. It yields the model directory to announce, if any.
-    let mut running: Option<Pin<Box<dyn Future<Output = Option<String>>>>> = None;
+    let announce = |model: Option<String>| {
+        if let Some(dir) = model {
+            if let Err(e) = ready_pub.publish(&StringMsg { data: dir.clone() }) {
+                warn!("cannot announce {dir}: {e}");
+            }
+        }
+    };
+    // Configured: the training executable; active: goals and the automatic trigger are served.
+    let mut exe: Option<PathBuf> = None;
+    let mut active = false;
+    let (stop_tx, stop_rx) = watch::channel(None);
+    let mut running: Option<RunningJob> = None;
     let mut running_out = PathBuf::new();
     let mut episodes_seen: Option<u32> = None;
     let mut auto_pending = false;
@@ -423,33 +468,68 @@ pub async fn run(h: NodeHandle<TrainerParams>) -> anyhow::Result<()> {
     loop {
         let start: Option<(Job, Option<GoalRequest>)> = tokio::select! {
             _ = h.shutdown() => break,
+            pending = lifecycle.next() => {
+                let result = match pending.transition {
+                    Transition::Configure => configure(&p).map(|e| {
+                        info!("trainer_node: serving finetune with {}", e.display());
+                        exe = Some(e);
+                    }),
+                    Transition::Activate => {
+                        active = true;
+                        Ok(())
+                    }
+                    Transition::Deactivate | Transition::Cleanup | Transition::Shutdown => {
+                        active = false;
+                        // Re-armed on activate: episodes count from then.
+                        episodes_seen = None;
+                        auto_pending = false;
+                        if let Some(job) = running.take() {
+                            let why = if pending.transition == Transition::Deactivate { "deactivated" } else { "shut down" };
+                            info!("{why}: stopping the training job (it saves a checkpoint)");
+                            stop_tx.send_replace(Some(why));
+                            match tokio::time::timeout(SAVE_ON_SHUTDOWN, job).await {
+                                Ok(model) => announce(model),
+                                Err(_) => warn!("the training process did not stop in time: killed (its last checkpoint stays)"),
+                            }
+                        }
+                        if pending.transition != Transition::Deactivate {
+                            exe = None;
+                        }
+                        Ok(())
+                    }
+                };
+                lifecycle.finish(pending, result);
+                None
+            }
             model = async { running.as_mut().expect("guarded").await }, if running.is_some() => {
                 running = None;
-                if let Some(dir) = model {
-                    if let Err(e) = ready_pub.publish(&StringMsg { data: dir.clone() }) {
-                        warn!("cannot announce {dir}: {e}");
-                    }
-                }
+                announce(model);
                 None
             }
             Some(req) = goals.next() => {
-                if running.is_some() {
-                    let reason = format!("busy: the job writing {} is running; one job at a time", running_out.display());
-                    warn!("goal refused: {reason}");
-                    abort_request(req, reason);
-                    None
+                let refused = if !active {
+                    Some(format!(
+                        "trainer_node is {}: goals are accepted only while it is active (ros2 lifecycle set <node> activate)",
+                        lifecycle.state().label()
+                    ))
+                } else if running.is_some() {
+                    Some(format!("busy: the job writing {} is running; one job at a time", running_out.display()))
                 } else {
-                    match Job::from_goal(&req.goal, &p, &run_name()) {
-                        Ok(job) => Some((job, Some(req))),
-                        Err(reason) => {
-                            warn!("goal refused: {reason}");
-                            abort_request(req, reason);
-                            None
-                        }
+                    None
+                };
+                match refused.map_or_else(|| Job::from_goal(&req.goal, &p, &run_name()), Err) {
+                    Ok(job) => Some((job, Some(req))),
+                    Err(reason) => {
+                        warn!("goal refused: {reason}");
+                        abort_request(req, reason);
+                        None
                     }
                 }
             }
-            Some(s) = status.next() => {
+            // Armed while active only: episodes saved before activation do not count.
+            Some(s) = status.next() => if !active {
+                None
+            } else {
                 let saved = s.episodes_saved;
                 let base = *episodes_seen.get_or_insert(saved);
                 if saved >= base + p.auto_finetune_after {
@@ -471,17 +551,20 @@ pub async fn run(h: NodeHandle<TrainerParams>) -> anyhow::Result<()> {
                 }
             }
         };
-        let Some((job, req)) = start else { continue };
+        let (Some((job, req)), Some(exe)) = (start, exe.clone()) else {
+            continue;
+        };
         running_out = job.out.clone();
-        let exe = exe.clone();
-        let stop = h.clone();
+        stop_tx.send_replace(None);
+        let stop = stop_rx.clone();
+        let node = h.clone();
         running = Some(Box::pin(async move {
             match req {
-                Some(req) => serve_goal(&exe, &job, req, &stop).await,
+                Some(req) => serve_goal(&exe, &job, req, &node, stop).await,
                 None => {
                     let mut no_cancel =
                         futures::stream::pending::<r2r::ActionServerCancelRequest>();
-                    match run_job(&exe, &job, |_| {}, &mut no_cancel, stop.shutdown()).await {
+                    match run_job(&exe, &job, |_| {}, &mut no_cancel, stopped(&node, stop)).await {
                         Outcome::Done(r) => Some(r.model_dir),
                         Outcome::Cancelled(_) => None,
                         Outcome::Failed(reason) => {
@@ -529,6 +612,7 @@ async fn serve_goal(
     job: &Job,
     req: GoalRequest,
     node: &NodeHandle<TrainerParams>,
+    stop: watch::Receiver<Option<&'static str>>,
 ) -> Option<String> {
     let (mut g, mut cancel) = match req.accept() {
         Ok(x) => x,
@@ -547,7 +631,7 @@ async fn serve_goal(
             }
         },
         &mut cancel,
-        node.shutdown(),
+        stopped(node, stop.clone()),
     )
     .await;
     let (sent, model) = match outcome {
@@ -561,7 +645,15 @@ async fn serve_goal(
             r.message = format!("trainer_node shut down: {}", r.message);
             (g.abort(r), None)
         }
-        Outcome::Cancelled(r) => (g.cancel(r), None),
+        // A client's cancel, or a lifecycle transition (deactivate, shutdown): canceled either
+        // way, the message saying which. (r2r's `cancel` sends the CANCELED result without a
+        // client's request; only the status topic keeps showing the goal as executing.)
+        Outcome::Cancelled(mut r) => {
+            if let Some(why) = *stop.borrow() {
+                r.message = format!("trainer_node {why}: {}", r.message);
+            }
+            (g.cancel(r), None)
+        }
         Outcome::Failed(reason) => {
             warn!("fine-tuning failed: {reason}");
             (

@@ -133,3 +133,58 @@ def call_service(node, client, request, timeout=20.0, resend=3.0):
         client.remove_pending_request(fut)
         if time.monotonic() >= deadline:
             return None
+
+
+class LifecycleClient:
+    """`ros2 lifecycle` from rclpy: the lifecycle_msgs services and `~/transition_event` of the
+    managed node `name` (e.g. "/recorder_node")."""
+
+    # The events of configure, activate, deactivate, cleanup and shutdown, in that order.
+    WHOLE_CYCLE = (("unconfigured", "configuring"), ("configuring", "inactive"), ("inactive", "activating"),
+                   ("activating", "active"), ("active", "deactivating"), ("deactivating", "inactive"),
+                   ("inactive", "cleaningup"), ("cleaningup", "unconfigured"), ("unconfigured", "shuttingdown"),
+                   ("shuttingdown", "finalized"))
+
+    def __init__(self, node, name: str, proc):
+        from lifecycle_msgs.msg import Transition, TransitionEvent
+        from lifecycle_msgs.srv import ChangeState, GetAvailableTransitions, GetState
+
+        self.node, self.proc = node, proc
+        self.events = []
+        node.create_subscription(TransitionEvent, f"{name}/transition_event", self.events.append, 10)
+        self.change_state = node.create_client(ChangeState, f"{name}/change_state")
+        self.get_state = node.create_client(GetState, f"{name}/get_state")
+        self.transitions = node.create_client(GetAvailableTransitions, f"{name}/get_available_transitions")
+        assert spin_until(node, self.get_state.service_is_ready, timeout=60), f"{name} has no lifecycle:\n{proc.output()}"
+        # Transitions are not safe to repeat: settle the reply path of change_state with a request
+        # the node refuses (an unknown transition), repeated until it is answered.
+        warm = ChangeState.Request(transition=Transition(label="warm_up"))
+        assert call_service(node, self.change_state, warm, timeout=60) is not None, proc.output()
+
+    def call(self, client, request, timeout=30.0):
+        """A service call; requests other than transitions are resent until answered."""
+        assert client.wait_for_service(timeout_sec=10), f"no service:\n{self.proc.output()}"
+        resend = timeout if client is self.change_state else 3.0
+        resp = call_service(self.node, client, request, timeout=timeout, resend=resend)
+        assert resp is not None, f"no answer:\n{self.proc.output()}"
+        return resp
+
+    def transition(self, label: str, timeout=30.0) -> bool:
+        from lifecycle_msgs.srv import ChangeState
+
+        req = ChangeState.Request()
+        req.transition.label = label
+        return self.call(self.change_state, req, timeout=timeout).success
+
+    def state(self) -> str:
+        from lifecycle_msgs.srv import GetState
+
+        return self.call(self.get_state, GetState.Request()).current_state.label
+
+    def saw(self, *steps) -> bool:
+        """Spins until the transition events include `steps` [(start label, goal label)] in order."""
+        def found():
+            seen = iter([(e.start_state.label, e.goal_state.label) for e in self.events])
+            return all(s in seen for s in steps)
+
+        return spin_until(self.node, found, timeout=10)

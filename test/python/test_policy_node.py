@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, bin_path, call_service, spin_until
+from conftest import REPO, LifecycleClient, bin_path, spin_until
 
 FIXTURE = REPO / "test" / "fixtures" / "policy" / "native"
 W, H = 8, 6
@@ -65,8 +65,6 @@ class Peer:
 
     def __init__(self, node, proc):
         from geometry_msgs.msg import TwistStamped
-        from lifecycle_msgs.msg import TransitionEvent
-        from lifecycle_msgs.srv import ChangeState, GetAvailableTransitions, GetState
         from mobile_vla.msg import ActionChunk
         from mobile_vla.srv import LoadModel
         from rcl_interfaces.srv import SetParameters
@@ -79,31 +77,22 @@ class Peer:
         self.image = node.create_publisher(Image, "image", 10)
         self.e_stop = node.create_publisher(Bool, "e_stop", 10)
         self.heartbeat = node.create_publisher(Bool, "deadman", 10)
-        self.cmds, self.chunks, self.events = [], [], []
+        self.cmds, self.chunks = [], []
         node.create_subscription(TwistStamped, "cmd_vel", lambda m: self.cmds.append((time.monotonic(), m)), 100)
         node.create_subscription(ActionChunk, "/policy_node/action_chunk",
                                  lambda m: self.chunks.append((time.monotonic(), m)), 100)
-        node.create_subscription(TransitionEvent, "/policy_node/transition_event", self.events.append, 10)
         srv = lambda t, n: node.create_client(t, f"/policy_node/{n}")  # noqa: E731
-        self.change_state = srv(ChangeState, "change_state")
-        self.get_state = srv(GetState, "get_state")
-        self.transitions = srv(GetAvailableTransitions, "get_available_transitions")
         self.enable = srv(SetBool, "enable")
         self.reset_e_stop = srv(Trigger, "reset_e_stop")
         self.reset = srv(Trigger, "reset")
         self.load_model = srv(LoadModel, "load_model")
         self.set_params = srv(SetParameters, "set_parameters")
         self.instr_qos = QoSProfile(depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL)
-        ok = spin_until(node, lambda: self.image.get_subscription_count() > 0 and self.get_state.service_is_ready(),
-                        timeout=60)
+        ok = spin_until(node, lambda: self.image.get_subscription_count() > 0, timeout=60)
         assert ok, f"policy_node never came up:\n{proc.output()}"
-        # Transitions are not safe to repeat: settle the reply path of change_state with a request
-        # the node refuses (an unknown transition), repeated until it is answered.
-        from lifecycle_msgs.msg import Transition
-        from lifecycle_msgs.srv import ChangeState
-
-        warm = ChangeState.Request(transition=Transition(label="warm_up"))
-        assert call_service(node, self.change_state, warm, timeout=60) is not None, proc.output()
+        self.lifecycle = LifecycleClient(node, "/policy_node", proc)
+        self.events, self.transitions = self.lifecycle.events, self.lifecycle.transitions
+        self.call, self.transition, self.state = self.lifecycle.call, self.lifecycle.transition, self.lifecycle.state
 
     def now(self) -> float:
         return self.node.get_clock().now().nanoseconds * 1e-9
@@ -137,26 +126,6 @@ class Peer:
             out.append(self.chunk_for(stamp))
             self.pause(period)
         return out
-
-    def call(self, client, request, timeout=30.0):
-        """A service call; requests other than transitions are resent until answered."""
-        assert client.wait_for_service(timeout_sec=10), f"no service:\n{self.proc.output()}"
-        resend = timeout if client is self.change_state else 3.0
-        resp = call_service(self.node, client, request, timeout=timeout, resend=resend)
-        assert resp is not None, f"no answer:\n{self.proc.output()}"
-        return resp
-
-    def transition(self, label: str) -> bool:
-        from lifecycle_msgs.srv import ChangeState
-
-        req = ChangeState.Request()
-        req.transition.label = label
-        return self.call(self.change_state, req).success
-
-    def state(self) -> str:
-        from lifecycle_msgs.srv import GetState
-
-        return self.call(self.get_state, GetState.Request()).current_state.label
 
     def set_param(self, name: str, value: float):
         from rcl_interfaces.msg import Parameter, ParameterType, ParameterValue

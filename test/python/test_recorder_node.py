@@ -10,7 +10,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from conftest import bin_path, call_service, spin_until
+from conftest import LifecycleClient, bin_path, call_service, spin_until
 
 W, H = 8, 6
 
@@ -373,6 +373,76 @@ def test_start_episode_answers_the_real_outcome(start_node, rclpy_node, tmp_path
     assert RecordingStatus.SAVING in states, states
     assert states.index(RecordingStatus.SAVING) < len(states) - 1 - states[::-1].index(RecordingStatus.IDLE)
     assert [f.name for f in wait_for_file(out, "fine.h5")] == ["fine.h5"]
+    assert proc.stop() == 0, proc.output()
+
+
+def test_lifecycle_deactivate_saves_the_episode(start_node, rclpy_node, tmp_path):
+    """A managed recorder (autostart:=false) as lifecycle_manager drives it: unconfigured and
+    inactive refuse episodes naming the state; configure prepares output_dir, activate records;
+    deactivate, and shutdown from active, save the episode in progress before they return."""
+    from mobile_vla.srv import StartEpisode
+
+    out = tmp_path / "episodes"
+    proc = start_node("recorder_node", "--ros-args", "-p", f"output_dir:={out}", "-p", "autostart:=false",
+                      "-p", "instruction:=managed recording")
+    c = Client(rclpy_node)
+    c.wait_ready(proc)
+    lc = LifecycleClient(rclpy_node, "/recorder_node", proc)
+    assert lc.state() == "unconfigured"
+    resp = c.call(c.start, StartEpisode.Request(episode_name="early"))
+    assert not resp.success and "unconfigured" in resp.message, resp.message
+    # A configure that fails (output_dir is a file) returns to unconfigured and logs why.
+    out.write_bytes(b"")
+    assert not lc.transition("configure") and lc.state() == "unconfigured"
+    assert "cannot create output_dir" in proc.output(), proc.output()
+    out.unlink()
+
+    assert lc.transition("configure") and lc.state() == "inactive"
+    assert out.is_dir()
+    resp = c.call(c.start, StartEpisode.Request(episode_name="early"))
+    assert not resp.success and "inactive" in resp.message, resp.message
+
+    assert lc.transition("activate") and lc.state() == "active"
+    frame = bgr_frame(5)
+    for _ in range(3):
+        c.send_image(frame)
+        c.pause(0.1)
+    resp = c.call(c.start, StartEpisode.Request(episode_name="managed_ep"))
+    assert resp.success, resp.message
+    c.send_cmd(0.5, 0.0, 0.0)
+    c.pause(0.3)
+    c.send_cmd(0.0, 0.0, 0.0)
+    c.pause(0.3)
+
+    # Deactivate ends the episode as stop_episode does: saved, on disk when the transition returns.
+    assert lc.transition("deactivate") and lc.state() == "inactive"
+    assert sorted(f.name for f in out.glob("*.h5")) == ["managed_ep.h5"], proc.output()
+    validate = subprocess.run([str(bin_path("mobile_vla")), "dataset", "validate", str(out)],
+                              capture_output=True, text=True)
+    assert validate.returncode == 0, validate.stdout + validate.stderr
+    with h5py.File(out / "managed_ep.h5", "r") as f:
+        events = [e.decode() if isinstance(e, bytes) else e for e in f["action_event_types"][:]]
+        assert events == ["episode_start", "start_action", "stop_action"], events
+        assert f["language_instruction"][0].decode() == "managed recording"
+    resp = c.call(c.start, StartEpisode.Request(episode_name="late"))
+    assert not resp.success and "inactive" in resp.message, resp.message
+
+    assert lc.transition("cleanup") and lc.state() == "unconfigured"
+
+    # Shutdown from active saves the episode in progress first.
+    assert lc.transition("configure") and lc.transition("activate")
+    for _ in range(3):
+        c.send_image(frame)
+        c.pause(0.1)
+    assert c.call(c.start, StartEpisode.Request(episode_name="last_ep")).success
+    c.send_cmd(0.0, 0.5, 0.0)
+    c.pause(0.3)
+    assert lc.transition("shutdown") and lc.state() == "finalized"
+    assert sorted(f.name for f in out.glob("*.h5")) == ["last_ep.h5", "managed_ep.h5"], proc.output()
+    with h5py.File(out / "last_ep.h5", "r") as f:
+        assert f.attrs["num_frames"] == 2
+    assert lc.saw(*lc.WHOLE_CYCLE[:8], ("active", "shuttingdown"), ("shuttingdown", "finalized")), \
+        [(e.start_state.label, e.goal_state.label) for e in lc.events]
     assert proc.stop() == 0, proc.output()
 
 

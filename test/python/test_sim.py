@@ -72,7 +72,7 @@ def test_expert_succeeds_and_zero_policy_times_out(start_node, sim_client):
 
     proc = start_sim(start_node)
     assert sim_client.wait_ready(30), proc.output()
-    for task, seed in (("1box_hori_left", 1000), ("1box_hori_right", 1000), ("blue_box", 1001)):
+    for task, seed in (("1box_hori_left", 1000), ("1box_hori_right", 1000), ("blue_box", 1001), ("go_to_cup", 1000)):
         r = sim_client.drive(Expert(sim_client.reset(task, seed)))
         assert r.outcome["outcome"] == "success", (task, seed, r.outcome, proc.output())
         assert r.presses >= 3 and r.track[-1][1] > r.track[0][1] + 1.0  # it drove forward

@@ -17,7 +17,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import REPO, bin_path, spin_until
+from conftest import REPO, LifecycleClient, bin_path, spin_until
 
 BACKBONE = REPO / "test/fixtures/policy/hf_robovlms7"
 INSTRUCTION = "Navigate around the obstacle on the left side and reach the cup"
@@ -104,7 +104,7 @@ def png(rgb: np.ndarray) -> bytes:
 
 
 class Client:
-    def __init__(self, node, proc):
+    def __init__(self, node, proc, refusal="dataset_dir"):
         from mobile_vla.action import Finetune
         from rclpy.action import ActionClient
 
@@ -112,12 +112,13 @@ class Client:
         self.client = ActionClient(node, Finetune, "/trainer_node/finetune")
         assert spin_until(node, lambda: self.client.server_is_ready()), proc.output()
         self.feedback = []  # (arrival time, Feedback)
-        self.handshake()
+        self.handshake(refusal)
 
-    def handshake(self, timeout=30.0):
+    def handshake(self, refusal, timeout=30.0):
         """Discovery is asymmetric: the server may not yet have matched our reply readers when it
-        looks ready. A goal refused at once (empty dataset_dir) is resent until its result arrives,
-        which proves both directions of the goal and result services."""
+        looks ready. A goal refused at once (empty dataset_dir, or any goal while not active: the
+        reason names `refusal`) is resent until its result arrives, which proves both directions
+        of the goal and result services."""
         from action_msgs.msg import GoalStatus
 
         deadline = time.monotonic() + timeout
@@ -128,7 +129,7 @@ class Client:
             res = sent.result().get_result_async()
             if spin_until(self.node, res.done, timeout=3):
                 r = res.result()
-                assert r.status == GoalStatus.STATUS_ABORTED and "dataset_dir" in r.result.message, r.result.message
+                assert r.status == GoalStatus.STATUS_ABORTED and refusal in r.result.message, r.result.message
                 return
         raise AssertionError(f"no answer from trainer_node within {timeout} s:\n{self.proc.output()}")
 
@@ -296,4 +297,91 @@ def test_goal_errors_name_what_to_fix(start_node, rclpy_node, tmp_path, job):
                         init_model_dir=str(model), output_dir=str(tmp_path / "run")))
     assert r.status == GoalStatus.STATUS_ABORTED and str(tmp_path / "none") in r.result.message, r.result.message
     assert os.path.isdir(tmp_path) and proc.alive()
+    assert proc.stop() == 0, proc.output()
+
+
+def test_lifecycle_deactivate_stops_the_job_with_a_checkpoint(start_node, rclpy_node, tmp_path, job):
+    """A managed trainer (autostart:=false): goals are refused naming the state until configure →
+    activate; deactivate stops a running job as a cancel does (checkpoint saved, the goal ends
+    canceled saying it was deactivated) and refuses new goals; cleanup and shutdown end it."""
+    from action_msgs.msg import GoalStatus
+
+    episodes, model = job
+    proc = start_trainer(start_node, tmp_path, "autostart:=false")
+    lc = LifecycleClient(rclpy_node, "/trainer_node", proc)
+    c = Client(rclpy_node, proc, refusal="trainer_node is unconfigured")
+    assert lc.state() == "unconfigured"
+    out = tmp_path / "run_managed"
+    goal = dict(dataset_dir=str(episodes), config=TRAIN_YAML.format(steps=100000, ckpt=0), output_dir=str(out),
+                init_model_dir=str(model))
+    assert lc.transition("configure") and lc.state() == "inactive"
+    r = c.result(c.send(**goal))
+    assert r.status == GoalStatus.STATUS_ABORTED and "inactive" in r.result.message, r.result.message
+    assert not out.exists()
+
+    assert lc.transition("activate") and lc.state() == "active"
+    handle = c.send(**goal)
+    assert handle.accepted
+    training = lambda: any(f.phase == "training" and f.step >= 3 for _, f in c.feedback)  # noqa: E731
+    assert spin_until(rclpy_node, training, timeout=60), proc.output()
+    # Deactivate returns once the training process has saved its checkpoint and exited.
+    assert lc.transition("deactivate", timeout=90) and lc.state() == "inactive"
+    r = c.result(handle)
+    assert r.status == GoalStatus.STATUS_CANCELED, (r.status, r.result.message, proc.output())
+    assert "deactivated" in r.result.message, r.result.message
+    ckpt = Path(r.result.checkpoint_path)
+    assert ckpt.is_dir() and ckpt.parent == out / "checkpoints", r.result
+    assert out / json.loads((out / "checkpoint.json").read_text())["checkpoint"] == ckpt
+    r = c.result(c.send(**goal))
+    assert r.status == GoalStatus.STATUS_ABORTED and "inactive" in r.result.message, r.result.message
+
+    assert lc.transition("cleanup") and lc.state() == "unconfigured"
+    assert lc.transition("shutdown") and lc.state() == "finalized"
+    assert lc.saw(*lc.WHOLE_CYCLE), [(e.start_state.label, e.goal_state.label) for e in lc.events]
+    assert proc.alive() and proc.stop() == 0, proc.output()
+
+
+def test_autostart_stops_at_a_failing_configure(start_node, rclpy_node, tmp_path):
+    proc = start_trainer(start_node, tmp_path, f"train_executable:={tmp_path / 'missing'}")
+    lc = LifecycleClient(rclpy_node, "/trainer_node", proc)
+    assert lc.state() == "unconfigured"
+    assert "train_executable" in proc.output() and proc.alive(), proc.output()
+    assert proc.stop() == 0, proc.output()
+
+
+def test_auto_finetune_is_armed_on_activate(start_node, rclpy_node, tmp_path, job):
+    """auto_finetune_after counts recorder_node's saved episodes while active only: those saved
+    before activate start nothing; that many more after it start a job whose model is announced."""
+    from mobile_vla.msg import RecordingStatus
+    from rclpy.qos import DurabilityPolicy, QoSProfile
+    from std_msgs.msg import String
+
+    episodes, model = job
+    config = tmp_path / "auto.yaml"
+    config.write_text(TRAIN_YAML.format(steps=4, ckpt=0))
+    proc = start_trainer(start_node, tmp_path, "autostart:=false", "auto_finetune_after:=2",
+                         f"auto_dataset_dir:={episodes}", f"auto_init_model_dir:={model}", f"config:={config}")
+    lc = LifecycleClient(rclpy_node, "/trainer_node", proc)
+    qos = QoSProfile(depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL)
+    status = rclpy_node.create_publisher(RecordingStatus, "/recorder_node/status", qos)
+    ready = []
+    rclpy_node.create_subscription(String, "/trainer_node/model_ready", lambda m: ready.append(m.data), qos)
+    assert spin_until(rclpy_node, lambda: status.get_subscription_count() > 0, timeout=30), proc.output()
+
+    def saved(n):
+        status.publish(RecordingStatus(episodes_saved=n))
+        spin_until(rclpy_node, lambda: False, timeout=0.3)
+
+    assert lc.transition("configure")
+    saved(0)
+    saved(5)  # inactive: not counted
+    assert lc.transition("activate")
+    saved(5)  # the count starts here
+    saved(6)
+    spin_until(rclpy_node, lambda: False, timeout=0.5)
+    assert not (tmp_path / "runs").exists(), proc.output()
+    saved(7)
+    assert spin_until(rclpy_node, lambda: ready, timeout=60), proc.output()
+    assert Path(ready[0]).name == "model" and Path(ready[0]).parent.parent == tmp_path / "runs", ready
+    assert "2 new episode(s)" in proc.output()
     assert proc.stop() == 0, proc.output()

@@ -207,16 +207,51 @@ pub(super) fn on_sink_event(
     }
 }
 
+/// Ends the episode in progress and has the writer save it, as `~/stop_episode` does; the idle
+/// timeout, deactivate and shutdown end an episode the same way, so none loses recorded data.
+/// `why` answers a start request still waiting for the writer. `None` when nothing was recorded.
+pub(super) fn save_episode(
+    rec: &mut Option<Recording>,
+    sink: &RecordingSink,
+    sampler: &mut Sampler,
+    saving: &mut Option<String>,
+    status: &mut RecordingStatus,
+    skipped: &mut u64,
+    why: &str,
+) -> Option<Result<String, String>> {
+    let r = rec.take()?;
+    *skipped += drop_waiting(&r);
+    sampler.stop();
+    if let Some(pending) = r.pending {
+        respond_start(pending, false, why.to_string(), r.name.clone());
+    }
+    let d = r.started.elapsed().as_secs_f64();
+    Some(match sink.finish(d) {
+        Ok(()) => {
+            info!(
+                "stopping {} after {d:.1} s ({} frames queued)",
+                r.name, r.frames_queued
+            );
+            *saving = Some(r.name.clone());
+            Ok(format!("saving {} ({} frames)", r.name, r.frames_queued))
+        }
+        Err(e) => Err(writer_stopped(&e, status)),
+    })
+}
+
 pub(super) fn publish_status(
     h: &NodeHandle<RecorderParams>,
     publisher: &r2r::Publisher<RecordingStatus>,
     status: &mut RecordingStatus,
-    sink: &RecordingSink,
+    sink: Option<&RecordingSink>,
     rec: Option<&Recording>,
     saving: Option<&str>,
     now: Instant,
 ) {
-    status.frames_dropped = u32::try_from(sink.dropped()).unwrap_or(u32::MAX);
+    // Without a writer (not configured) the last count stays.
+    if let Some(sink) = sink {
+        status.frames_dropped = u32::try_from(sink.dropped()).unwrap_or(u32::MAX);
+    }
     match (rec, saving) {
         (Some(r), _) => {
             status.state = RecordingStatus::RECORDING as u8;

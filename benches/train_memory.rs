@@ -7,6 +7,7 @@
 //! prints estimate vs measured and the ratio. `MOBILE_VLA_BENCH_SHAPES` (default `tiny,small`)
 //! picks the shapes.
 
+mod child;
 mod train_setup;
 
 use anyhow::{Context, Result};
@@ -73,6 +74,7 @@ fn run_case(shape: &Shape, rung: Rung) -> Result<()> {
 }
 
 fn main() -> Result<()> {
+    child::default_threads();
     let args: Vec<String> = std::env::args().collect();
     if let Some(i) = args.iter().position(|a| a == "--case") {
         let (shape, strategy) = (&args[i + 1], &args[i + 2]);
@@ -105,7 +107,7 @@ fn main() -> Result<()> {
             let mut cmd = Command::new(&exe);
             cmd.args(["--case", shape.name, rung.strategy_name()])
                 .env("RUST_LOG", "warn");
-            let v = train_setup::run_json_child(cmd, &format!("{} {}", shape.name, rung.name()))?;
+            let v = child::run_json_child(cmd, &format!("{} {}", shape.name, rung.name()))?;
             let mib = |k: &str| mib(v[k].as_f64().unwrap_or(f64::NAN));
             println!(
                 "{:<6} {:<22} {:>9.0}Mi {:>9.0}Mi {:>7.3}   (training {:.0}Mi, load {:.0}Mi, activations {:.0}Mi; {:.1} s)",

@@ -15,6 +15,7 @@
 //! `MOBILE_VLA_TORCH_PYTHON` names the interpreter with torch + transformers + peft (default the
 //! repository's `.cache/torch-venv`); without one only candle runs.
 
+mod child;
 mod train_setup;
 
 use anyhow::{bail, Context, Result};
@@ -176,13 +177,7 @@ fn torch_python() -> Option<PathBuf> {
 }
 
 fn main() -> Result<()> {
-    // Read by candle on first use; children inherit them (see `policy_step`).
-    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
-        std::env::set_var("RAYON_NUM_THREADS", "2");
-    }
-    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
-        std::env::set_var("CANDLE_NUM_THREADS", "1");
-    }
+    child::default_threads();
     let args: Vec<String> = std::env::args().collect();
     if let Some(i) = args.iter().position(|a| a == "--case") {
         let name = args
@@ -223,10 +218,10 @@ fn main() -> Result<()> {
     for (name, _) in STRATEGIES {
         let mut cmd = Command::new(&exe);
         cmd.args(["--case", name]).env("RUST_LOG", "warn");
-        let mut rows = vec![train_setup::run_json_child(cmd, &format!("candle {name}"))?];
+        let mut rows = vec![child::run_json_child(cmd, &format!("candle {name}"))?];
         if let Some(py) = &python {
             let cmd = torch_command(py, name, shape, &ids)?;
-            rows.push(train_setup::run_json_child(cmd, &format!("torch {name}"))?);
+            rows.push(child::run_json_child(cmd, &format!("torch {name}"))?);
         }
         let f = |r: &serde_json::Value, k: &str| r[k].as_f64().unwrap_or(f64::NAN);
         for r in &rows {

@@ -1,8 +1,7 @@
 //! What the training benches (`train_memory`, `train_speed`) share: the model shapes, a model
-//! directory with random weights and generated episodes to train on, and the child-process protocol
-//! (each case runs in its own process so that its peak RSS is its own, and prints one JSON line).
+//! directory with random weights and generated episodes to train on.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use candle_core::{DType, Device};
 use candle_nn::{VarBuilder, VarMap};
 use mobile_vla::data::episode::{EpisodeWriter, EventType, WriteOptions};
@@ -13,7 +12,6 @@ use mobile_vla::model::tokenizer::PromptTokenizer;
 use mobile_vla::model::{Policy, PolicyConfig};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 /// Every episode's instruction.
 pub const INSTRUCTION: &str = "go to the red box";
@@ -119,27 +117,6 @@ pub fn prepare(shape: &Shape, dir: &Path, episodes: usize) -> Result<()> {
         w.finish(shape.window as f64 * 0.4)?;
     }
     Ok(())
-}
-
-/// Runs a case's child process and returns the last JSON line it printed on stdout.
-pub fn run_json_child(mut cmd: Command, what: &str) -> Result<serde_json::Value> {
-    let out = cmd
-        .output()
-        .with_context(|| format!("cannot start {what}"))?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    if !out.status.success() {
-        bail!(
-            "{what} failed ({}):\n{stdout}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    let line = stdout
-        .lines()
-        .rev()
-        .find(|l| l.starts_with('{'))
-        .with_context(|| format!("{what} printed no JSON line:\n{stdout}"))?;
-    Ok(serde_json::from_str(line)?)
 }
 
 pub fn mib(bytes: f64) -> f64 {

@@ -100,6 +100,13 @@ mod in_place {
         }
     }
 
+    fn data_mut<'a>(s: &'a mut CpuStorage, l: &Layout) -> Result<&'a mut [f32]> {
+        match (s, l.contiguous_offsets()) {
+            (CpuStorage::F32(d), Some((a, b))) => Ok(&mut d[a..b]),
+            _ => bail!("adamw: needs contiguous f32 tensors on the CPU"),
+        }
+    }
+
     /// `f(dst, src…)` for every element.
     struct Elementwise<F>(F);
 
@@ -115,10 +122,7 @@ mod in_place {
             s: &CpuStorage,
             l: &Layout,
         ) -> Result<()> {
-            let (CpuStorage::F32(d), Some((a, b))) = (dst, dst_l.contiguous_offsets()) else {
-                bail!("adamw: needs contiguous f32 tensors on the CPU");
-            };
-            for (x, &g) in d[a..b].iter_mut().zip(data(s, l)?) {
+            for (x, &g) in data_mut(dst, dst_l)?.iter_mut().zip(data(s, l)?) {
                 (self.0)(x, g);
             }
             Ok(())
@@ -139,10 +143,8 @@ mod in_place {
             s2: &CpuStorage,
             l2: &Layout,
         ) -> Result<()> {
-            let (CpuStorage::F32(d), Some((a, b))) = (dst, dst_l.contiguous_offsets()) else {
-                bail!("adamw: needs contiguous f32 tensors on the CPU");
-            };
-            for ((x, &m), &v) in d[a..b].iter_mut().zip(data(s1, l1)?).zip(data(s2, l2)?) {
+            let dst = data_mut(dst, dst_l)?;
+            for ((x, &m), &v) in dst.iter_mut().zip(data(s1, l1)?).zip(data(s2, l2)?) {
                 (self.0)(x, m, v);
             }
             Ok(())

@@ -12,6 +12,8 @@
 //! - `RAYON_NUM_THREADS` (default 2) sets the threads of both frameworks' matmuls;
 //!   `CANDLE_NUM_THREADS` (default 1 here) those of candle's element-wise ops.
 
+mod child;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -279,27 +281,10 @@ fn run_case(root: &Path, spec: &ShapeSpec, dtype_name: &str) -> Result<CaseResul
     })
 }
 
-/// Runs a child command that prints one JSON result line (the last line starting with `{`).
-fn run_child(mut cmd: Command, what: &str) -> Result<CaseResult> {
+/// Runs a case's child process (one JSON result line).
+fn run_child(cmd: Command, what: &str) -> Result<CaseResult> {
     eprintln!("[bench] {what} …");
-    let out = cmd
-        .output()
-        .with_context(|| format!("cannot start {what}"))?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    if !out.status.success() {
-        bail!(
-            "{what} failed ({}):\n{}{}",
-            out.status,
-            stdout,
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    let line = stdout
-        .lines()
-        .rev()
-        .find(|l| l.starts_with('{'))
-        .with_context(|| format!("{what} printed no JSON result:\n{stdout}"))?;
-    let r: CaseResult = serde_json::from_str(line)?;
+    let r: CaseResult = serde_json::from_value(child::run_json_child(cmd, what)?)?;
     eprintln!(
         "[bench] {what}: median {:.4} s, min {:.4} s, peak RSS {:.2} GB",
         r.median_s,
@@ -365,15 +350,7 @@ fn print_table(results: &[CaseResult]) {
 
 fn main() -> Result<()> {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    // Read by candle on first use; children inherit them. Matmuls use RAYON_NUM_THREADS; candle's
-    // element-wise pool stays single-threaded unless CANDLE_NUM_THREADS says otherwise, because its
-    // workers spin-wait between ops, which starves the matmul threads on a 2-core machine.
-    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
-        std::env::set_var("RAYON_NUM_THREADS", "2");
-    }
-    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
-        std::env::set_var("CANDLE_NUM_THREADS", "1");
-    }
+    child::default_threads();
     let args: Vec<String> = std::env::args().collect();
     if let Some(i) = args.iter().position(|a| a == "--case") {
         let (shape, dtype) = match (args.get(i + 1), args.get(i + 2)) {

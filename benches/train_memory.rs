@@ -7,55 +7,20 @@
 //! prints estimate vs measured and the ratio. `MOBILE_VLA_BENCH_SHAPES` (default `tiny,small`)
 //! picks the shapes.
 
-use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device};
-use candle_nn::{VarBuilder, VarMap};
+mod child;
+mod train_setup;
+
+use anyhow::{Context, Result};
 use mobile_vla::config::TrainConfig;
-use mobile_vla::data::episode::{EpisodeWriter, EventType, WriteOptions};
-use mobile_vla::data::image::ChannelOrder;
-use mobile_vla::model::kosmos2::Kosmos2Config;
-use mobile_vla::model::model_dir::save_model_dir;
-use mobile_vla::model::tokenizer::PromptTokenizer;
-use mobile_vla::model::{Policy, PolicyConfig};
 use mobile_vla::train::plan::{self, ModelSizes, Rung, Workload, LADDER};
 use mobile_vla::train::{Strategy, TrainOptions, Trainer};
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::atomic::AtomicBool;
-
-struct Shape {
-    name: &'static str,
-    /// Backbone config and tokenizer, relative to the repository root.
-    config: &'static str,
-    tokenizer: &'static str,
-    batch: usize,
-    window: usize,
-}
-
-const SHAPES: [Shape; 2] = [
-    Shape {
-        name: "tiny",
-        config: "test/fixtures/policy/hf_robovlms7/config.json",
-        tokenizer: "test/fixtures/policy/hf_robovlms7/tokenizer.json",
-        batch: 2,
-        window: 4,
-    },
-    Shape {
-        name: "small",
-        config: "benches/kosmos2-small.config.json",
-        tokenizer: "test/fixtures/policy/native/tokenizer.json",
-        batch: 1,
-        window: 4,
-    },
-];
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
+use train_setup::{mib, Shape, SHAPES};
 
 fn work_dir(shape: &str) -> PathBuf {
-    root().join("target/bench-train-memory").join(shape)
+    train_setup::work_dir("bench-train-memory", shape)
 }
 
 /// Two optimiser steps (no accumulation), dropout as the backbone config says, no validation.
@@ -66,69 +31,6 @@ fn config(shape: &Shape) -> String {
          trainer: {{max_epochs: 1, max_steps: 2, accumulate_grad_batches: 1, precision: 32}}\n",
         shape.batch, shape.window
     )
-}
-
-/// A model directory with random weights (candle's init hints) and a few episodes.
-fn prepare(shape: &Shape) -> Result<()> {
-    let dir = work_dir(shape.name);
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir)?;
-    let config_json = std::fs::read(root().join(shape.config))?;
-    let tokenizer_json = std::fs::read(root().join(shape.tokenizer))?;
-    let backbone = Kosmos2Config::from_file(root().join(shape.config))?;
-    let tokenizer = PromptTokenizer::from_file(&root().join(shape.tokenizer))?;
-    let cfg = PolicyConfig::native(shape.window, 2, 1.0, 0.4);
-    let vars = VarMap::new();
-    let vb = VarBuilder::from_varmap(&vars, DType::F32, &Device::Cpu);
-    Policy::new(cfg.clone(), &backbone, tokenizer, vb)?;
-    let tensors: HashMap<_, _> = vars
-        .data()
-        .lock()
-        .map_err(|_| anyhow::anyhow!("var map poisoned"))?
-        .iter()
-        .map(|(n, v)| {
-            // Layer norms' scales start at 1 as in PyTorch (candle's default hint is 0, which
-            // zeroes the vision features and makes their L2 normalisation's gradient NaN).
-            let t = v.as_tensor();
-            let t = if n.ends_with(".weight") && t.rank() == 1 {
-                t.ones_like()?
-            } else {
-                t.clone()
-            };
-            Ok((n.clone(), t))
-        })
-        .collect::<Result<_>>()?;
-    save_model_dir(
-        &dir.join("model"),
-        &config_json,
-        &tokenizer_json,
-        &cfg,
-        &tensors,
-    )?;
-    let data = dir.join("episodes");
-    std::fs::create_dir_all(&data)?;
-    // Enough windows for two batches.
-    for e in 0..2 * shape.batch {
-        let opts = WriteOptions::default()
-            .gzip_level(None)
-            .channel_order(ChannelOrder::Rgb)
-            .instruction(Some("go to the red box".into()));
-        let mut w = EpisodeWriter::create(&data, &format!("ep{e:02}"), opts)?;
-        for t in 0..shape.window {
-            let ev = if t == 0 {
-                EventType::EpisodeStart
-            } else {
-                EventType::StartAction
-            };
-            let frame = image::RgbImage::from_fn(24, 24, |x, y| {
-                image::Rgb([(x * 10) as u8, (y * 10) as u8, (e * 40) as u8])
-            });
-            w.push(&frame, [0.1, 0.0, -0.1], ev)?;
-        }
-        w.finish(shape.window as f64 * 0.4)?;
-    }
-    std::fs::write(dir.join("train.yaml"), config(shape))?;
-    Ok(())
 }
 
 /// Child: estimate, then two real optimiser steps; prints one JSON line.
@@ -174,13 +76,11 @@ fn run_case(shape: &Shape, rung: Rung) -> Result<()> {
 }
 
 fn main() -> Result<()> {
+    child::default_threads();
     let args: Vec<String> = std::env::args().collect();
     if let Some(i) = args.iter().position(|a| a == "--case") {
         let (shape, strategy) = (&args[i + 1], &args[i + 2]);
-        let shape = SHAPES
-            .iter()
-            .find(|s| s.name == shape)
-            .context("unknown shape")?;
+        let shape = train_setup::shape(shape)?;
         let rung = LADDER
             .into_iter()
             .find(|r| r.strategy_name() == strategy.as_str())
@@ -197,28 +97,16 @@ fn main() -> Result<()> {
         .iter()
         .filter(|s| wanted.split(',').any(|w| w == s.name))
     {
-        prepare(shape)?;
+        // Enough windows for two batches.
+        let dir = work_dir(shape.name);
+        train_setup::prepare(shape, &dir, 2 * shape.batch)?;
+        std::fs::write(dir.join("train.yaml"), config(shape))?;
         for rung in LADDER {
-            let out = Command::new(&exe)
-                .args(["--case", shape.name, rung.strategy_name()])
-                .env("RUST_LOG", "warn")
-                .output()?;
-            if !out.status.success() {
-                bail!(
-                    "{} {}: {}",
-                    shape.name,
-                    rung.name(),
-                    String::from_utf8_lossy(&out.stderr)
-                );
-            }
-            let line = String::from_utf8_lossy(&out.stdout);
-            let v: serde_json::Value = serde_json::from_str(
-                line.lines()
-                    .rev()
-                    .find(|l| l.starts_with('{'))
-                    .unwrap_or("{}"),
-            )?;
-            let mib = |k: &str| v[k].as_f64().unwrap_or(f64::NAN) / (1u64 << 20) as f64;
+            let mut cmd = Command::new(&exe);
+            cmd.args(["--case", shape.name, rung.strategy_name()])
+                .env("RUST_LOG", "warn");
+            let v = child::run_json_child(cmd, &format!("{} {}", shape.name, rung.name()))?;
+            let mib = |k: &str| mib(v[k].as_f64().unwrap_or(f64::NAN));
             println!(
                 "{:<6} {:<22} {:>9.0}Mi {:>9.0}Mi {:>7.3}   (training {:.0}Mi, load {:.0}Mi, activations {:.0}Mi; {:.1} s)",
                 shape.name,

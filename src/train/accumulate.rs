@@ -49,9 +49,13 @@ impl Accumulator {
             .backward(&(loss.total / self.accumulate as f64)?, params)?;
         for (slot, var) in self.grads.iter_mut().zip(params) {
             if let Some(g) = grads.get(var.as_tensor()) {
+                // candle leaves a parameter's gradient attached to the ops that computed it from
+                // the activations (a weight's from its layer's input): detached, the whole
+                // forward graph is freed when this batch's loss is dropped.
+                let g = g.detach();
                 *slot = Some(match slot.take() {
                     Some(prev) => (prev + g)?,
-                    None => g.clone(),
+                    None => g,
                 });
             }
         }

@@ -46,7 +46,9 @@ struct Adapter {
 impl LinearAdapter for Adapter {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let x = self.train.dropout(xs, self.dropout)?;
-        self.b.forward(&self.a.forward(&x)?)? * self.scale
+        // Scaled at rank r rather than at the layer's width: the autograd graph keeps each op's
+        // input, so this saves one output-sized activation per adapted layer.
+        self.b.forward(&(self.a.forward(&x)? * self.scale)?)
     }
 }
 

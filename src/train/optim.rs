@@ -56,6 +56,13 @@ impl AdamW {
         let step_size = lr / bc1;
         for ((p, g), m) in params.iter().zip(grads).zip(&mut self.moments) {
             let Some(g) = g else { continue };
+            // A weight's gradient is often a transposed view.
+            let g = &g.contiguous()?;
+            if in_place::applies(&[p.as_tensor(), g, &m.exp_avg, &m.exp_avg_sq]) {
+                let decay = 1.0 - lr * self.weight_decay;
+                in_place::adamw(p, g, m, decay, step_size, bc2_sqrt)?;
+                continue;
+            }
             let mut value = p.as_tensor().clone();
             if self.weight_decay != 0.0 {
                 value = (value * (1.0 - lr * self.weight_decay))?;
@@ -68,6 +75,111 @@ impl AdamW {
             p.set(&(value - update)?)?;
         }
         Ok(())
+    }
+}
+
+/// AdamW's update element by element in place, for f32 CPU tensors: tensor ops would allocate a
+/// new parameter and moments and hold several temporaries of the largest parameter (the word
+/// embeddings) at once, the peak of a fine-tuning step. Same operations in the same order as the
+/// tensor path (candle divides by a scalar as a multiplication by its reciprocal).
+mod in_place {
+    use super::{Moments, BETA1, BETA2, EPS};
+    use candle_core::{
+        bail, CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Result, Tensor, Var,
+    };
+
+    pub fn applies(ts: &[&Tensor]) -> bool {
+        ts.iter()
+            .all(|t| t.dtype() == DType::F32 && t.device().is_cpu() && t.is_contiguous())
+    }
+
+    fn data<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
+        match (s, l.contiguous_offsets()) {
+            (CpuStorage::F32(d), Some((a, b))) => Ok(&d[a..b]),
+            _ => bail!("adamw: needs contiguous f32 tensors on the CPU"),
+        }
+    }
+
+    fn data_mut<'a>(s: &'a mut CpuStorage, l: &Layout) -> Result<&'a mut [f32]> {
+        match (s, l.contiguous_offsets()) {
+            (CpuStorage::F32(d), Some((a, b))) => Ok(&mut d[a..b]),
+            _ => bail!("adamw: needs contiguous f32 tensors on the CPU"),
+        }
+    }
+
+    /// `f(dst, src…)` for every element.
+    struct Elementwise<F>(F);
+
+    impl<F: Fn(&mut f32, f32)> InplaceOp2 for Elementwise<F> {
+        fn name(&self) -> &'static str {
+            "adamw-moment"
+        }
+
+        fn cpu_fwd(
+            &self,
+            dst: &mut CpuStorage,
+            dst_l: &Layout,
+            s: &CpuStorage,
+            l: &Layout,
+        ) -> Result<()> {
+            for (x, &g) in data_mut(dst, dst_l)?.iter_mut().zip(data(s, l)?) {
+                (self.0)(x, g);
+            }
+            Ok(())
+        }
+    }
+
+    impl<F: Fn(&mut f32, f32, f32)> InplaceOp3 for Elementwise<F> {
+        fn name(&self) -> &'static str {
+            "adamw-param"
+        }
+
+        fn cpu_fwd(
+            &self,
+            dst: &mut CpuStorage,
+            dst_l: &Layout,
+            s1: &CpuStorage,
+            l1: &Layout,
+            s2: &CpuStorage,
+            l2: &Layout,
+        ) -> Result<()> {
+            let dst = data_mut(dst, dst_l)?;
+            for ((x, &m), &v) in dst.iter_mut().zip(data(s1, l1)?).zip(data(s2, l2)?) {
+                (self.0)(x, m, v);
+            }
+            Ok(())
+        }
+    }
+
+    pub fn adamw(
+        p: &Var,
+        g: &Tensor,
+        m: &Moments,
+        decay: f64,
+        step_size: f64,
+        bc2_sqrt: f64,
+    ) -> Result<()> {
+        let (w1, b2, w2) = ((1.0 - BETA1) as f32, BETA2 as f32, (1.0 - BETA2) as f32);
+        m.exp_avg
+            .inplace_op2(g, &Elementwise(|m: &mut f32, g: f32| *m += (g - *m) * w1))?;
+        m.exp_avg_sq.inplace_op2(
+            g,
+            &Elementwise(|v: &mut f32, g: f32| *v = *v * b2 + g * g * w2),
+        )?;
+        let (decay, step, inv_bc2, eps) = (
+            decay as f32,
+            step_size as f32,
+            (1.0 / bc2_sqrt) as f32,
+            EPS as f32,
+        );
+        p.as_tensor().inplace_op3(
+            &m.exp_avg,
+            &m.exp_avg_sq,
+            &Elementwise(|p: &mut f32, m: f32, v: f32| {
+                let value = if decay != 1.0 { *p * decay } else { *p };
+                *p = value - m / (v.sqrt() * inv_bc2 + eps) * step;
+            }),
+        )
     }
 }
 

@@ -13,7 +13,8 @@
 //!   can be the peak for small activations.
 //!
 //! Per-layer activation counts (tensors kept per token, by kind) come from the forward code in
-//! `model::kosmos2` (composed layer norms, linears with bias, head split, softmax, dropout masks);
+//! `model::kosmos2` (its training ops keep input and output: layer norms, softmax, quick-GELU,
+//! dropout with a bit mask; linears keep matmul + bias outputs; head split copies);
 //! `benches/train_memory.rs` checks the totals against measured peak RSS.
 //! One file over the usual size on purpose: the memory model of every strategy is one account.
 
@@ -217,10 +218,10 @@ fn dropout_on(p: f64) -> u64 {
     u64::from(p > 0.0)
 }
 
-/// Text decoder layer: layer norms are composed of ops (5 kept tensors each: centred, square,
-/// normed, scaled, shifted), linears keep matmul + bias outputs, q is scaled, q/k/v/kᵀ and the
-/// merged heads are copies, scores + mask + 3 softmax steps are `heads × seq²`; Kosmos-2 adds an
-/// inner attention layer norm and an FFN layer norm; dropout keeps its mask and its output.
+/// Text decoder layer: each layer norm keeps its output, linears keep matmul + bias outputs, q is
+/// scaled, q/k/v/kᵀ and the merged heads are copies, scores, masked scores and probabilities are
+/// `heads × seq²`; Kosmos-2 adds an inner attention layer norm and an FFN layer norm; dropout
+/// keeps its output (and a bit mask).
 fn text_layer(cfg: &Kosmos2Config, seq: usize) -> LayerShape {
     let t = &cfg.text_config;
     let (d, a, act) = (
@@ -233,11 +234,11 @@ fn text_layer(cfg: &Kosmos2Config, seq: usize) -> LayerShape {
         dim: t.embed_dim as u64,
         ffn: t.ffn_dim as u64,
         heads: t.attention_heads as u64,
-        counts: (34 + 4 * d, 8 + 2 * act, 5 + 2 * a),
+        counts: (22 + 2 * d, 4 + act, 3 + a),
     }
 }
 
-/// CLIP vision layer: two layer norms, attention without mask or inner norm, quick-GELU (3 ops).
+/// CLIP vision layer: two layer norms, attention without mask or inner norm, quick-GELU.
 fn vision_layer(cfg: &Kosmos2Config) -> LayerShape {
     let v = &cfg.vision_config;
     let a = dropout_on(v.attention_dropout);
@@ -246,7 +247,7 @@ fn vision_layer(cfg: &Kosmos2Config) -> LayerShape {
         dim: v.hidden_size as u64,
         ffn: v.intermediate_size as u64,
         heads: v.num_attention_heads as u64,
-        counts: (29, 5, 4 + 2 * a),
+        counts: (21, 3, 2 + a),
     }
 }
 
@@ -305,7 +306,7 @@ pub fn estimate(
         (layers * text.seq * text.dim + text.floats(), text.floats())
     } else {
         // The last layer only updates `[ACT]`'s row: its keys/values and first norm remain.
-        let last = 12 * text.seq * text.dim;
+        let last = 8 * text.seq * text.dim;
         (
             layers.saturating_sub(1) * text.floats() + last,
             text.floats(),
@@ -323,22 +324,19 @@ pub fn estimate(
     // queries (about a vision layer's worth at the text width).
     let keys = vision.seq + q as u64;
     let projection_kept = if projection_tracked {
-        16 * keys * text.dim + 5 * text.heads * q as u64 * keys
+        16 * keys * text.dim + 3 * text.heads * q as u64 * keys
     } else {
         0
     };
-    // Per adapted layer and token: peft's lora_dropout copies the input (mask + output); the
-    // adapter keeps x·Aᵀ (r), B·(…) and its scaled copy (out) and the sum with the base output
-    // (out); and backward leaves a full-size gradient for every frozen tensor broadcast against a
-    // tracked one (the layer norms' scales and shifts; frozen linear biases are added inside the
-    // frozen matmul), which candle computes and never frees before `backward` returns.
+    // Per adapted layer and token: peft's lora_dropout copies the input (output + bit mask); the
+    // adapter keeps x·Aᵀ and its scaled copy (r), B·(…) (out) and the sum with the base output
+    // (out). Frozen layer norms and linears compute no gradient for their weights.
     let lora_kept = match lora {
         Some(l) => {
             let r = l.r as u64;
             let drop = u64::from(l.dropout > 0.0);
-            let per_layer = |seq: u64, d: u64, f: u64, frozen_broadcasts: u64| {
-                seq * (drop * 2 * (5 * d + f) + 6 * r + 15 * d + 3 * f + frozen_broadcasts)
-            };
+            let per_layer =
+                |seq: u64, d: u64, f: u64| seq * (drop * (5 * d + f) + 12 * r + 10 * d + 2 * f);
             let (vl, vs, vd, vf) = (
                 backbone.vision_config.num_hidden_layers as u64,
                 vision.seq,
@@ -346,14 +344,13 @@ pub fn estimate(
                 vision.ffn,
             );
             let (ts, td, tf) = (text.seq, text.dim, text.ffn);
-            // Text: 4 layer norms (one at the FFN width); vision: 2.
-            layers * per_layer(ts, td, tf, 2 * (3 * td + tf)) + vl * per_layer(vs, vd, vf, 4 * vd)
+            layers * per_layer(ts, td, tf) + vl * per_layer(vs, vd, vf)
         }
         None => 0,
     };
     // Pixels of the batch and the text inputs (embeddings, positions, two dropouts).
     let image = backbone.vision_config.image_size as u64;
-    let inputs = 3 * image * image + 6 * text.seq * text.dim;
+    let inputs = 3 * image * image + 4 * text.seq * text.dim;
     let kept = text_kept + vision_kept + projection_kept + lora_kept + inputs;
     let transient = text_transient.max(if vision_tracked { vision.floats() } else { 0 });
 

@@ -1,10 +1,11 @@
 //! Building blocks shared by the Kosmos-2 towers.
 //!
-//! Written with plain differentiable candle ops: candle-nn's fused
-//! `layer_norm`/`softmax_last_dim` kernels have no backward pass, and the
-//! backbone is fine-tuned end to end. When no input is tracked for gradients
-//! (inference, or frozen weights on detached inputs) the fused kernels run
-//! instead: one pass over the data instead of eight.
+//! candle-nn's fused `layer_norm`/`softmax_last_dim` kernels have no backward
+//! pass, and the backbone is fine-tuned end to end: when an input is tracked
+//! for gradients, f32 on the CPU runs [`fused`]'s training ops (which keep only
+//! what their backward needs) and anything else plain differentiable candle
+//! ops. When no input is tracked (inference, or frozen weights on detached
+//! inputs) candle-nn's kernels run: one pass over the data instead of eight.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -17,6 +18,7 @@ use candle_core::{bail, DType, Module, Result, Tensor, TensorId, Var, D};
 use candle_nn::VarBuilder;
 
 use super::config::Activation;
+use super::fused;
 use crate::model::gemm::{self, Epilogue, PackedLinear, WeightFormat};
 
 /// Train-mode state shared by every layer of a model: dropout, off (inference) unless
@@ -171,10 +173,14 @@ impl TrainMode {
         let call = self.calls.fetch_add(1, Ordering::SeqCst);
         let mut rng =
             rand::rngs::StdRng::seed_from_u64(seed ^ call.wrapping_mul(0x9E37_79B9_7F4A_7C15));
-        let keep = (1.0 / (1.0 - p)) as f32;
-        let mask: Vec<f32> = (0..xs.elem_count())
-            .map(|_| if rng.random::<f64>() < p { 0.0 } else { keep })
+        let scale = (1.0 / (1.0 - p)) as f32;
+        let keep: Vec<bool> = (0..xs.elem_count())
+            .map(|_| rng.random::<f64>() >= p)
             .collect();
+        if fused::applies(&[xs]) {
+            return fused::dropout(xs, keep, scale);
+        }
+        let mask: Vec<f32> = keep.iter().map(|&k| if k { scale } else { 0.0 }).collect();
         let mask = Tensor::from_vec(mask, xs.shape(), xs.device())?.to_dtype(xs.dtype())?;
         xs.mul(&mask)
     }
@@ -208,6 +214,9 @@ impl Module for LayerNorm {
         if !needs_grad(&[xs, &self.weight, &self.bias]) {
             // The kernel accumulates in f32 whatever the storage dtype.
             return candle_nn::ops::layer_norm(xs, &self.weight, &self.bias, self.eps as f32);
+        }
+        if fused::applies(&[xs, &self.weight, &self.bias]) {
+            return fused::layer_norm(xs, &self.weight, &self.bias, self.eps);
         }
         let dtype = xs.dtype();
         let xs = xs.to_dtype(DType::F32)?;
@@ -286,7 +295,14 @@ impl Linear {
         };
         match (self, epilogue) {
             (Self::Packed(p), Some(e)) if !needs_grad(&[xs]) => p.forward_act(xs, Some(e)),
-            _ => act.forward(&self.forward(xs)?),
+            _ => {
+                let ys = self.forward(xs)?;
+                if act == Activation::QuickGelu && needs_grad(&[&ys]) && fused::applies(&[&ys]) {
+                    fused::quick_gelu(&ys)
+                } else {
+                    act.forward(&ys)
+                }
+            }
         }
     }
 }
@@ -572,7 +588,9 @@ impl Attention {
             Some(m) => scores.broadcast_add(m)?,
             None => scores,
         };
-        let probs = if needs_grad(&[&scores]) {
+        let probs = if needs_grad(&[&scores]) && fused::applies(&[&scores]) {
+            fused::softmax_last_dim(&scores)?
+        } else if needs_grad(&[&scores]) {
             candle_nn::ops::softmax(&scores, D::Minus1)?
         } else {
             candle_nn::ops::softmax_last_dim(&scores)?

@@ -8,6 +8,7 @@
 
 mod config;
 mod error;
+mod fused;
 mod layers;
 mod projection;
 mod text;

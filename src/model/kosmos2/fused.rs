@@ -1,0 +1,321 @@
+//! Training ops with a backward of their own (f32 on the CPU), so that the autograd graph keeps
+//! what torch's autograd saves and no more. candle keeps every op's inputs until `backward`
+//! returns: a layer norm written with plain ops keeps eight activation-sized intermediates, a
+//! softmax three, quick-GELU three, and dropout an f32 mask. Each op here keeps its input and its
+//! output (dropout: a bit mask), and its backward recomputes the rest.
+
+use candle_core::{bail, CpuStorage, DType, Layout, Result, Shape, Tensor, D};
+
+/// Whether the ops below take these tensors.
+pub(crate) fn applies(ts: &[&Tensor]) -> bool {
+    ts.iter()
+        .all(|t| t.dtype() == DType::F32 && t.device().is_cpu())
+}
+
+fn f32_data<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(d), Some((start, end))) => Ok(&d[start..end]),
+        _ => bail!("{op}: needs a contiguous f32 tensor on the CPU"),
+    }
+}
+
+fn last_dim(l: &Layout) -> Result<usize> {
+    l.dims().last().copied().filter(|&d| d > 0).ok_or_else(|| {
+        candle_core::Error::Msg(format!("expected a non-empty last dimension: {l:?}"))
+    })
+}
+
+/// `nn.LayerNorm` over the last dimension: `(x − mean) / √(var + eps) · weight + bias`.
+pub(crate) fn layer_norm(xs: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    xs.contiguous()?.apply_op3(
+        &weight.contiguous()?,
+        &bias.contiguous()?,
+        LayerNormOp { eps: eps as f32 },
+    )
+}
+
+struct LayerNormOp {
+    eps: f32,
+}
+
+impl candle_core::CustomOp3 for LayerNormOp {
+    fn name(&self) -> &'static str {
+        "train-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = f32_data(s1, l1, self.name())?;
+        let (w, b) = (
+            f32_data(s2, l2, self.name())?,
+            f32_data(s3, l3, self.name())?,
+        );
+        let d = last_dim(l1)?;
+        if w.len() != d || b.len() != d {
+            bail!(
+                "{}: weight/bias of {} for rows of {d}",
+                self.name(),
+                w.len()
+            );
+        }
+        let mut out = vec![0f32; x.len()];
+        for (row, o) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+            let mean = row.iter().sum::<f32>() / d as f32;
+            let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / d as f32;
+            let std = (var + self.eps).sqrt();
+            for i in 0..d {
+                o[i] = (row[i] - mean) / std * w[i] + b[i];
+            }
+        }
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let mean = x.mean_keepdim(D::Minus1)?;
+        let centered = x.broadcast_sub(&mean)?;
+        let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+        let rstd = (var + self.eps as f64)?.sqrt()?.recip()?;
+        let xhat = centered.broadcast_mul(&rstd)?;
+        let d = w.elem_count();
+        // Sum over every leading dimension: the gradient of a per-feature parameter.
+        let per_feature = |t: Tensor| t.reshape(((), d))?.sum(0);
+        let dw = w
+            .track_op()
+            .then(|| per_feature((g * &xhat)?))
+            .transpose()?;
+        let db = b.track_op().then(|| per_feature(g.clone())).transpose()?;
+        let dx = if x.track_op() {
+            // dx = rstd · (ĝ − mean(ĝ) − x̂ · mean(ĝ · x̂)), ĝ = g · weight
+            let gh = g.broadcast_mul(w)?;
+            let m1 = gh.mean_keepdim(D::Minus1)?;
+            let m2 = (&gh * &xhat)?.mean_keepdim(D::Minus1)?;
+            Some(
+                gh.broadcast_sub(&m1)?
+                    .sub(&xhat.broadcast_mul(&m2)?)?
+                    .broadcast_mul(&rstd)?,
+            )
+        } else {
+            None
+        };
+        Ok((dx, dw, db))
+    }
+}
+
+/// Softmax over the last dimension; the backward needs only the output.
+pub(crate) fn softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
+    xs.contiguous()?.apply_op1(SoftmaxOp)
+}
+
+struct SoftmaxOp;
+
+impl candle_core::CustomOp1 for SoftmaxOp {
+    fn name(&self) -> &'static str {
+        "train-softmax"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32_data(s, l, self.name())?;
+        let d = last_dim(l)?;
+        let mut out = vec![0f32; x.len()];
+        for (row, o) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0f32;
+            for (o, &v) in o.iter_mut().zip(row) {
+                *o = (v - max).exp();
+                sum += *o;
+            }
+            o.iter_mut().for_each(|o| *o /= sum);
+        }
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+
+    fn bwd(&self, _arg: &Tensor, res: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        // dx = y · (g − Σ g·y)
+        let dot = (g * res)?.sum_keepdim(D::Minus1)?;
+        Ok(Some((res * g.broadcast_sub(&dot)?)?))
+    }
+}
+
+/// CLIP's `quick_gelu`: `x · σ(1.702 x)`.
+pub(crate) fn quick_gelu(xs: &Tensor) -> Result<Tensor> {
+    xs.contiguous()?.apply_op1(QuickGeluOp)
+}
+
+struct QuickGeluOp;
+
+const QUICK_GELU: f32 = 1.702;
+
+impl candle_core::CustomOp1 for QuickGeluOp {
+    fn name(&self) -> &'static str {
+        "train-quick-gelu"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32_data(s, l, self.name())?;
+        let out = x
+            .iter()
+            .map(|&v| v / (1.0 + (-QUICK_GELU * v).exp()))
+            .collect();
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        // d/dx x·σ(ax) = σ(ax) · (1 + a·x·(1 − σ(ax)))
+        let s = candle_nn::ops::sigmoid(&(x * QUICK_GELU as f64)?)?;
+        let inner = ((x * QUICK_GELU as f64)? * (1.0 - &s)?)? + 1.0;
+        Ok(Some((g * (s * inner)?)?))
+    }
+}
+
+/// Dropout with a kept-elements bit mask: `x · keep · scale`.
+pub(crate) fn dropout(xs: &Tensor, keep: Vec<bool>, scale: f32) -> Result<Tensor> {
+    if keep.len() != xs.elem_count() {
+        bail!(
+            "dropout: a mask of {} for {} elements",
+            keep.len(),
+            xs.elem_count()
+        );
+    }
+    let mut bits = vec![0u64; keep.len().div_ceil(64)];
+    for (i, _) in keep.iter().enumerate().filter(|(_, &k)| k) {
+        bits[i / 64] |= 1 << (i % 64);
+    }
+    xs.contiguous()?.apply_op1(DropoutOp { bits, scale })
+}
+
+struct DropoutOp {
+    bits: Vec<u64>,
+    scale: f32,
+}
+
+impl DropoutOp {
+    fn apply(&self, x: &[f32]) -> Vec<f32> {
+        x.iter()
+            .enumerate()
+            .map(|(i, &v)| {
+                if self.bits[i / 64] >> (i % 64) & 1 == 1 {
+                    v * self.scale
+                } else {
+                    0.0
+                }
+            })
+            .collect()
+    }
+}
+
+impl candle_core::CustomOp1 for DropoutOp {
+    fn name(&self) -> &'static str {
+        "train-dropout"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32_data(s, l, self.name())?;
+        Ok((CpuStorage::F32(self.apply(x)), l.shape().clone()))
+    }
+
+    fn bwd(&self, _arg: &Tensor, res: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        let g = g.contiguous()?.to_dtype(DType::F32)?.flatten_all()?;
+        let dx = self.apply(&g.to_vec1::<f32>()?);
+        Ok(Some(Tensor::from_vec(dx, res.shape(), g.device())?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    /// Each op's value and gradients against the plain candle ops it replaces.
+    fn check(
+        fused: impl Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor>,
+        plain: impl Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor>,
+    ) {
+        let dev = Device::Cpu;
+        let x =
+            Var::from_tensor(&(Tensor::randn(0f32, 1.0, (2, 3, 7), &dev).unwrap() * 2.0).unwrap())
+                .unwrap();
+        let w = Var::from_tensor(&Tensor::randn(1f32, 0.5, 7, &dev).unwrap()).unwrap();
+        let b = Var::from_tensor(&Tensor::randn(0f32, 0.5, 7, &dev).unwrap()).unwrap();
+        let probe = Tensor::randn(0f32, 1.0, (2, 3, 7), &dev).unwrap();
+        let run = |f: &dyn Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor>| {
+            let y = f(x.as_tensor(), w.as_tensor(), b.as_tensor()).unwrap();
+            let grads = (&y * &probe)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let mut out = vec![y];
+            for v in [&x, &w, &b] {
+                out.push(
+                    grads
+                        .get(v.as_tensor())
+                        .map_or_else(|| v.zeros_like().unwrap(), Clone::clone),
+                );
+            }
+            out
+        };
+        for (a, e) in run(&fused).iter().zip(run(&plain)) {
+            let diff = (a - &e)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(diff < 1e-5, "{diff}: {a} vs {e}");
+        }
+    }
+
+    #[test]
+    fn layer_norm_matches_plain_ops() {
+        check(
+            |x, w, b| layer_norm(x, w, b, 1e-5),
+            |x, w, b| {
+                let mean = x.mean_keepdim(D::Minus1)?;
+                let c = x.broadcast_sub(&mean)?;
+                let var = c.sqr()?.mean_keepdim(D::Minus1)?;
+                c.broadcast_div(&(var + 1e-5)?.sqrt()?)?
+                    .broadcast_mul(w)?
+                    .broadcast_add(b)
+            },
+        );
+    }
+
+    #[test]
+    fn softmax_and_quick_gelu_match_plain_ops() {
+        check(
+            |x, _, _| softmax_last_dim(x),
+            |x, _, _| candle_nn::ops::softmax(x, D::Minus1),
+        );
+        check(
+            |x, _, _| quick_gelu(x),
+            |x, _, _| x.mul(&candle_nn::ops::sigmoid(&(x * 1.702)?)?),
+        );
+    }
+
+    #[test]
+    fn dropout_matches_a_mask_multiply() {
+        let keep: Vec<bool> = (0..42).map(|i| i % 3 != 0).collect();
+        let mask: Vec<f32> = keep.iter().map(|&k| if k { 1.25 } else { 0.0 }).collect();
+        check(
+            |x, _, _| dropout(x, keep.clone(), 1.25),
+            |x, _, _| x.mul(&Tensor::from_vec(mask.clone(), (2, 3, 7), &Device::Cpu)?),
+        );
+    }
+}

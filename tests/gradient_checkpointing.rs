@@ -19,13 +19,12 @@ use mobile_vla::train::params::{ModelFiles, ParamSet};
 use policy_common::{input_ids, l2, policy_fixtures};
 use std::collections::HashMap;
 
-/// Relative tolerance where every layer trains: the two backwards sum the same terms in a
-/// different order.
-const TOL: f32 = 1e-6;
-/// With frozen layers: the checkpointed forward runs a frozen layer on a detached input, where
-/// candle's fused layer-norm and softmax kernels take over from the differentiable ops and round
-/// differently (up to 6e-6 on the last-layer cases' gradients).
-const TOL_FROZEN: f32 = 1e-5;
+/// Relative tolerance: the two backwards sum the same terms in a different order (the training
+/// layer norm's own backward reduces per row: up to 1.6e-6 seen with every layer training), and
+/// with frozen layers the checkpointed forward runs a frozen layer on a detached input, where
+/// candle's fused layer-norm and softmax kernels round differently (up to 6e-6). A replayed
+/// dropout mask off by one call differs by ~0.6.
+const TOL: f32 = 1e-5;
 const MASK_SEED: u64 = 7;
 
 /// The native fixture policy with `setup`, every dropout of both towers at `p`.
@@ -155,6 +154,6 @@ fn checkpointed_gradients_equal_plain_ones_full_finetuning() {
 #[test]
 fn checkpointed_gradients_equal_plain_ones_last_layer() {
     let last = TrainSetup::layers(false, 1, false, false);
-    check("last-1, dropout 0", last.clone(), 0.0, TOL_FROZEN);
-    check("last-1, dropout 0.1", last, 0.1, TOL_FROZEN);
+    check("last-1, dropout 0", last.clone(), 0.0, TOL);
+    check("last-1, dropout 0.1", last, 0.1, TOL);
 }

@@ -15,6 +15,9 @@
 Every step starts the processes it needs (sim_node from sim/, the Rust nodes from MOBILE_VLA_BIN_DIR) on a
 private loopback ROS domain and stops them; outputs go to out/demo/ (MOBILE_VLA_DEMO_OUT; logs in logs/). The success
 of every episode is judged by the simulator from the base's pose, never by the driver.
+
+One file (~640 lines) on purpose: every step, the study included, shares its process, recording, model-init
+and evaluation helpers, and `python scripts/demo.py <step>` is the interface the README documents.
 """
 
 from __future__ import annotations
@@ -400,6 +403,20 @@ def evaluate(args, policies: dict, rtf: float, extra=(), watch_cmd: bool = False
 
 
 # ---------------------------------------------------------------- 6. report
+def success_summary(rollouts: list[dict]) -> dict:
+    """Success rate over a driver's rollouts, per task, and the count of each outcome."""
+    per_task = {}
+    for r in rollouts:
+        per_task.setdefault(r["task"], []).append(r["outcome"])
+    all_out = [o for outs in per_task.values() for o in outs]
+    return {
+        "success_rate": sum(o == "success" for o in all_out) / len(all_out),
+        "episodes": len(all_out),
+        "per_task": {t: sum(o == "success" for o in outs) / len(outs) for t, outs in per_task.items()},
+        "outcomes": {o: all_out.count(o) for o in sorted(set(all_out))},
+    }
+
+
 def report(args) -> None:
     import matplotlib
 
@@ -413,18 +430,7 @@ def report(args) -> None:
         data = json.loads(path.read_text())
         runs[data["policy"]] = data
     order = [p for p in ("policy", "expert", "zero", "random") if p in runs]
-    table = {}
-    for name in order:
-        per_task = {}
-        for r in runs[name]["rollouts"]:
-            per_task.setdefault(r["task"], []).append(r["outcome"])
-        all_out = [o for outs in per_task.values() for o in outs]
-        table[name] = {
-            "success_rate": sum(o == "success" for o in all_out) / len(all_out),
-            "episodes": len(all_out),
-            "per_task": {t: sum(o == "success" for o in outs) / len(outs) for t, outs in per_task.items()},
-            "outcomes": {o: all_out.count(o) for o in sorted(set(all_out))},
-        }
+    table = {name: success_summary(runs[name]["rollouts"]) for name in order}
     fps = [r["render_fps"] for n in order for r in runs[n]["rollouts"] if r.get("render_fps")]
     rec = json.loads((OUT / "record.json").read_text()) if (OUT / "record.json").exists() else {}
     info = json.loads((OUT / "dataset_info.json").read_text()) if (OUT / "dataset_info.json").exists() else None
@@ -544,10 +550,7 @@ def study(args) -> None:
         row = train_run(config, EPISODES, Path(pre["model_dir"]), STUDY / strategy, args.study_steps, strategy)
         evaluate(args, {strategy: External}, rtf=1.0, extra=[policy_node(row["model_dir"], args.mode)],
                  watch_cmd=True, out=STUDY)
-        rollouts = json.loads((STUDY / "rollouts" / f"{strategy}.json").read_text())["rollouts"]
-        row["success_rate"] = sum(r["outcome"] == "success" for r in rollouts) / len(rollouts)
-        row["per_task"] = {t: sum(r["outcome"] == "success" for r in rollouts if r["task"] == t) /
-                           max(1, sum(r["task"] == t for r in rollouts)) for t in TASKS}
+        row.update(success_summary(json.loads((STUDY / "rollouts" / f"{strategy}.json").read_text())["rollouts"]))
         rows[strategy] = row
         write_json(STUDY / "study.json", rows)
     lines = ["| strategy | trains | trainable params | success | " + " | ".join(TASKS) +
@@ -555,7 +558,7 @@ def study(args) -> None:
              "|---|---|---|---|" + "---|" * len(TASKS) + "---|---|---|---|"]
     for strategy, what in STRATEGIES.items():
         r = rows[strategy]
-        cells = " | ".join(f"{100 * r['per_task'][t]:.0f} %" for t in TASKS)
+        cells = " | ".join(f"{100 * r['per_task'].get(t, 0):.0f} %" for t in TASKS)
         lines.append(f"| `{strategy}` | {what} | {r['trainable_params']} | **{100 * r['success_rate']:.0f} %** | "
                      f"{cells} | {r['peak_rss_mib']:.0f} MiB | {r['wall_s']:.0f} s | {r['samples_per_s']:.1f} | "
                      f"{r['best_val_loss']:.4f} |")

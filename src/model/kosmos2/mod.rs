@@ -12,6 +12,7 @@ mod fused;
 mod layers;
 mod projection;
 mod text;
+mod train_mode;
 mod vision;
 
 use std::path::{Path, PathBuf};
@@ -24,7 +25,8 @@ use crate::model::gemm::WeightFormat;
 
 pub use config::{Activation, Kosmos2Config, Kosmos2TextConfig, Kosmos2VisionConfig};
 pub use error::Kosmos2Error;
-pub use layers::{AdapterFactory, LinearAdapter, TrainMode};
+pub use layers::{AdapterFactory, LinearAdapter};
+pub use train_mode::TrainMode;
 
 use projection::ImageToTextProjection;
 use text::TextTransformer;

@@ -6,7 +6,8 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::config::Kosmos2Config;
-use super::layers::{linear, AdapterFactory, Attention, Linear, TrainMode};
+use super::layers::{linear, AdapterFactory, Attention, Linear};
+use super::train_mode::TrainMode;
 use crate::model::gemm::WeightFormat;
 use std::sync::Arc;
 

@@ -6,7 +6,8 @@ use candle_core::{bail, Device, Module, Result, Tensor};
 use candle_nn::{Embedding, VarBuilder};
 
 use super::config::{Activation, Kosmos2TextConfig};
-use super::layers::{causal_mask, linear, AdapterFactory, Attention, LayerNorm, Linear, TrainMode};
+use super::layers::{causal_mask, linear, AdapterFactory, Attention, LayerNorm, Linear};
+use super::train_mode::TrainMode;
 use crate::model::gemm::WeightFormat;
 use std::sync::Arc;
 

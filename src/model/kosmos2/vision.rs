@@ -5,7 +5,8 @@ use candle_core::{bail, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::config::{Activation, Kosmos2VisionConfig};
-use super::layers::{linear, AdapterFactory, Attention, LayerNorm, Linear, TrainMode};
+use super::layers::{linear, AdapterFactory, Attention, LayerNorm, Linear};
+use super::train_mode::TrainMode;
 use crate::model::gemm::WeightFormat;
 use std::sync::Arc;
 

@@ -386,6 +386,24 @@ pub(super) fn inspect(path: &Path, opts: ReadOptions) -> (Option<Parts>, Vec<Def
         }
     };
     let stored_instruction = read_instruction(&file, &mut d);
+    // A part that could not be read without a defect saying why would make an error naming
+    // nothing ("0 defect(s)"): name it.
+    let unread: Vec<&str> = [
+        (keys::IMAGES, images.is_none()),
+        (keys::ACTIONS, actions.is_none()),
+        (keys::EVENTS, events.is_none()),
+        (keys::EPISODE_NAME, episode_name.is_none()),
+        (keys::TOTAL_DURATION, total_duration.is_none()),
+        (keys::NUM_FRAMES, num_frames.is_none()),
+        (keys::ACTION_CHUNK_SIZE, action_chunk_size.is_none()),
+        (keys::CHANNEL_ORDER, channel_order.is_none()),
+    ]
+    .into_iter()
+    .filter_map(|(key, missing)| missing.then_some(key))
+    .collect();
+    if d.is_empty() && !unread.is_empty() {
+        d.push(Defect::new(unread.join(", "), "unreadable"));
+    }
 
     let parts = match (
         images,

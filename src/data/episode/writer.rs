@@ -301,7 +301,13 @@ impl EpisodeWriter {
     pub fn final_path(&self) -> &Path {
         &self.final_path
     }
-    /// Seconds since the writer was created: the episode's wall time when no caller measured it.
+    /// Counts the episode's wall time from `t` (when it was asked for) rather than from when
+    /// the file was created, which a busy writer thread may do much later.
+    pub fn started_at(&mut self, t: Instant) {
+        self.started = t;
+    }
+
+    /// Seconds since the episode started: its wall time when no caller measured it.
     pub fn elapsed_s(&self) -> f64 {
         self.started.elapsed().as_secs_f64()
     }

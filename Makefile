@@ -57,7 +57,8 @@ study: build
 	@bash scripts/setup.sh demo
 	@$(ENV) && MOBILE_VLA_BIN_DIR=$(BIN_DIR) python scripts/demo.py study $(STUDY_ARGS)
 
-# policy_step runs the full Kosmos-2 shape too (minutes, ~7 GB); MOBILE_VLA_BENCH_FULL=0 skips it.
+# policy_step runs the full Kosmos-2 shape too (minutes, ~7 GB) and train_full trains it (a few minutes,
+# ~13 GB, a 6.5 GB model in target/); MOBILE_VLA_BENCH_FULL=0 skips both.
 # Then policy_node end to end against the library's step (benches/policy_node_latency.py, release build).
 bench: build
 	@bash scripts/torch-venv.sh

@@ -59,6 +59,7 @@ fn run_case(shape: &Shape, rung: Rung) -> Result<()> {
         resume: false,
         max_steps: Some(2),
         strategy: Strategy::Config,
+        budget: None,
     };
     let t = std::time::Instant::now();
     let mut trainer = Trainer::new(opts)?;

@@ -80,6 +80,7 @@ fn run_candle(name: &str, strategy: Strategy) -> Result<()> {
         resume: false,
         max_steps: None,
         strategy,
+        budget: None,
     })?;
     let trainable = trainer.params().num_trainable();
     // done[k]: when optimiser step k + 1 finished; the peak is read after the last one.

@@ -159,6 +159,7 @@ fn it_learns_image_and_instruction_dependent_actions() {
         resume: false,
         max_steps: None,
         strategy: Strategy::Config,
+        budget: None,
     };
     let mut trainer = Trainer::new(opts).unwrap();
     assert!(
@@ -358,6 +359,13 @@ fn bad_input_fails_with_the_culprit_named() {
     );
     let msg = run(&base, &["--resume"]);
     assert!(msg.contains("no checkpoint"), "{msg}");
+    // `--strategy auto` plans within `--budget`: nothing fits 1 MiB, and nothing is saved.
+    let msg = run(&base, &["--strategy", "auto", "--budget", "1MiB"]);
+    assert!(
+        msg.contains("no training strategy fits") && msg.contains("head"),
+        "{msg}"
+    );
+    assert!(!tmp.path().join("run/model").exists());
     // A foreign checkpoint: same run folder, another config.
     let out = train_cmd(
         &{
@@ -426,6 +434,7 @@ fn lora_strategy_trains_merges_and_serves() {
         resume: false,
         max_steps: None,
         strategy: Strategy::Lora,
+        budget: None,
     })
     .unwrap();
     let row = trainer

@@ -58,11 +58,17 @@ pub fn work_dir(bench: &str, shape: &str) -> PathBuf {
     root().join("target").join(bench).join(shape)
 }
 
-/// Writes `<dir>/model` (random weights: candle's init hints, layer-norm scales 1)
-/// and `<dir>/episodes` (`episodes` episodes of `shape.window` frames: one training window each).
+/// Writes `<dir>/model` (random weights) and `<dir>/episodes` (`episodes` episodes of
+/// `shape.window` frames: one training window each), replacing what `dir` held.
 pub fn prepare(shape: &Shape, dir: &Path, episodes: usize) -> Result<()> {
     let _ = std::fs::remove_dir_all(dir);
     std::fs::create_dir_all(dir)?;
+    write_model(shape, &dir.join("model"))?;
+    write_episodes(shape, &dir.join("episodes"), episodes)
+}
+
+/// A model directory of `shape` with random weights (candle's init hints, layer-norm scales 1).
+pub fn write_model(shape: &Shape, model: &Path) -> Result<()> {
     let config_json = std::fs::read(root().join(shape.config))?;
     let tokenizer_json = std::fs::read(root().join(shape.tokenizer))?;
     let backbone = Kosmos2Config::from_file(root().join(shape.config))?;
@@ -88,21 +94,19 @@ pub fn prepare(shape: &Shape, dir: &Path, episodes: usize) -> Result<()> {
             Ok((n.clone(), t))
         })
         .collect::<Result<_>>()?;
-    save_model_dir(
-        &dir.join("model"),
-        &config_json,
-        &tokenizer_json,
-        &cfg,
-        &tensors,
-    )?;
-    let data = dir.join("episodes");
-    std::fs::create_dir_all(&data)?;
+    save_model_dir(model, &config_json, &tokenizer_json, &cfg, &tensors)?;
+    Ok(())
+}
+
+/// `episodes` episodes of `shape.window` frames (one training window each) in `data`.
+pub fn write_episodes(shape: &Shape, data: &Path, episodes: usize) -> Result<()> {
+    std::fs::create_dir_all(data)?;
     for e in 0..episodes {
         let opts = WriteOptions::default()
             .gzip_level(None)
             .channel_order(ChannelOrder::Rgb)
             .instruction(Some(INSTRUCTION.into()));
-        let mut w = EpisodeWriter::create(&data, &format!("ep{e:02}"), opts)?;
+        let mut w = EpisodeWriter::create(data, &format!("ep{e:02}"), opts)?;
         for t in 0..shape.window {
             let ev = if t == 0 {
                 EventType::EpisodeStart

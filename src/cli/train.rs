@@ -45,6 +45,10 @@ pub struct TrainArgs {
     /// What to train; `config` = train_setup as the config says.
     #[arg(long, value_enum, default_value = "config")]
     pub strategy: Strategy,
+    /// Memory `--strategy auto` fits the run in, as `mobile_vla plan --budget` (default: this
+    /// machine's available memory).
+    #[arg(long, value_parser = crate::train::plan::parse_bytes)]
+    pub budget: Option<u64>,
     #[arg(long, value_enum, default_value = "bar")]
     pub progress: ProgressMode,
     /// Print the equivalent RoboVLMs JSON config on stdout and exit (the strategy's train_setup,
@@ -214,6 +218,7 @@ fn train(args: TrainArgs) -> anyhow::Result<ExitCode> {
         resume: args.resume,
         max_steps: args.max_steps,
         strategy: args.strategy,
+        budget: args.budget,
     };
     // Trainer::new logs the trainable-parameter table.
     let outcome =

@@ -191,8 +191,13 @@ impl Estimate {
         self.weights + self.gradients + self.optimiser + backward.max(step)
     }
 
+    /// While loading: the process base, the weight file read whole and its f32 tensors.
+    pub fn loading(&self) -> u64 {
+        self.load + BASE_BYTES
+    }
+
     pub fn peak(&self) -> u64 {
-        self.training().max(self.load + BASE_BYTES)
+        self.training().max(self.loading())
     }
 }
 

@@ -49,6 +49,9 @@ pub struct TrainOptions {
     /// Overrides `trainer.max_steps`.
     pub max_steps: Option<usize>,
     pub strategy: Strategy,
+    /// Memory `--strategy auto` must fit in (default: available memory + what this process
+    /// already holds).
+    pub budget: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -204,8 +207,10 @@ impl Trainer {
                     file_bytes: 0,
                 };
                 // The weights are loaded already, so they count on both sides.
-                let budget = plan::available_memory().unwrap_or(u64::MAX)
-                    + plan::resident_memory().unwrap_or(0);
+                let budget = opts.budget.unwrap_or_else(|| {
+                    plan::available_memory().unwrap_or(u64::MAX)
+                        + plan::resident_memory().unwrap_or(0)
+                });
                 let p = plan::plan(cfg, &files.backbone, &sizes, work, budget);
                 tracing::info!("memory plan:\n{}", p.table());
                 let rung = p.chosen()?.rung;

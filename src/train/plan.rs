@@ -26,16 +26,17 @@ use crate::config::{TrainConfig, TrainSetup};
 use crate::model::error::ModelError;
 use crate::model::kosmos2::Kosmos2Config;
 use crate::model::model_dir;
-use crate::model::PolicyConfig;
+use crate::model::{LstmSpec, PolicyConfig};
 use candle_core::safetensors::MmapedSafetensors;
 use std::fmt::Write as _;
 use std::path::Path;
 
 const F32: u64 = 4;
 const MIB: u64 = 1 << 20;
-/// Resident memory of the process before the model: binary, allocator arenas, thread stacks,
-/// tokenizer, data reader (measured on the tiny shape).
-const BASE_BYTES: u64 = 48 * MIB;
+/// Resident memory of the process besides the model: binary and libraries, thread stacks,
+/// tokenizer, data reader (measured: the tiny run's resident memory once the trainer is built, less
+/// its weights, 27 MiB).
+const BASE_BYTES: u64 = 28 * MIB;
 /// Prompt tokens the estimate assumes (`<s>` + a short instruction + `</s>`; the data decide the
 /// real length, which is only known once the episodes are read).
 pub const PROMPT_TOKENS: usize = 16;
@@ -113,10 +114,12 @@ pub struct Workload {
     pub accumulate: usize,
 }
 
-/// The model's parameters by group and the bytes of its weight files (what loading reads).
+/// The model's parameters by group, its LSTM head and the bytes of its weight files (what
+/// loading reads).
 #[derive(Debug, Clone)]
 pub struct ModelSizes {
     pub groups: Vec<(Group, usize)>,
+    pub head: LstmSpec,
     pub file_bytes: u64,
 }
 
@@ -143,8 +146,10 @@ impl ModelSizes {
             .filter_map(|(n, v)| Group::of(n).map(|g| (g, v.shape().iter().product())))
             .collect();
         let policy_file = dir.join(model_dir::POLICY_FILE);
-        let policy = if policy_file.is_file() {
-            Some(PolicyConfig::from_file(&policy_file)?)
+        let (policy, head) = if policy_file.is_file() {
+            let p = PolicyConfig::from_file(&policy_file)?;
+            let head = p.head;
+            (Some(p), head)
         } else {
             let fresh = PolicyConfig::native(16, 2, 1.0, 0.4);
             let head = super::init::fresh_policy_tensors(&fresh, backbone.text_config.embed_dim, 0)
@@ -153,13 +158,21 @@ impl ModelSizes {
                 head.iter()
                     .filter_map(|(n, t)| Group::of(n).map(|g| (g, t.elem_count()))),
             );
-            None
+            (None, fresh.head)
         };
         let file_bytes = files
             .iter()
             .map(|f| std::fs::metadata(f).map_or(0, |m| m.len()))
             .sum();
-        Ok((backbone, policy, Self { groups, file_bytes }))
+        Ok((
+            backbone,
+            policy,
+            Self {
+                groups,
+                head,
+                file_bytes,
+            },
+        ))
     }
 }
 
@@ -175,7 +188,8 @@ pub struct Estimate {
     pub optimiser: u64,
     /// Tensors kept for backward: batch × window frames × sequence.
     pub activations: u64,
-    /// The process base, plus backward's transient gradients (about one layer's activations).
+    /// The process base, plus backward's transient gradients: about one layer's activations in the
+    /// backbone, or the LSTM head's (see [`lstm_backward`]), whichever is larger.
     pub workspace: u64,
     /// AdamW's per-tensor temporaries during the step (after backward, activations freed): the
     /// second-moment update holds four copies of the tensor, so four of the largest trainable one.
@@ -254,6 +268,22 @@ fn vision_layer(cfg: &Kosmos2Config) -> LayerShape {
         heads: v.num_attention_heads as u64,
         counts: (21, 3, 2 + a),
     }
+}
+
+/// Floats the LSTM head's backward holds at its peak besides the weights' gradients, for a window
+/// of `window` steps. Measured on the tiny shape, where the head is the whole backward (H 1024 × 4
+/// layers: window 2 / 4 / 8 → 117 / 184 / 319 MiB live, batch 1 and 2 alike): each layer's input
+/// weight gradient (`4H × in`, once: the input projection is one matmul over the window) and two
+/// recurrent-weight-sized (`4H × H`) buffers per step, as candle's matmul backward computes the
+/// recurrent weight's whole gradient at every step and sums it into a fresh tensor.
+fn lstm_backward(head: &LstmSpec, input: usize, window: usize) -> u64 {
+    let (h, layers, input) = (
+        head.hidden_size as u64,
+        head.num_layers as u64,
+        input as u64,
+    );
+    let inputs = 4 * h * (input + layers.saturating_sub(1) * h);
+    inputs + 2 * window as u64 * 4 * h * h
 }
 
 /// LoRA parameters: `r × (in + out)` per backbone linear (peft's "all-linear" minus the head).
@@ -358,6 +388,7 @@ pub fn estimate(
     let inputs = 3 * image * image + 4 * text.seq * text.dim;
     let kept = text_kept + vision_kept + projection_kept + lora_kept + inputs;
     let transient = text_transient.max(if vision_tracked { vision.floats() } else { 0 });
+    let head_backward = lstm_backward(&sizes.head, backbone.text_config.embed_dim, work.window);
 
     let grad_copies = if work.accumulate > 1 { 2 } else { 1 };
     Estimate {
@@ -367,7 +398,7 @@ pub fn estimate(
         gradients: F32 * trainable * grad_copies,
         optimiser: 2 * F32 * trainable,
         activations: F32 * frames * kept,
-        workspace: BASE_BYTES + F32 * frames * transient,
+        workspace: BASE_BYTES + F32 * (frames * transient).max(head_backward),
         step: 4 * F32 * largest_trainable,
         load: sizes.file_bytes + F32 * total,
     }
@@ -589,6 +620,7 @@ mod tests {
         groups.extend((0..16).map(|i| (Group::TextLayer(i / 4), 12_500_000)));
         let sizes = ModelSizes {
             groups,
+            head: LstmSpec::default(),
             file_bytes: 0,
         };
         (cfg, k, sizes)
@@ -649,6 +681,16 @@ mod tests {
         let full = estimate(Rung::Full, &cfg, &k, &sizes, work(1, 2)).activations;
         let head = estimate(Rung::Head, &cfg, &k, &sizes, work(1, 2)).activations;
         assert!(head > 0 && full > 2 * head);
+    }
+
+    #[test]
+    fn lstm_backward_matches_its_measurement() {
+        // Live MiB beyond the gradients after the tiny shape's backward (RoboVLMs' 1024 × 4 head,
+        // 36-wide features), windows 2, 4 and 8.
+        for (window, measured) in [(2, 117.0), (4, 184.0), (8, 319.0)] {
+            let mib = (F32 * lstm_backward(&LstmSpec::default(), 36, window)) as f64 / MIB as f64;
+            assert!((mib / measured - 1.0).abs() < 0.06, "{window}: {mib}");
+        }
     }
 
     #[test]

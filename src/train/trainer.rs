@@ -203,6 +203,7 @@ impl Trainer {
                 };
                 let sizes = ModelSizes {
                     groups: files.group_sizes(),
+                    head: policy_cfg.head,
                     // Already loaded: what loading cost is in the resident memory below.
                     file_bytes: 0,
                 };

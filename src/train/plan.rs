@@ -191,8 +191,9 @@ pub struct Estimate {
     /// The process base, plus backward's transient gradients: about one layer's activations in the
     /// backbone, or the LSTM head's (see [`lstm_backward`]), whichever is larger.
     pub workspace: u64,
-    /// AdamW's per-tensor temporaries during the step (after backward, activations freed): the
-    /// second-moment update holds four copies of the tensor, so four of the largest trainable one.
+    /// AdamW's per-tensor temporaries during the step (after backward, activations freed): AdamW
+    /// updates in place, so one copy of the largest trainable tensor (a transposed gradient made
+    /// contiguous, or clipping's per-tensor square and rescale).
     pub step: u64,
     /// While loading: the weight file read whole + its f32 tensors.
     pub load: u64,
@@ -399,7 +400,7 @@ pub fn estimate(
         optimiser: 2 * F32 * trainable,
         activations: F32 * frames * kept,
         workspace: BASE_BYTES + F32 * (frames * transient).max(head_backward),
-        step: 4 * F32 * largest_trainable,
+        step: F32 * largest_trainable,
         load: sizes.file_bytes + F32 * total,
     }
 }

@@ -141,9 +141,13 @@ impl TrainMode {
             let sub = (out * grad_out)?.sum_all()?.backward()?;
             for &id in sub.get_ids().filter(|id| wanted.contains(id)) {
                 let Some(g) = sub.get_id(id) else { continue };
+                // Detached: candle leaves a weight's gradient attached to the ops that computed it
+                // from the recomputed layer's activations, which would then live until the whole
+                // backward returns (every layer's, so checkpointing would save next to nothing).
+                let g = g.detach();
                 let sum = match grads.get_id(id) {
                     Some(prev) => (prev + g)?,
-                    None => g.clone(),
+                    None => g,
                 };
                 grads.insert_id(id, sum);
             }

@@ -170,8 +170,10 @@ def node_latencies(model: Path, frames: list) -> tuple:
             wants = [(a.linear.x, a.linear.y, a.angular.z) for a in chunk.actions]
             carries = lambda m: any(all(abs(a - b) < 1e-4 for a, b in zip((m.linear.x, m.linear.y, m.angular.z), w))  # noqa: E731
                                     for w in wants)
-            spin_until(lambda: any(t >= t1 and carries(m) for t, m in cmds), 5)
-            t2 = next((t for t, m in cmds if t >= t1 and carries(m)), float("nan"))
+            # From the image on: the node commands a fresh chunk as it publishes it, and the Twist
+            # may reach us before the chunk does.
+            spin_until(lambda: any(t >= t0 and carries(m) for t, m in cmds), 5)
+            t2 = next((t for t, m in cmds if t >= t0 and carries(m)), float("nan"))
             to_chunk.append((t1 - t0) * 1e3)
             to_twist.append((t2 - t0) * 1e3)
             spin_until(lambda: False, 0.2)  # the node is idle again before the next frame

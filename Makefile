@@ -8,6 +8,7 @@ SHELL := /bin/bash
 ROOT := $(CURDIR)
 export CARGO_TARGET_DIR ?= $(ROOT)/target
 BIN_DIR := $(CARGO_TARGET_DIR)/debug
+RELEASE_BIN_DIR := $(CARGO_TARGET_DIR)/release
 ENV := source $(ROOT)/scripts/env.sh
 NODE_BINS := mobile_vla echo_node recorder_node policy_node trainer_node
 PY := $(ENV) && python
@@ -15,7 +16,7 @@ PY := $(ENV) && python
 export ROS_AUTOMATIC_DISCOVERY_RANGE := LOCALHOST
 export ROS_DOMAIN_ID ?= 73
 
-.PHONY: setup setup-sim build test test-rust test-python demo study bench lint fmt colcon-check clean
+.PHONY: setup setup-sim build build-release test test-rust test-python demo study bench lint fmt colcon-check clean
 
 setup:
 	@bash scripts/setup.sh
@@ -30,6 +31,12 @@ build: setup
 	@bash scripts/r2r-bindings-check.sh
 	@$(ENV) && cargo build --features ros --all-targets
 	@mkdir -p install/lib/mobile_vla && for b in $(NODE_BINS); do ln -sfn $(BIN_DIR)/$$b install/lib/mobile_vla/$$b; done
+
+# The demo and study train and drive with release executables: the packed GEMM and the fused training
+# ops are this crate's own code, which the dev profile leaves unoptimised (training ~4x slower).
+build-release: setup
+	@bash scripts/r2r-bindings-check.sh
+	@$(ENV) && cargo build --release --features ros --bins
 
 test-rust: build
 	@$(ENV) && cargo test --features ros
@@ -47,15 +54,15 @@ fmt:
 	@cargo fmt
 
 # Simulated loop (scripts/demo.py; one step alone: python scripts/demo.py <step>); outputs in out/demo/.
-demo: build
+demo: build-release
 	@bash scripts/setup.sh demo
-	@$(ENV) && MOBILE_VLA_BIN_DIR=$(BIN_DIR) python scripts/demo.py $(DEMO_ARGS)
+	@$(ENV) && MOBILE_VLA_BIN_DIR=$(RELEASE_BIN_DIR) python scripts/demo.py $(DEMO_ARGS)
 
 # The strategy study (≤ 60 min): pretrain on another simulated task, then full / last-N / LoRA / frozen
 # fine-tuning on the demo's episodes (recorded first if out/demo has none), each driven by policy_node.
-study: build
+study: build-release
 	@bash scripts/setup.sh demo
-	@$(ENV) && MOBILE_VLA_BIN_DIR=$(BIN_DIR) python scripts/demo.py study $(STUDY_ARGS)
+	@$(ENV) && MOBILE_VLA_BIN_DIR=$(RELEASE_BIN_DIR) python scripts/demo.py study $(STUDY_ARGS)
 
 # policy_step runs the full Kosmos-2 shape too (minutes, ~7 GB); MOBILE_VLA_BENCH_FULL=0 skips it.
 # Then policy_node end to end against the library's step (benches/policy_node_latency.py, release build).
@@ -63,7 +70,7 @@ bench: build
 	@bash scripts/torch-venv.sh
 	@$(ENV) && cargo bench --features ros
 	@$(ENV) && cargo build --release --features ros --bin mobile_vla --bin policy_node
-	@$(ENV) && MOBILE_VLA_BIN_DIR=$(ROOT)/target/release python benches/policy_node_latency.py
+	@$(ENV) && MOBILE_VLA_BIN_DIR=$(RELEASE_BIN_DIR) python benches/policy_node_latency.py
 
 # The real-ROS path: a colcon workspace with this package, built as a user would.
 colcon-check: setup

@@ -37,7 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-BIN = Path(os.environ.get("MOBILE_VLA_BIN_DIR", ROOT / "target/debug"))
+BIN = Path(os.environ.get("MOBILE_VLA_BIN_DIR", ROOT / "target/release"))  # make build-release
 OUT = Path(os.environ.get("MOBILE_VLA_DEMO_OUT", ROOT / "out" / "demo"))
 LOGS = OUT / "logs"
 EPISODES = OUT / "episodes"
@@ -121,7 +121,9 @@ def record(args) -> dict:
 
 
 def record_episodes(args, tasks: list[str], count: int, dest: Path, seed0: int = 0) -> dict:
-    """`count` expert episodes (the tasks in turn, seeds from `seed0`) recorded into `dest`."""
+    """`count` expert episodes (the tasks in turn, seeds from `seed0`) recorded into `dest`. Consecutive tasks
+    share a seed, so each family's two instructions (TASKS lists them side by side) are shown the same scene:
+    with a scene per instruction, the policy could memorise where to go from the image alone."""
     from sim.client import RecorderClient, SimClient
 
     shutil.rmtree(dest, ignore_errors=True)
@@ -138,7 +140,7 @@ def record_episodes(args, tasks: list[str], count: int, dest: Path, seed0: int =
         if not (sim.wait_ready(60) and recorder.wait_ready(30)):
             raise SystemExit(f"sim_node or recorder_node did not come up (logs: {LOGS})")
         for i in range(count):
-            task, seed = tasks[i % len(tasks)], seed0 + i
+            task, seed = tasks[i % len(tasks)], seed0 + i // min(2, len(tasks))
             name = f"episode_sim_{task}_s{seed:04d}"
             r, ok = recorder.record(task, seed, name)
             (kept if ok else failed).append(name)

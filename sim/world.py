@@ -105,13 +105,15 @@ def make_layout(task: str, seed: int) -> Layout:
         colour = ["red", "blue", "obstacle"][int(rng.integers(3))]
         box = Box(colour, u(1.0, 2.2), -side * u(0.5, 0.9), u(0.12, 0.18), u(0.12, 0.18))
         return Layout(task, seed, start, [box], (u(1.3, 2.5), side * u(0.3, 1.0)))
-    bx = [u(1.5, 2.1), u(1.5, 2.1)]
+    # Far enough ahead that both boxes stand well inside the camera's view (closer, they sit at its edges,
+    # a pixel or two wide at the model's input size), and tall, so that their colours fill whole patches.
+    bx = [u(2.2, 2.7), u(2.2, 2.7)]
     # Far enough to the sides that driving straight on reaches neither box: only a committed move does.
-    by = [u(0.8, 1.05), -u(0.8, 1.05)]
+    by = [u(0.9, 1.1), -u(0.9, 1.1)]
     red_left = bool(rng.integers(2))
-    sizes = [(u(0.14, 0.2), u(0.14, 0.2)) for _ in range(2)]
+    sizes = [(u(0.14, 0.2), u(0.16, 0.22)) for _ in range(2)]
     names = ["red", "blue"] if red_left else ["blue", "red"]
-    boxes = [Box(n, x, y, hx, hy) for n, x, y, (hx, hy) in zip(names, bx, by, sizes)]
+    boxes = [Box(n, x, y, hx, hy, 0.4) for n, x, y, (hx, hy) in zip(names, bx, by, sizes)]
     return Layout(task, seed, start, boxes)
 
 

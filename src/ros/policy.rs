@@ -178,12 +178,19 @@ pub async fn run(h: NodeHandle<PolicyParams>) -> anyhow::Result<()> {
     let period = 1.0 / p.control_rate_hz;
     let mut control = tokio::time::interval(Duration::from_secs_f64(period));
     control.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut last_control = Instant::now();
     let mut diag = tokio::time::interval(Duration::from_secs(1));
     info!(
         "policy_node: {} + {} -> {} [{mode:?} mode at {} Hz, {}]",
         p.image_topic, p.instruction_topic, p.cmd_vel_topic, p.control_rate_hz, p.model_dir
     );
     let now_ros = |h: &NodeHandle<PolicyParams>| stamp_secs(&h.now());
+    // One control step, `dt` seconds after the previous command (the acceleration limit's step).
+    let command = |s: &mut State, dt: f64| {
+        if let Some(cmd) = s.control(now_ros(&h), dt) {
+            cmd_pub.publish(cmd, h.now());
+        }
+    };
 
     loop {
         tokio::select! {
@@ -200,15 +207,21 @@ pub async fn run(h: NodeHandle<PolicyParams>) -> anyhow::Result<()> {
             }
             _ = control.tick() => {
                 s.params = h.params();
-                if let Some(cmd) = s.control(now_ros(&h), period) {
-                    cmd_pub.publish(cmd, h.now());
-                }
+                last_control = Instant::now();
+                command(&mut s, period);
             }
             Some(e) = events.recv() => {
                 if let Some(msg) = s.on_result(e, now_ros(&h)) {
                     if let Err(e) = chunk_pub.publish(&msg) {
                         warn!("cannot publish action_chunk: {e}");
                     }
+                    // A fresh chunk drives now, not at the next tick (up to a period later). The
+                    // acceleration limit gets the time actually elapsed since the last command,
+                    // and the ticks restart from here: the rate is kept otherwise.
+                    let dt = last_control.elapsed().as_secs_f64().min(period);
+                    last_control = Instant::now();
+                    control.reset();
+                    command(&mut s, dt);
                 }
             }
             Some((frame, stamp)) = frames.next() => s.on_image(frame, stamp, now_ros(&h)),

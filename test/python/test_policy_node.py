@@ -42,9 +42,9 @@ def model_variant(tmp_path: Path, name: str, bias_shift: float) -> Path:
     return out
 
 
-def start_policy(start_node, *params, model=FIXTURE, mode="first", autostart=True):
+def start_policy(start_node, *params, model=FIXTURE, mode="first", autostart=True, rate=RATE):
     args = [f"model_dir:={model}", f"execution_mode:={mode}", f"autostart:={str(autostart).lower()}",
-            f"control_rate_hz:={RATE}", "cmd_stamped:=true", "instruction:=go to the cup", *params]
+            f"control_rate_hz:={rate}", "cmd_stamped:=true", "instruction:=go to the cup", *params]
     flat = ["--ros-args"]
     for a in args:
         flat += ["-p", a]
@@ -259,6 +259,30 @@ def test_execution_mode_twist_sequence(start_node, rclpy_node, mode):
     moving = [c for _, c in cmds if c != (0.0, 0.0, 0.0)]
     assert moving, "never drove"
     assert proc.stop(signal.SIGTERM) == 0, proc.output()
+
+
+def test_a_new_chunk_drives_at_once(start_node, rclpy_node):
+    """cmd_vel follows a fresh chunk at once, not at the next control tick (here 2 s apart), and
+    the ticks keep their period after it."""
+    period = 2.0
+    open_acc = [p for p in OPEN if not p.startswith("max_acc")] + [f"max_acc_{a}:=1e6" for a in ("x", "y", "wz")]
+    proc = start_policy(start_node, *open_acc, "max_image_age_s:=10.0", rate=1 / period)
+    p = Peer(rclpy_node, proc)
+    p.drive_frames([1])  # discovery settled
+    for seed in (2, 3):
+        n_cmds = len(p.cmds)
+        chunk = p.drive_frames([seed])[0]
+        chunk_at = next(at for at, c in p.chunks if c is chunk)
+        want = vec(chunk.actions[0])  # inference takes milliseconds: action 0 is due
+        assert spin_until(rclpy_node, lambda: any(np.allclose(vec(m.twist), want, atol=1e-5)
+                                                  for _, m in p.cmds[n_cmds:]), timeout=5.0), proc.output()
+        at, first = next((at, m) for at, m in p.cmds[n_cmds:] if np.allclose(vec(m.twist), want, atol=1e-5))
+        assert at - chunk_at < 0.5, f"cmd_vel {at - chunk_at:.3f} s after its chunk (control period {period} s)"
+        # The next tick comes a full period after the early command.
+        assert spin_until(rclpy_node, lambda: p.cmds[-1][1] is not first, timeout=2 * period)
+        gap = secs(p.cmds[-1][1].header.stamp) - secs(first.header.stamp)
+        assert period - 0.1 < gap < period + 0.5, gap
+    assert proc.stop() == 0, proc.output()
 
 
 def test_limits_dead_zone_and_live_parameters(start_node, rclpy_node, tmp_path):

@@ -616,8 +616,8 @@ def main() -> int:
     ap.add_argument("--train-steps", type=int, default=int(os.environ.get("MOBILE_VLA_DEMO_TRAIN_STEPS", 0)),
                     help="optimiser steps (0 = config/demo_finetune.yaml's max_steps)")
     ap.add_argument("--pretrain-episodes", type=int, default=80, help="study: go_to_cup episodes to pretrain on")
-    ap.add_argument("--pretrain-steps", type=int, default=1000, help="study: optimiser steps of pretraining")
-    ap.add_argument("--study-steps", type=int, default=1000, help="study: optimiser steps per strategy")
+    ap.add_argument("--pretrain-steps", type=int, default=2000, help="study: optimiser steps of pretraining")
+    ap.add_argument("--study-steps", type=int, default=4000, help="study: optimiser steps per strategy (the demo's)")
     ap.add_argument("--mode", default="chunk", choices=["first", "chunk", "ensemble"],
                     help="policy_node's execution_mode while driving")
     args = ap.parse_args()

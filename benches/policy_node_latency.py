@@ -15,7 +15,7 @@ inference (and, on a loaded machine, how the load moved between the two measurem
 
 Environment: MOBILE_VLA_BIN_DIR (default target/release), MOBILE_VLA_TORCH_PYTHON (default the
 repo's .cache/torch-venv), MOBILE_VLA_BENCH_FRAMES (default 10), MOBILE_VLA_BENCH_RATE (control
-rate, default 50 Hz), MOBILE_VLA_BENCH_MODEL (serve this model directory instead, e.g. your own).
+rate, default 50 Hz), MOBILE_VLA_BENCH_ROUNDS (library/node pairs, default 4), MOBILE_VLA_BENCH_MODEL (serve this model directory instead, e.g. your own).
 """
 
 import json
@@ -34,6 +34,7 @@ BIN = Path(os.environ.get("MOBILE_VLA_BIN_DIR", ROOT / "target" / "release"))
 TORCH_PY = Path(os.environ.get("MOBILE_VLA_TORCH_PYTHON", ROOT / ".cache" / "torch-venv" / "bin" / "python"))
 FRAMES = int(os.environ.get("MOBILE_VLA_BENCH_FRAMES", "10"))
 RATE = float(os.environ.get("MOBILE_VLA_BENCH_RATE", "50"))
+ROUNDS = int(os.environ.get("MOBILE_VLA_BENCH_ROUNDS", "4"))
 WORK = ROOT / "target" / "bench-policy-node"
 SIZE = 224
 INSTRUCTION = "go around the box on the left and reach the target"
@@ -199,17 +200,32 @@ def main() -> int:
     WORK.mkdir(parents=True, exist_ok=True)
     model = prepare()
     fr = frames()
-    lib = library_steps(model, fr)
-    to_chunk, to_twist, in_node = node_latencies(model, fr)
     # The first step after a reset pays one-off costs on both sides: medians of the rest.
     med = lambda xs: statistics.median(xs[1:])  # noqa: E731
-    step, chunk, twist, own = med(lib), med(to_chunk), med(to_twist), med(in_node)
-    added = med([c - n for c, n in zip(to_chunk, in_node)])
-    say(f"\npolicy_node end to end ({BIN.name} build, model {model}, {FRAMES} frames {SIZE}x{SIZE}, "
-        f"control at {RATE:g} Hz)")
+    lib, to_chunk, to_twist, in_node, overheads = [], [], [], [], []
+    for r in range(ROUNDS):
+        # Library and node in turn, the order alternating: this VM's speed drifts by ±15 % within
+        # a minute, and a single pair of phases measured the drift as much as the node.
+        if r % 2:
+            node = node_latencies(model, fr)
+            steps = library_steps(model, fr)
+        else:
+            steps = library_steps(model, fr)
+            node = node_latencies(model, fr)
+        overheads.append(100 * (med(node[0]) / med(steps) - 1))
+        say(f"  round {r + 1}/{ROUNDS}: library {med(steps):.1f} ms, image -> chunk {med(node[0]):.1f} ms "
+            f"({overheads[-1]:+.1f} %)")
+        lib += steps[1:]
+        for acc, xs in zip((to_chunk, to_twist, in_node), node):
+            acc += xs[1:]
+    mid = statistics.median
+    step, chunk, twist, own = mid(lib), mid(to_chunk), mid(to_twist), mid(in_node)
+    added = mid([c - n for c, n in zip(to_chunk, in_node)])
+    say(f"\npolicy_node end to end ({BIN.name} build, model {model}, {ROUNDS} rounds of {FRAMES} frames "
+        f"{SIZE}x{SIZE}, control at {RATE:g} Hz)")
     say(f"  library step (mobile_vla infer)      {step:8.1f} ms")
     say(f"  image -> ActionChunk (policy_node)   {chunk:8.1f} ms   overhead {100 * (chunk / step - 1):+.1f} % "
-        f"(target < 5 %)")
+        f"(target < 5 %; rounds {', '.join(f'{o:+.1f}' for o in overheads)} %)")
     say(f"  image -> cmd_vel Twist               {twist:8.1f} ms   overhead {100 * (twist / step - 1):+.1f} %")
     say(f"  policy_node's own step (diagnostics) {own:8.1f} ms   {100 * (own / step - 1):+.1f} % against the library's")
     say(f"  node's additions (image -> chunk minus its own step) {added:.1f} ms")

@@ -56,13 +56,6 @@ fn model_dir(dir: &Path) -> Result<std::path::PathBuf> {
     Ok(model)
 }
 
-/// `VmHWM` (peak resident memory) of a running process, in bytes.
-fn peak_rss(pid: u32) -> Option<u64> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = text.lines().find(|l| l.starts_with("VmHWM:"))?;
-    Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
-}
-
 /// Runs a `mobile_vla train --progress json` child to its end; returns its JSON lines and the
 /// peak resident memory of loading (up to the first `training` progress line) and of the rest
 /// (two steps, saving), in bytes.
@@ -78,7 +71,7 @@ fn run_train(mut cmd: Command) -> Result<(Vec<serde_json::Value>, u64, u64)> {
     // is its peak (it stops growing after the last step; saving frees as it goes).
     for line in BufReader::new(stdout).lines() {
         let line = line?;
-        hwm = peak_rss(pid).unwrap_or(hwm);
+        hwm = plan::peak_resident_memory_of(pid).unwrap_or(hwm);
         let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
             continue;
         };

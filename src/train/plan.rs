@@ -486,6 +486,11 @@ pub fn peak_resident_memory() -> Option<u64> {
     meminfo_field("/proc/self/status", "VmHWM:")
 }
 
+/// Peak resident memory (`VmHWM`) of process `pid`, e.g. a child's.
+pub fn peak_resident_memory_of(pid: u32) -> Option<u64> {
+    meminfo_field(&format!("/proc/{pid}/status"), "VmHWM:")
+}
+
 fn meminfo_field(file: &str, key: &str) -> Option<u64> {
     let text = std::fs::read_to_string(file).ok()?;
     let line = text.lines().find(|l| l.starts_with(key))?;

@@ -122,7 +122,7 @@ fn check(case: &str, s: TrainSetup, p: f64, tol: f32) {
         policy.backbone().train_mode().enable(MASK_SEED);
         let vars: Vec<_> = params.trainable().map(|(_, v)| v.clone()).collect();
         let mut opt = AdamW::new(&vars, 0.01).unwrap();
-        let mut group = Accumulator::new(vars.len(), 1);
+        let mut group = Accumulator::new(&vars, 1);
         group.add(&policy, &vars, &batch, 0.01, 0).unwrap();
         group.apply(&mut opt, &vars, Some(1.0), 1e-3).unwrap();
         params

@@ -93,7 +93,7 @@ fn run_case(case: &str, model: &str, s: TrainSetup, exp: &HashMap<String, Tensor
     for step in 0..STEPS {
         let lr = LR * schedule.factor(step as u64);
         lrs.push(lr as f32);
-        let mut group = Accumulator::new(vars.len(), ACCUM);
+        let mut group = Accumulator::new(&vars, ACCUM);
         for micro in 0..ACCUM {
             let k =
                 |name: &str| exp[&format!("{model}.batch{}.{name}", step * ACCUM + micro)].clone();

@@ -354,13 +354,23 @@ pub(crate) enum Epilogue {
 }
 
 impl Epilogue {
-    fn apply(self, xs: &mut [f32]) {
+    pub(crate) fn apply(self, xs: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
         if supported() {
             // SAFETY: AVX2 and FMA are present.
             return unsafe { apply_avx2(self, xs) };
         }
         apply_portable(self, xs);
+    }
+
+    /// `grads *= act'(pre)`: the backward through the activation of `pre`.
+    pub(crate) fn backward(self, pre: &[f32], grads: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if supported() {
+            // SAFETY: AVX2 and FMA are present.
+            return unsafe { backward_avx2(self, pre, grads) };
+        }
+        backward_portable(self, pre, grads);
     }
 }
 
@@ -369,6 +379,30 @@ impl Epilogue {
 unsafe fn apply_avx2(act: Epilogue, xs: &mut [f32]) {
     // The same code, compiled so the loops vectorise.
     apply_portable(act, xs);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn backward_avx2(act: Epilogue, pre: &[f32], grads: &mut [f32]) {
+    backward_portable(act, pre, grads);
+}
+
+#[inline(always)]
+fn backward_portable(act: Epilogue, pre: &[f32], grads: &mut [f32]) {
+    let it = grads.iter_mut().zip(pre);
+    match act {
+        // Φ(x) + x·φ(x)
+        Epilogue::GeluErf => it.for_each(|(g, &x)| {
+            let cdf = 0.5 * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2));
+            let pdf = exp(-0.5 * x * x) * 0.398_942_3;
+            *g *= x.mul_add(pdf, cdf);
+        }),
+        // σ(ax) · (1 + a·x·(1 − σ(ax)))
+        Epilogue::QuickGelu => it.for_each(|(g, &x)| {
+            let s = 1.0 / (1.0 + exp(-1.702 * x));
+            *g *= s * (1.702 * x).mul_add(1.0 - s, 1.0);
+        }),
+    }
 }
 
 #[inline(always)]

@@ -6,6 +6,8 @@
 
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::{linear, Linear, VarBuilder};
+
+use crate::model::fused::{self, needs_grad};
 use std::collections::VecDeque;
 
 /// Shape of the head. `arm_dim` counts the continuous dims the tanh MLP predicts per chunk step.
@@ -93,9 +95,33 @@ impl LstmLayer {
         })
     }
 
-    /// xs: (B, T, in), state (h, c): (B, H) each → outputs (B, T, H) and the final state.
-    fn forward(&self, xs: &Tensor, state: (Tensor, Tensor)) -> Result<(Tensor, (Tensor, Tensor))> {
+    /// xs: (B, T, in), state (h, c): (B, H) each, zeros when `None` → outputs (B, T, H) and the
+    /// final state.
+    fn forward(
+        &self,
+        xs: &Tensor,
+        state: Option<(Tensor, Tensor)>,
+    ) -> Result<(Tensor, (Tensor, Tensor))> {
         let (b, t, d) = xs.dims3()?;
+        let params = [xs, &self.w_ih, &self.w_hh, &self.b_ih, &self.b_hh];
+        if state.is_none() && t > 0 && needs_grad(&params) && fused::applies(&params) {
+            // Training from a zero state: one op with a backward through time of its own.
+            let gates_x = fused::linear(xs, &self.w_ih, &self.b_ih)?;
+            let out = fused::lstm_from_zero(&gates_x, &self.w_hh, &self.b_hh)?;
+            let (hs, cs) = (
+                out.narrow(2, 0, self.hidden)?,
+                out.narrow(2, self.hidden, self.hidden)?,
+            );
+            let last = |x: &Tensor| x.narrow(1, t - 1, 1)?.squeeze(1);
+            return Ok((hs.contiguous()?, (last(&hs)?, last(&cs)?)));
+        }
+        let state = match state {
+            Some(s) => s,
+            None => {
+                let zeros = Tensor::zeros((b, self.hidden), xs.dtype(), xs.device())?;
+                (zeros.clone(), zeros)
+            }
+        };
         // Input projections for all steps in one matmul; only the recurrent part is sequential.
         let gates_x = xs
             .reshape((b * t, d))?
@@ -205,18 +231,12 @@ impl LstmDecoder {
     }
 
     fn run_rnn(&self, features: &Tensor, state: Option<&LstmState>) -> Result<(Tensor, LstmState)> {
-        let b = features.dim(0)?;
-        let zeros = Tensor::zeros(
-            (b, self.cfg.hidden_size),
-            features.dtype(),
-            features.device(),
-        )?;
         let mut xs = features.clone();
         let (mut hs, mut cs) = (Vec::new(), Vec::new());
         for (k, layer) in self.rnn.iter().enumerate() {
             let init = match state {
-                Some(s) => (s.h.get(k)?, s.c.get(k)?),
-                None => (zeros.clone(), zeros.clone()),
+                Some(s) => Some((s.h.get(k)?, s.c.get(k)?)),
+                None => None,
             };
             let (out, (h, c)) = layer.forward(&xs, init)?;
             xs = out;

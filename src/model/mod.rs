@@ -6,6 +6,7 @@
 pub mod config;
 pub mod error;
 pub mod export;
+pub(crate) mod fused;
 pub(crate) mod gemm;
 pub mod head;
 pub mod import;
@@ -17,6 +18,7 @@ pub mod robovlms;
 pub mod tokenizer;
 
 pub use config::{ActionSpec, LstmSpec, NormRange, PolicyConfig};
+pub use fused::sink::SinkScope;
 pub use gemm::WeightFormat;
 pub use model_dir::LoadOptions;
 pub use policy::{ActionChunk, Policy};

@@ -5,20 +5,25 @@ use super::loss::{action_loss, Batch};
 use super::optim::{clip_grad_norm, AdamW};
 use super::TrainError;
 use crate::model::Policy;
+use crate::model::SinkScope;
 use candle_core::{Tensor, Var};
 
 /// One optimiser step's worth of batches: Lightning divides each batch's loss by
-/// `accumulate_grad_batches` and sums the gradients; the step then clips and updates.
+/// `accumulate_grad_batches` and sums the gradients; the step then clips and updates. The
+/// backbone's training ops add their parameters' gradients in place ([`SinkScope`]); the rest
+/// (head, action token, …) come from candle's backward and are summed here.
 pub struct Accumulator {
     grads: Vec<Option<Tensor>>,
+    sinks: SinkScope,
     losses: Vec<f64>,
     accumulate: usize,
 }
 
 impl Accumulator {
-    pub fn new(params: usize, accumulate: usize) -> Self {
+    pub fn new(params: &[Var], accumulate: usize) -> Self {
         Self {
-            grads: vec![None; params],
+            grads: vec![None; params.len()],
+            sinks: SinkScope::open(params.iter().map(Var::as_tensor)),
             losses: Vec::new(),
             accumulate,
         }
@@ -72,6 +77,14 @@ impl Accumulator {
         clip: Option<f64>,
         lr: f64,
     ) -> Result<(f64, Option<f64>), TrainError> {
+        for (slot, var) in self.grads.iter_mut().zip(params) {
+            if let Some(g) = self.sinks.take(var.as_tensor())? {
+                *slot = Some(match slot.take() {
+                    Some(prev) => (prev + g)?,
+                    None => g,
+                });
+            }
+        }
         let norm = match clip {
             Some(max_norm) => Some(clip_grad_norm(&mut self.grads, max_norm)?),
             None => None,

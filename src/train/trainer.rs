@@ -478,7 +478,7 @@ impl Trainer {
             while pos.batch < n_batches && pos.step < total_steps {
                 // One accumulation group: Lightning steps after `accum` batches or at the epoch's end.
                 let group_end = (pos.batch + accum).min(n_batches);
-                let mut group = Accumulator::new(trainable.len(), accum);
+                let mut group = Accumulator::new(&trainable, accum);
                 for b in pos.batch..group_end {
                     if cancel.load(Ordering::SeqCst) {
                         let ckpt = self.checkpoint(&out, &pos, &metrics)?;

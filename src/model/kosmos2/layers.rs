@@ -13,8 +13,8 @@ use candle_core::{bail, DType, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
 use super::config::Activation;
-use super::fused;
 use super::train_mode::TrainMode;
+use crate::model::fused::{self, needs_grad};
 use crate::model::gemm::{self, Epilogue, PackedLinear, WeightFormat};
 
 /// `nn.LayerNorm` (weight and bias). Statistics in f32 so bf16/f16 stay stable.
@@ -33,11 +33,6 @@ impl LayerNorm {
             eps,
         })
     }
-}
-
-/// Whether backprop could reach through an op on these tensors.
-pub(crate) fn needs_grad(ts: &[&Tensor]) -> bool {
-    ts.iter().any(|t| t.track_op())
 }
 
 impl Module for LayerNorm {
@@ -126,12 +121,21 @@ impl Linear {
         };
         match (self, epilogue) {
             (Self::Packed(p), Some(e)) if !needs_grad(&[xs]) => p.forward_act(xs, Some(e)),
+            (Self::Plain(l), Some(e)) => match l.bias() {
+                Some(b)
+                    if needs_grad(&[xs, l.weight(), b]) && fused::applies(&[xs, l.weight(), b]) =>
+                {
+                    fused::linear_act(xs, l.weight(), b, Some(e))
+                }
+                _ => act.forward(&plain_forward(l, xs)?),
+            },
             _ => {
                 let ys = self.forward(xs)?;
-                if act == Activation::QuickGelu && needs_grad(&[&ys]) && fused::applies(&[&ys]) {
-                    fused::quick_gelu(&ys)
-                } else {
-                    act.forward(&ys)
+                match epilogue {
+                    Some(e) if needs_grad(&[&ys]) && fused::applies(&[&ys]) => {
+                        fused::activation(&ys, e)
+                    }
+                    _ => act.forward(&ys),
                 }
             }
         }
@@ -154,25 +158,14 @@ impl Module for Linear {
     }
 }
 
-/// candle's `Linear` forward, minus the frozen weight's gradient, and with half-precision CPU
-/// weights widened block by block.
+/// candle's `Linear` forward; in training (f32 on the CPU) [`fused::linear`], and with
+/// half-precision CPU weights widened block by block.
 fn plain_forward(l: &candle_nn::Linear, xs: &Tensor) -> Result<Tensor> {
     let w = l.weight();
-    if needs_grad(&[xs]) && !needs_grad(&[w]) && w.dtype() == DType::F32 && w.device().is_cpu() {
-        // A frozen weight under a trainable input: candle's matmul backward would also compute
-        // the weight's (unused) gradient, a full weight-sized matmul and allocation per call. A
-        // frozen bias is added inside the op too: broadcast-added outside, backward would leave an
-        // output-sized gradient for it until `backward` returns.
-        let frozen_bias = l.bias().filter(|b| !needs_grad(&[b]));
-        let ys = xs.contiguous()?.apply_op1(FrozenMatmul {
-            weight: w.clone(),
-            weight_t: w.t()?,
-            bias: frozen_bias.cloned(),
-        })?;
-        return match l.bias() {
-            Some(b) if frozen_bias.is_none() => ys.broadcast_add(b),
-            _ => Ok(ys),
-        };
+    if let Some(b) = l.bias().filter(|b| fused::applies(&[xs, w, b])) {
+        if needs_grad(&[xs, w, b]) {
+            return fused::linear(xs, w, b);
+        }
     }
     let half = matches!(w.dtype(), DType::BF16 | DType::F16);
     if !half || !w.device().is_cpu() || needs_grad(&[xs, w]) {
@@ -204,52 +197,6 @@ fn plain_forward(l: &candle_nn::Linear, xs: &Tensor) -> Result<Tensor> {
     match l.bias() {
         Some(b) => ys.broadcast_add(b),
         None => Ok(ys),
-    }
-}
-
-/// `x · Wᵀ (+ b)` for a frozen `W` (and `b`): the backward returns only the input's gradient `g · W`.
-struct FrozenMatmul {
-    /// (out, in)
-    weight: Tensor,
-    /// (in, out), a view.
-    weight_t: Tensor,
-    bias: Option<Tensor>,
-}
-
-impl candle_core::CustomOp1 for FrozenMatmul {
-    fn name(&self) -> &'static str {
-        "frozen-matmul"
-    }
-
-    fn cpu_fwd(
-        &self,
-        storage: &candle_core::CpuStorage,
-        layout: &candle_core::Layout,
-    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        let (Some((start, end)), candle_core::CpuStorage::F32(data)) =
-            (layout.contiguous_offsets(), storage)
-        else {
-            bail!("frozen-matmul: needs a contiguous f32 input");
-        };
-        let xs = Tensor::from_slice(
-            &data[start..end],
-            layout.shape().clone(),
-            &candle_core::Device::Cpu,
-        )?;
-        let ys = xs.broadcast_matmul(&self.weight_t)?;
-        let ys = match &self.bias {
-            Some(b) => ys.broadcast_add(b)?,
-            None => ys,
-        };
-        let shape = ys.shape().clone();
-        Ok((
-            candle_core::CpuStorage::F32(ys.flatten_all()?.to_vec1::<f32>()?),
-            shape,
-        ))
-    }
-
-    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(grad_res.broadcast_matmul(&self.weight)?))
     }
 }
 
@@ -408,6 +355,12 @@ impl Attention {
     fn attend(&self, q: Tensor, k: Tensor, v: Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
         let (b, tq, d) = q.dims3()?;
         let scale = (self.head_dim as f64).powf(-0.5);
+        if needs_grad(&[&q, &k, &v]) && fused::applies(&[&q, &k, &v]) {
+            let n = b * self.num_heads * tq * k.dim(1)?;
+            let dropout = self.dropout.1.dropout_mask(n, self.dropout.0);
+            let out = fused::attention(&q, &k, &v, self.num_heads, scale as f32, mask, dropout)?;
+            return self.project(out);
+        }
         let q = self.split_heads(&(q * scale)?)?;
         let k = self.split_heads(&k)?;
         let v = self.split_heads(&v)?;
@@ -433,6 +386,11 @@ impl Attention {
             .transpose(1, 2)?
             .contiguous()?
             .reshape((b, tq, d))?;
+        self.project(out)
+    }
+
+    /// `inner_attn_ln` (text) and `out_proj` of the heads' concatenation `(B, Tq, D)`.
+    fn project(&self, out: Tensor) -> Result<Tensor> {
         let out = match &self.inner_attn_ln {
             Some(ln) => ln.forward(&out)?,
             None => out,

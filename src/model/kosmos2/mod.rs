@@ -8,7 +8,6 @@
 
 mod config;
 mod error;
-mod fused;
 mod layers;
 mod projection;
 mod text;

@@ -8,6 +8,7 @@ use candle_nn::{Embedding, VarBuilder};
 use super::config::{Activation, Kosmos2TextConfig};
 use super::layers::{causal_mask, linear, AdapterFactory, Attention, LayerNorm, Linear};
 use super::train_mode::TrainMode;
+use crate::model::fused;
 use crate::model::gemm::WeightFormat;
 use std::sync::Arc;
 
@@ -188,6 +189,10 @@ impl TextTransformer {
 
     /// Unscaled word embeddings of `input_ids` (any shape of integer ids).
     pub(crate) fn embed_tokens(&self, input_ids: &Tensor) -> Result<Tensor> {
+        let table = self.embed_tokens.embeddings();
+        if table.track_op() && fused::applies(&[table]) {
+            return fused::embedding(table, input_ids);
+        }
         self.embed_tokens.forward(input_ids)
     }
 

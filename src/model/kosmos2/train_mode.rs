@@ -10,7 +10,7 @@ use rand::{Rng, SeedableRng};
 use candle_core::backprop::GradStore;
 use candle_core::{Result, Tensor, TensorId, Var};
 
-use super::fused;
+use crate::model::fused;
 
 /// Train-mode state shared by every layer of a model: dropout, off (inference) unless
 /// [`TrainMode::enable`] set a seed, and gradient checkpointing. Masks come from a stream seeded by
@@ -161,22 +161,28 @@ impl TrainMode {
     /// `nn.functional.dropout(xs, p, training)`: zeroes elements with probability `p` and scales
     /// the rest by `1 / (1 − p)`; the identity when off or `p == 0`.
     pub(crate) fn dropout(&self, xs: &Tensor, p: f64) -> Result<Tensor> {
-        let seed = self.seed.load(Ordering::SeqCst);
-        if seed == 0 || p <= 0.0 {
+        let Some((keep, scale)) = self.dropout_mask(xs.elem_count(), p) else {
             return Ok(xs.clone());
-        }
-        let call = self.calls.fetch_add(1, Ordering::SeqCst);
-        let mut rng =
-            rand::rngs::StdRng::seed_from_u64(seed ^ call.wrapping_mul(0x9E37_79B9_7F4A_7C15));
-        let scale = (1.0 / (1.0 - p)) as f32;
-        let keep: Vec<bool> = (0..xs.elem_count())
-            .map(|_| rng.random::<f64>() >= p)
-            .collect();
+        };
         if fused::applies(&[xs]) {
             return fused::dropout(xs, keep, scale);
         }
         let mask: Vec<f32> = keep.iter().map(|&k| if k { scale } else { 0.0 }).collect();
         let mask = Tensor::from_vec(mask, xs.shape(), xs.device())?.to_dtype(xs.dtype())?;
         xs.mul(&mask)
+    }
+
+    /// The kept elements of the next dropout of `n` elements with probability `p`, and the scale
+    /// `1 / (1 − p)` of those kept; none when off or `p == 0`.
+    pub(crate) fn dropout_mask(&self, n: usize, p: f64) -> Option<(Vec<bool>, f32)> {
+        let seed = self.seed.load(Ordering::SeqCst);
+        if seed == 0 || p <= 0.0 {
+            return None;
+        }
+        let call = self.calls.fetch_add(1, Ordering::SeqCst);
+        let mut rng =
+            rand::rngs::StdRng::seed_from_u64(seed ^ call.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let keep = (0..n).map(|_| rng.random::<f64>() >= p).collect();
+        Some((keep, (1.0 / (1.0 - p)) as f32))
     }
 }

@@ -6,6 +6,25 @@
 
 use candle_core::{bail, CpuStorage, DType, Layout, Result, Shape, Tensor, D};
 
+use crate::model::gemm::Epilogue;
+
+mod attention;
+mod embedding;
+pub(crate) use attention::attention;
+mod linear;
+mod lstm;
+pub(crate) use lstm::lstm_from_zero;
+mod matmul;
+pub(crate) use embedding::embedding;
+pub(crate) mod sink;
+use linear::gradient;
+pub(crate) use linear::{linear, linear_act};
+
+/// Whether backprop could reach through an op on these tensors.
+pub(crate) fn needs_grad(ts: &[&Tensor]) -> bool {
+    ts.iter().any(|t| t.track_op())
+}
+
 /// Whether the ops below take these tensors.
 pub(crate) fn applies(ts: &[&Tensor]) -> bool {
     ts.iter()
@@ -15,6 +34,15 @@ pub(crate) fn applies(ts: &[&Tensor]) -> bool {
 fn f32_data<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
     match (s, l.contiguous_offsets()) {
         (CpuStorage::F32(d), Some((start, end))) => Ok(&d[start..end]),
+        _ => bail!("{op}: needs a contiguous f32 tensor on the CPU"),
+    }
+}
+
+/// `f` on a contiguous f32 CPU tensor's elements.
+fn with_f32<R>(t: &Tensor, op: &str, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        candle_core::Storage::Cpu(s) => f(f32_data(s, layout, op)?),
         _ => bail!("{op}: needs a contiguous f32 tensor on the CPU"),
     }
 }
@@ -85,33 +113,54 @@ impl candle_core::CustomOp3 for LayerNormOp {
         _res: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let mean = x.mean_keepdim(D::Minus1)?;
-        let centered = x.broadcast_sub(&mean)?;
-        let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
-        let rstd = (var + self.eps as f64)?.sqrt()?.recip()?;
-        let xhat = centered.broadcast_mul(&rstd)?;
+        let g = g.contiguous()?;
         let d = w.elem_count();
-        // Sum over every leading dimension: the gradient of a per-feature parameter.
-        let per_feature = |t: Tensor| t.reshape(((), d))?.sum(0);
-        let dw = w
-            .track_op()
-            .then(|| per_feature((g * &xhat)?))
+        // One pass over the rows: dx = rstd · (ĝ − mean(ĝ) − x̂ · mean(ĝ · x̂)), ĝ = g · weight;
+        // the per-feature sums Σ g · x̂ (weight) and Σ g (bias) on the way.
+        let (mut dw, mut db) = (vec![0f32; d], vec![0f32; d]);
+        let mut dx = x.track_op().then(|| vec![0f32; x.elem_count()]);
+        with_f32(x, self.name(), |xd| {
+            with_f32(&g, self.name(), |gd| {
+                with_f32(w, self.name(), |wd| {
+                    let mut xhat = vec![0f32; d];
+                    for (r, (row, grow)) in xd.chunks_exact(d).zip(gd.chunks_exact(d)).enumerate() {
+                        let mean = row.iter().sum::<f32>() / d as f32;
+                        let var =
+                            row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / d as f32;
+                        let rstd = 1.0 / (var + self.eps).sqrt();
+                        let (mut m1, mut m2) = (0f32, 0f32);
+                        for i in 0..d {
+                            xhat[i] = (row[i] - mean) * rstd;
+                            let gh = grow[i] * wd[i];
+                            m1 += gh;
+                            m2 += gh * xhat[i];
+                            dw[i] += grow[i] * xhat[i];
+                            db[i] += grow[i];
+                        }
+                        let (m1, m2) = (m1 / d as f32, m2 / d as f32);
+                        if let Some(dx) = dx.as_mut() {
+                            let out = &mut dx[r * d..(r + 1) * d];
+                            for i in 0..d {
+                                out[i] = rstd * (grow[i] * wd[i] - m1 - xhat[i] * m2);
+                            }
+                        }
+                    }
+                    Ok(())
+                })
+            })
+        })?;
+        let dx = dx
+            .map(|v| Tensor::from_vec(v, x.shape(), x.device()))
             .transpose()?;
-        let db = b.track_op().then(|| per_feature(g.clone())).transpose()?;
-        let dx = if x.track_op() {
-            // dx = rstd · (ĝ − mean(ĝ) − x̂ · mean(ĝ · x̂)), ĝ = g · weight
-            let gh = g.broadcast_mul(w)?;
-            let m1 = gh.mean_keepdim(D::Minus1)?;
-            let m2 = (&gh * &xhat)?.mean_keepdim(D::Minus1)?;
-            Some(
-                gh.broadcast_sub(&m1)?
-                    .sub(&xhat.broadcast_mul(&m2)?)?
-                    .broadcast_mul(&rstd)?,
-            )
-        } else {
-            None
-        };
-        Ok((dx, dw, db))
+        Ok((dx, gradient(w, add_sums(&dw))?, gradient(b, add_sums(&db))?))
+    }
+}
+
+/// A gradient adder ([`gradient`]) of per-feature sums.
+fn add_sums(sums: &[f32]) -> impl Fn(&mut [f32], bool) -> Result<()> + '_ {
+    move |buf, _| {
+        buf.iter_mut().zip(sums).for_each(|(s, v)| *s += v);
+        Ok(())
     }
 }
 
@@ -150,34 +199,31 @@ impl candle_core::CustomOp1 for SoftmaxOp {
     }
 }
 
-/// CLIP's `quick_gelu`: `x · σ(1.702 x)`.
-pub(crate) fn quick_gelu(xs: &Tensor) -> Result<Tensor> {
-    xs.contiguous()?.apply_op1(QuickGeluOp)
+/// `act(xs)` (GELU or CLIP's quick-GELU); the backward recomputes from the input.
+pub(crate) fn activation(xs: &Tensor, act: Epilogue) -> Result<Tensor> {
+    xs.contiguous()?.apply_op1(ActivationOp(act))
 }
 
-struct QuickGeluOp;
+struct ActivationOp(Epilogue);
 
-const QUICK_GELU: f32 = 1.702;
-
-impl candle_core::CustomOp1 for QuickGeluOp {
+impl candle_core::CustomOp1 for ActivationOp {
     fn name(&self) -> &'static str {
-        "train-quick-gelu"
+        "train-activation"
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = f32_data(s, l, self.name())?;
-        let out = x
-            .iter()
-            .map(|&v| v / (1.0 + (-QUICK_GELU * v).exp()))
-            .collect();
+        let mut out = f32_data(s, l, self.name())?.to_vec();
+        self.0.apply(&mut out);
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
-        // d/dx x·σ(ax) = σ(ax) · (1 + a·x·(1 − σ(ax)))
-        let s = candle_nn::ops::sigmoid(&(x * QUICK_GELU as f64)?)?;
-        let inner = ((x * QUICK_GELU as f64)? * (1.0 - &s)?)? + 1.0;
-        Ok(Some((g * (s * inner)?)?))
+        let mut d = g.flatten_all()?.to_vec1::<f32>()?;
+        with_f32(&x.contiguous()?, self.name(), |xd| {
+            self.0.backward(xd, &mut d);
+            Ok(())
+        })?;
+        Tensor::from_vec(d, g.shape(), g.device()).map(Some)
     }
 }
 
@@ -298,14 +344,18 @@ mod tests {
     }
 
     #[test]
-    fn softmax_and_quick_gelu_match_plain_ops() {
+    fn softmax_and_activations_match_plain_ops() {
         check(
             |x, _, _| softmax_last_dim(x),
             |x, _, _| candle_nn::ops::softmax(x, D::Minus1),
         );
         check(
-            |x, _, _| quick_gelu(x),
+            |x, _, _| activation(x, Epilogue::QuickGelu),
             |x, _, _| x.mul(&candle_nn::ops::sigmoid(&(x * 1.702)?)?),
+        );
+        check(
+            |x, _, _| activation(x, Epilogue::GeluErf),
+            |x, _, _| x.gelu_erf(),
         );
     }
 

@@ -130,10 +130,11 @@ fn check(case: &str, s: TrainSetup, p: f64, tol: f32) {
     let (a, b) = (stepped(true), stepped(false));
     for ((name, va), (_, vb)) in a.trainable().zip(b.trainable()) {
         let err = l2(&(va.as_tensor() - vb.as_tensor()).unwrap()) / l2(vb.as_tensor());
-        // AdamW normalises the key bias's rounding-noise gradient into a full-size step (as in
-        // train_parity): only that drift's size is comparable.
+        // AdamW normalises the key bias's rounding-noise gradient (its true gradient is zero:
+        // softmax ignores a shift shared by a row's scores) into a full-size step (as in
+        // train_parity): only that drift's size is comparable. Measured up to 1.0e-3.
         let tol = if name.ends_with("k_proj.bias") {
-            1e-3
+            2e-3
         } else {
             tol
         };

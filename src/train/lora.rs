@@ -18,6 +18,7 @@
 
 use super::params::{Group, Param};
 use crate::config::train::LoraSetup;
+use crate::model::fused;
 use crate::model::kosmos2::{LinearAdapter, TrainMode};
 use crate::model::Policy;
 use candle_core::{DType, Module, Result, Tensor, Var};
@@ -45,6 +46,11 @@ struct Adapter {
 
 impl LinearAdapter for Adapter {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let (a, b) = (self.a.weight(), self.b.weight());
+        if fused::needs_grad(&[xs, a, b]) && fused::applies(&[xs, a, b]) {
+            let dropout = self.train.dropout_mask(xs.elem_count(), self.dropout);
+            return fused::lora(xs, a, b, self.scale as f32, dropout);
+        }
         let x = self.train.dropout(xs, self.dropout)?;
         // Scaled at rank r rather than at the layer's width: the autograd graph keeps each op's
         // input, so this saves one output-sized activation per adapted layer.

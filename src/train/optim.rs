@@ -87,6 +87,7 @@ mod in_place {
     use candle_core::{
         bail, CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Result, Tensor, Var,
     };
+    use rayon::prelude::*;
 
     pub fn applies(ts: &[&Tensor]) -> bool {
         ts.iter()
@@ -107,10 +108,14 @@ mod in_place {
         }
     }
 
+    /// Element-wise work split into cache-sized chunks over the rayon threads (each element's
+    /// arithmetic is the same whichever thread does it).
+    const CHUNK: usize = 1 << 14;
+
     /// `f(dst, src…)` for every element.
     struct Elementwise<F>(F);
 
-    impl<F: Fn(&mut f32, f32)> InplaceOp2 for Elementwise<F> {
+    impl<F: Fn(&mut f32, f32) + Sync> InplaceOp2 for Elementwise<F> {
         fn name(&self) -> &'static str {
             "adamw-moment"
         }
@@ -122,14 +127,15 @@ mod in_place {
             s: &CpuStorage,
             l: &Layout,
         ) -> Result<()> {
-            for (x, &g) in data_mut(dst, dst_l)?.iter_mut().zip(data(s, l)?) {
-                (self.0)(x, g);
-            }
+            let (dst, src) = (data_mut(dst, dst_l)?, data(s, l)?);
+            dst.par_chunks_mut(CHUNK)
+                .zip(src.par_chunks(CHUNK))
+                .for_each(|(d, s)| d.iter_mut().zip(s).for_each(|(x, &g)| (self.0)(x, g)));
             Ok(())
         }
     }
 
-    impl<F: Fn(&mut f32, f32, f32)> InplaceOp3 for Elementwise<F> {
+    impl<F: Fn(&mut f32, f32, f32) + Sync> InplaceOp3 for Elementwise<F> {
         fn name(&self) -> &'static str {
             "adamw-param"
         }
@@ -143,12 +149,34 @@ mod in_place {
             s2: &CpuStorage,
             l2: &Layout,
         ) -> Result<()> {
-            let dst = data_mut(dst, dst_l)?;
-            for ((x, &m), &v) in dst.iter_mut().zip(data(s1, l1)?).zip(data(s2, l2)?) {
-                (self.0)(x, m, v);
-            }
+            let (dst, s1, s2) = (data_mut(dst, dst_l)?, data(s1, l1)?, data(s2, l2)?);
+            dst.par_chunks_mut(CHUNK)
+                .zip(s1.par_chunks(CHUNK))
+                .zip(s2.par_chunks(CHUNK))
+                .for_each(|((d, m), v)| {
+                    for ((x, &m), &v) in d.iter_mut().zip(m).zip(v) {
+                        (self.0)(x, m, v);
+                    }
+                });
             Ok(())
         }
+    }
+
+    /// `Σ g²` of an f32 CPU tensor without a temporary: per-chunk sums in parallel, added in
+    /// order (the same result whatever the threads do); none for other tensors.
+    pub fn sum_of_squares(g: &Tensor) -> Result<Option<f64>> {
+        if !applies(&[g]) {
+            return Ok(None);
+        }
+        let (storage, layout) = g.storage_and_layout();
+        let candle_core::Storage::Cpu(s) = &*storage else {
+            return Ok(None);
+        };
+        let partial: Vec<f64> = data(s, layout)?
+            .par_chunks(CHUNK)
+            .map(|c| c.iter().map(|&v| f64::from(v) * f64::from(v)).sum())
+            .collect();
+        Ok(Some(partial.iter().sum()))
     }
 
     pub fn adamw(
@@ -188,11 +216,14 @@ mod in_place {
 pub fn clip_grad_norm(grads: &mut [Option<Tensor>], max_norm: f64) -> Result<f64> {
     let mut sq = 0f64;
     for g in grads.iter().flatten() {
-        sq += g
-            .sqr()?
-            .sum_all()?
-            .to_dtype(candle_core::DType::F64)?
-            .to_scalar::<f64>()?;
+        sq += match in_place::sum_of_squares(g)? {
+            Some(s) => s,
+            None => g
+                .sqr()?
+                .sum_all()?
+                .to_dtype(candle_core::DType::F64)?
+                .to_scalar::<f64>()?,
+        };
     }
     let norm = sq.sqrt();
     let coef = (max_norm / (norm + 1e-6)).min(1.0);

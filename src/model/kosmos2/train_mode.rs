@@ -5,8 +5,6 @@ use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 
-use rand::{Rng, SeedableRng};
-
 use candle_core::backprop::GradStore;
 use candle_core::{Result, Tensor, TensorId, Var};
 
@@ -180,9 +178,26 @@ impl TrainMode {
             return None;
         }
         let call = self.calls.fetch_add(1, Ordering::SeqCst);
-        let mut rng =
-            rand::rngs::StdRng::seed_from_u64(seed ^ call.wrapping_mul(0x9E37_79B9_7F4A_7C15));
-        let keep = (0..n).map(|_| rng.random::<f64>() >= p).collect();
+        // SplitMix64, two 32-bit draws per output: dropout draws an element-sized mask per layer
+        // (the attention probabilities' alone are millions), and a cryptographic stream costs a
+        // noticeable share of a training step.
+        let mut state = seed ^ call.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let mut next = move || {
+            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^ (z >> 31)
+        };
+        // Kept when the draw (uniform in [0, 2³²)) is at least p · 2³².
+        let threshold = (p * 4_294_967_296.0).min(u64::MAX as f64) as u64;
+        let mut keep = Vec::with_capacity(n + 1);
+        while keep.len() < n {
+            let z = next();
+            keep.push(z & 0xFFFF_FFFF >= threshold);
+            keep.push(z >> 32 >= threshold);
+        }
+        keep.truncate(n);
         Some((keep, (1.0 / (1.0 - p)) as f32))
     }
 }

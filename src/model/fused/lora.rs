@@ -1,0 +1,217 @@
+//! A LoRA adapter's update for training, `scale · dropout(x) · Aᵀ · Bᵀ`, as one op. Written with
+//! candle's `Linear`s, the adapter's two matrices are multiplied per batch element (the backward
+//! then sums per-element weight gradients) and dropout keeps an input-sized f32 mask; here each
+//! product is one GEMM, the dropout mask is a bit per element, and the gradients of `A` and `B` go
+//! to their sinks.
+
+use std::sync::Mutex;
+
+use candle_core::{bail, CpuStorage, Device, Layout, Result, Shape, Tensor};
+
+use super::matmul::{gemm_into, View};
+use super::{f32_data, gradient, with_f32};
+
+/// `scale · dropout(xs) · aᵀ · bᵀ` for `xs (…, in)`, `a (r, in)`, `b (out, r)` → `(…, out)`.
+/// `dropout`: each input element's keep flag and the kept ones' scale.
+pub(crate) fn lora(
+    xs: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f32,
+    dropout: Option<(Vec<bool>, f32)>,
+) -> Result<Tensor> {
+    let op = LoraOp {
+        scale,
+        dropout,
+        rank_out: Mutex::new(None),
+    };
+    xs.contiguous()?
+        .apply_op3(&a.contiguous()?, &b.contiguous()?, op)
+}
+
+struct LoraOp {
+    scale: f32,
+    dropout: Option<(Vec<bool>, f32)>,
+    /// The forward's `dropout(x) · aᵀ`, `(M, r)`.
+    rank_out: Mutex<Option<Vec<f32>>>,
+}
+
+impl LoraOp {
+    /// `dropout(x)`, or `x` itself.
+    fn dropped<'a>(&self, x: &'a [f32]) -> std::borrow::Cow<'a, [f32]> {
+        match &self.dropout {
+            Some((keep, s)) => x
+                .iter()
+                .zip(keep)
+                .map(|(&v, &k)| if k { v * s } else { 0.0 })
+                .collect(),
+            None => std::borrow::Cow::Borrowed(x),
+        }
+    }
+}
+
+impl candle_core::CustomOp3 for LoraOp {
+    fn name(&self) -> &'static str {
+        "train-lora"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = f32_data(s1, l1, self.name())?;
+        let (a, b) = (
+            f32_data(s2, l2, self.name())?,
+            f32_data(s3, l3, self.name())?,
+        );
+        let (r, k) = l2.shape().dims2()?;
+        let (n, rb) = l3.shape().dims2()?;
+        let keep_ok = self
+            .dropout
+            .as_ref()
+            .is_none_or(|(keep, _)| keep.len() == x.len());
+        if l1.dims().last() != Some(&k) || rb != r || !keep_ok {
+            bail!(
+                "{}: x {:?}, A {:?}, B {:?}",
+                self.name(),
+                l1.dims(),
+                l2.dims(),
+                l3.dims()
+            );
+        }
+        let m = x.len() / k.max(1);
+        let xd = self.dropped(x);
+        let mut u = vec![0f32; m * r];
+        gemm_into(
+            &mut u,
+            View::new(&xd, k, false),
+            View::new(a, k, true),
+            false,
+        )?;
+        u.iter_mut().for_each(|v| *v *= self.scale);
+        let mut out = vec![0f32; m * n];
+        gemm_into(
+            &mut out,
+            View::new(&u, r, false),
+            View::new(b, r, true),
+            false,
+        )?;
+        *self.rank_out.lock().unwrap_or_else(|e| e.into_inner()) = Some(u);
+        let mut dims = l1.dims().to_vec();
+        if let Some(last) = dims.last_mut() {
+            *last = n;
+        }
+        Ok((CpuStorage::F32(out), Shape::from(dims)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let g = g.contiguous()?;
+        let (r, k) = a.dims2()?;
+        let n = b.dim(0)?;
+        let saved = self.rank_out.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(u) = saved.as_ref() else {
+            bail!("{}: backward before forward", self.name());
+        };
+        with_f32(&g, self.name(), |gd| {
+            // dB = gᵀ · u (u already carries the scale)
+            let db = gradient(b, |buf, _| {
+                gemm_into(buf, View::new(gd, n, true), View::new(u, r, false), true)
+            })?;
+            // du = scale · g · B
+            let mut du = vec![0f32; u.len()];
+            with_f32(b, self.name(), |bd| {
+                gemm_into(
+                    &mut du,
+                    View::new(gd, n, false),
+                    View::new(bd, r, false),
+                    false,
+                )
+            })?;
+            du.iter_mut().for_each(|v| *v *= self.scale);
+            let (da, dx) = with_f32(x, self.name(), |xd| {
+                let xd = self.dropped(xd);
+                // dA = duᵀ · dropout(x)
+                let da = gradient(a, |buf, _| {
+                    gemm_into(buf, View::new(&du, r, true), View::new(&xd, k, false), true)
+                })?;
+                let dx = if x.track_op() {
+                    let mut dx = vec![0f32; xd.len()];
+                    with_f32(a, self.name(), |ad| {
+                        gemm_into(
+                            &mut dx,
+                            View::new(&du, r, false),
+                            View::new(ad, k, false),
+                            false,
+                        )
+                    })?;
+                    if let Some((keep, s)) = &self.dropout {
+                        dx.iter_mut()
+                            .zip(keep)
+                            .for_each(|(v, &k)| *v = if k { *v * s } else { 0.0 });
+                    }
+                    Some(Tensor::from_vec(dx, x.shape(), &Device::Cpu)?)
+                } else {
+                    None
+                };
+                Ok((da, dx))
+            })?;
+            Ok((dx, da, db))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Var;
+
+    /// Value and the gradients of x, A and B against candle ops, with dropout.
+    #[test]
+    fn matches_candle_ops() -> Result<()> {
+        let dev = Device::Cpu;
+        let (m, k, r, n) = (5, 7, 3, 4);
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (1, m, k), &dev)?)?;
+        let a = Var::from_tensor(&Tensor::randn(0f32, 1.0, (r, k), &dev)?)?;
+        let b = Var::from_tensor(&Tensor::randn(0f32, 1.0, (n, r), &dev)?)?;
+        let keep: Vec<bool> = (0..m * k).map(|i| i % 5 != 2).collect();
+        let probe = Tensor::randn(0f32, 1.0, (1, m, n), &dev)?;
+        let plain = || -> Result<Tensor> {
+            let mask: Vec<f32> = keep.iter().map(|&k| if k { 1.25 } else { 0.0 }).collect();
+            let xd = x.mul(&Tensor::from_vec(mask, (1, m, k), &dev)?)?;
+            xd.broadcast_matmul(&a.t()?)?.broadcast_matmul(&b.t()?)? * 0.5
+        };
+        let run = |y: Tensor| -> Result<Vec<Tensor>> {
+            let grads = (&y * &probe)?.sum_all()?.backward()?;
+            let mut out = vec![y];
+            for v in [&x, &a, &b] {
+                out.push(grads.get(v.as_tensor()).expect("a gradient").clone());
+            }
+            Ok(out)
+        };
+        let ours = run(lora(
+            x.as_tensor(),
+            a.as_tensor(),
+            b.as_tensor(),
+            0.5,
+            Some((keep.clone(), 1.25)),
+        )?)?;
+        let theirs = run(plain()?)?;
+        for (o, t) in ours.iter().zip(&theirs) {
+            let diff = (o - t)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(diff < 1e-5, "{diff}: {o} vs {t}");
+        }
+        Ok(())
+    }
+}

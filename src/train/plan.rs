@@ -7,16 +7,18 @@
 //!   at the text model's input, so every text layer keeps its activations in *every* strategy
 //!   (last-N and head-only save gradient and optimiser memory, not activations); the vision tower
 //!   and projection keep theirs only when they (or LoRA adapters in them) train;
-//! - frozen weights get no gradient (`model::kosmos2`'s frozen-weight matmul), so gradients,
-//!   accumulated gradients and AdamW's two moments are per *trainable* parameter;
+//! - frozen weights get no gradient (`model::fused`'s training ops compute only tracked
+//!   tensors' gradients), and the trainable ones are added in place into one buffer per tensor for
+//!   the whole accumulation group, so gradients and AdamW's two moments are per *trainable*
+//!   parameter, once;
 //! - loading reads the whole weight file and converts it (file bytes + f32 copy at once), which
 //!   can be the peak for small activations.
 //!
-//! Per-layer activation counts (tensors kept per token, by kind) come from the forward code in
-//! `model::kosmos2` (its training ops keep input and output: layer norms, softmax, quick-GELU,
-//! dropout with a bit mask; linears keep matmul + bias outputs; head split copies);
+//! Per-layer activation counts (tensors kept per token, by kind) come from the training ops in
+//! `model::fused` (each keeps its output and what its backward needs: the attention op its
+//! probabilities, fc1 + activation its pre-activation, dropout a bit mask);
 //! `benches/train_memory.rs` checks the totals against measured peak RSS.
-//! The per-part counts (layer shapes, the LSTM head's backward, LoRA's parameters) are in `parts`;
+//! The per-part counts (layer shapes, the LSTM head, LoRA's parameters) are in `parts`;
 //! how they add up for each strategy is one account, here.
 
 mod parts;
@@ -31,7 +33,7 @@ use crate::model::kosmos2::Kosmos2Config;
 use crate::model::model_dir;
 use crate::model::{LstmSpec, PolicyConfig};
 use candle_core::safetensors::MmapedSafetensors;
-use parts::{lora_params, lstm_backward, text_layer, vision_layer};
+use parts::{lora_params, lstm_kept, text_layer, vision_layer};
 use std::fmt::Write as _;
 use std::path::Path;
 
@@ -186,14 +188,14 @@ pub struct Estimate {
     pub rung: Rung,
     pub trainable: u64,
     pub weights: u64,
-    /// Gradients (and the accumulation buffer with `accumulate_grad_batches > 1`).
+    /// Gradients: one buffer per trainable tensor, which every batch of an accumulation group adds
+    /// into in place (the word embeddings': only the rows the prompts use become resident).
     pub gradients: u64,
     /// AdamW's two moments.
     pub optimiser: u64,
     /// Tensors kept for backward: batch × window frames × sequence.
     pub activations: u64,
-    /// The process base, plus backward's transient gradients: about one layer's activations in the
-    /// backbone, or the LSTM head's (see [`lstm_backward`]), whichever is larger.
+    /// The process base, plus backward's transient gradients: about one layer's activations.
     pub workspace: u64,
     /// AdamW's per-tensor temporaries during the step (after backward, activations freed): AdamW
     /// updates in place, so one copy of the largest trainable tensor (a transposed gradient made
@@ -239,6 +241,14 @@ pub fn estimate(
             .map(|&(_, n)| n as u64)
     };
     let mut trainable: u64 = trained().sum();
+    // The word embeddings' gradient is only the prompt's rows: the rest of its buffer is zero
+    // pages the allocator never made resident.
+    let embeddings: u64 = sizes
+        .groups
+        .iter()
+        .filter(|&&(g, _)| g == Group::TextEmbedding && rules.trainable(g))
+        .map(|&(_, n)| n as u64)
+        .sum();
     let largest_trainable = trained().max().unwrap_or(0);
     let lora = setup.lora.as_ref();
     if let Some(l) = lora {
@@ -264,37 +274,43 @@ pub fn estimate(
         (layers * text.seq * text.dim + text.floats(), text.floats())
     } else {
         // The last layer only updates `[ACT]`'s row: its keys/values and first norm remain.
-        let last = 8 * text.seq * text.dim;
+        let last = 3 * text.seq * text.dim;
         (
             layers.saturating_sub(1) * text.floats() + last,
             text.floats(),
         )
     };
+    // Embeddings (patch product, class token, positions), pre- and post-layer norms.
+    let vision_ends = 5 * vision.seq * vision.dim;
     let vision_kept = match (vision_tracked, setup.gradient_checkpointing) {
         (false, _) => 0,
-        (true, false) => backbone.vision_config.num_hidden_layers as u64 * vision.floats(),
+        (true, false) => {
+            backbone.vision_config.num_hidden_layers as u64 * vision.floats() + vision_ends
+        }
         (true, true) => {
             backbone.vision_config.num_hidden_layers as u64 * vision.seq * vision.dim
                 + vision.floats()
+                + vision_ends
         }
     };
-    // Projection: dense over the patches, cross-attention of the latent queries over patches +
-    // queries (about a vision layer's worth at the text width).
+    // Projection: dense over the patches, their concatenation with the latent queries (keys),
+    // k and v; the queries' q, attention output and out_proj; the probabilities.
     let keys = vision.seq + q as u64;
     let projection_kept = if projection_tracked {
-        16 * keys * text.dim + 3 * text.heads * q as u64 * keys
+        4 * keys * text.dim + 4 * q as u64 * text.dim + text.heads * q as u64 * keys
     } else {
         0
     };
-    // Per adapted layer and token: peft's lora_dropout copies the input (output + bit mask); the
-    // adapter keeps x·Aᵀ and its scaled copy (r), B·(…) (out) and the sum with the base output
-    // (out). Frozen layer norms and linears compute no gradient for their weights.
+    // Per adapted layer and token: each adapter op keeps x·Aᵀ (r), its output (out) and its
+    // dropout's byte mask of the input; the frozen base linear's output (out) is kept beside the
+    // sum (counted with the layer). Frozen layer norms and linears compute no gradient for their
+    // weights. Adapters: q, k, v, out (d → d), fc1 (d → f), fc2 (f → d).
     let lora_kept = match lora {
         Some(l) => {
             let r = l.r as u64;
             let drop = u64::from(l.dropout > 0.0);
             let per_layer =
-                |seq: u64, d: u64, f: u64| seq * (drop * (5 * d + f) + 12 * r + 10 * d + 2 * f);
+                |seq: u64, d: u64, f: u64| seq * (drop * (5 * d + f) / 4 + 6 * r + 10 * d + 2 * f);
             let (vl, vs, vd, vf) = (
                 backbone.vision_config.num_hidden_layers as u64,
                 vision.seq,
@@ -311,17 +327,16 @@ pub fn estimate(
     let inputs = 3 * image * image + 4 * text.seq * text.dim;
     let kept = text_kept + vision_kept + projection_kept + lora_kept + inputs;
     let transient = text_transient.max(if vision_tracked { vision.floats() } else { 0 });
-    let head_backward = lstm_backward(&sizes.head, backbone.text_config.embed_dim, work.window);
+    let head = lstm_kept(&sizes.head, frames as usize);
 
-    let grad_copies = if work.accumulate > 1 { 2 } else { 1 };
     Estimate {
         rung,
         trainable,
         weights: F32 * total,
-        gradients: F32 * trainable * grad_copies,
+        gradients: F32 * (trainable - embeddings),
         optimiser: 2 * F32 * trainable,
-        activations: F32 * frames * kept,
-        workspace: BASE_BYTES + F32 * (frames * transient).max(head_backward),
+        activations: F32 * (frames * kept + head),
+        workspace: BASE_BYTES + F32 * frames * transient,
         step: F32 * largest_trainable,
         load: sizes.file_bytes + F32 * total,
     }

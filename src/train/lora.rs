@@ -45,6 +45,22 @@ struct Adapter {
 }
 
 impl LinearAdapter for Adapter {
+    fn forward_with_base(&self, base: &candle_nn::Linear, xs: &Tensor) -> Option<Result<Tensor>> {
+        let (a, b, w, bias) = (
+            self.a.weight(),
+            self.b.weight(),
+            base.weight(),
+            base.bias()?,
+        );
+        let fits = fused::needs_grad(&[xs, a, b])
+            && !fused::needs_grad(&[w, bias])
+            && fused::applies(&[xs, a, b, w, bias]);
+        fits.then(|| {
+            let dropout = self.train.dropout_mask(xs.elem_count(), self.dropout);
+            fused::lora_linear(xs, (w, bias), a, b, self.scale as f32, dropout)
+        })
+    }
+
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let (a, b) = (self.a.weight(), self.b.weight());
         if fused::needs_grad(&[xs, a, b]) && fused::applies(&[xs, a, b]) {

@@ -13,7 +13,7 @@ use rayon::prelude::*;
 use crate::model::gemm::Epilogue;
 
 use super::matmul::{gemm_into, View};
-use super::{f32_data, sink, with_f32};
+use super::{f32_data, sink, with_f32, CHUNK};
 
 /// `xs (…, K) · weight (N, K)ᵀ + bias (N)` → `(…, N)`.
 pub(crate) fn linear(xs: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
@@ -41,9 +41,6 @@ struct LinearOp {
     /// With an activation: the forward's pre-activation output.
     pre: Mutex<Option<Vec<f32>>>,
 }
-
-/// Element-wise work split into cache-sized chunks over the rayon threads.
-const CHUNK: usize = 1 << 14;
 
 impl candle_core::CustomOp3 for LinearOp {
     fn name(&self) -> &'static str {

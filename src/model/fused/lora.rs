@@ -8,7 +8,10 @@ use std::sync::Mutex;
 
 use candle_core::{bail, CpuStorage, Device, Layout, Result, Shape, Tensor};
 
+use rayon::prelude::*;
+
 use super::matmul::{gemm_into, View};
+use super::CHUNK;
 use super::{f32_data, gradient, with_f32};
 
 /// `scale · dropout(xs) · aᵀ · bᵀ` for `xs (…, in)`, `a (r, in)`, `b (out, r)` → `(…, out)`.
@@ -21,6 +24,28 @@ pub(crate) fn lora(
     dropout: Option<(Vec<bool>, f32)>,
 ) -> Result<Tensor> {
     let op = LoraOp {
+        base: None,
+        scale,
+        dropout,
+        rank_out: Mutex::new(None),
+    };
+    xs.contiguous()?
+        .apply_op3(&a.contiguous()?, &b.contiguous()?, op)
+}
+
+/// `xs · weightᵀ + bias + scale · dropout(xs) · aᵀ · bᵀ`: the adapted layer as one op, for a frozen
+/// `weight (out, in)` and `bias` (no gradient computed for them). One output instead of the base's,
+/// the adapter's and their sum.
+pub(crate) fn lora_linear(
+    xs: &Tensor,
+    (weight, bias): (&Tensor, &Tensor),
+    a: &Tensor,
+    b: &Tensor,
+    scale: f32,
+    dropout: Option<(Vec<bool>, f32)>,
+) -> Result<Tensor> {
+    let op = LoraOp {
+        base: Some((weight.contiguous()?, bias.contiguous()?)),
         scale,
         dropout,
         rank_out: Mutex::new(None),
@@ -30,6 +55,8 @@ pub(crate) fn lora(
 }
 
 struct LoraOp {
+    /// The frozen base layer's weight `(out, in)` and bias, when fused in.
+    base: Option<(Tensor, Tensor)>,
     scale: f32,
     dropout: Option<(Vec<bool>, f32)>,
     /// The forward's `dropout(x) · aᵀ`, `(M, r)`.
@@ -40,11 +67,17 @@ impl LoraOp {
     /// `dropout(x)`, or `x` itself.
     fn dropped<'a>(&self, x: &'a [f32]) -> std::borrow::Cow<'a, [f32]> {
         match &self.dropout {
-            Some((keep, s)) => x
-                .iter()
-                .zip(keep)
-                .map(|(&v, &k)| if k { v * s } else { 0.0 })
-                .collect(),
+            Some((keep, s)) => {
+                let mut out = vec![0f32; x.len()];
+                out.par_chunks_mut(CHUNK)
+                    .zip(x.par_chunks(CHUNK).zip(keep.par_chunks(CHUNK)))
+                    .for_each(|(o, (x, keep))| {
+                        for ((o, &v), &k) in o.iter_mut().zip(x).zip(keep) {
+                            *o = if k { v * s } else { 0.0 };
+                        }
+                    });
+                std::borrow::Cow::Owned(out)
+            }
             None => std::borrow::Cow::Borrowed(x),
         }
     }
@@ -94,12 +127,39 @@ impl candle_core::CustomOp3 for LoraOp {
             false,
         )?;
         u.iter_mut().for_each(|v| *v *= self.scale);
-        let mut out = vec![0f32; m * n];
+        let mut out = match &self.base {
+            Some((w, bias)) => {
+                if w.dims() != [n, k] || bias.dims() != [n] {
+                    bail!(
+                        "{}: base {:?} and {:?} for A {:?}, B {:?}",
+                        self.name(),
+                        w.dims(),
+                        bias.dims(),
+                        l2.dims(),
+                        l3.dims()
+                    );
+                }
+                // The bias, + x · Wᵀ, then the adapter's product added on.
+                let mut out: Vec<f32> = with_f32(bias, self.name(), |bd| {
+                    Ok(bd.iter().copied().cycle().take(m * n).collect())
+                })?;
+                with_f32(w, self.name(), |wd| {
+                    gemm_into(
+                        &mut out,
+                        View::new(x, k, false),
+                        View::new(wd, k, true),
+                        true,
+                    )
+                })?;
+                out
+            }
+            None => vec![0f32; m * n],
+        };
         gemm_into(
             &mut out,
             View::new(&u, r, false),
             View::new(b, r, true),
-            false,
+            true,
         )?;
         *self.rank_out.lock().unwrap_or_else(|e| e.into_inner()) = Some(u);
         let mut dims = l1.dims().to_vec();
@@ -161,6 +221,17 @@ impl candle_core::CustomOp3 for LoraOp {
                             .zip(keep)
                             .for_each(|(v, &k)| *v = if k { *v * s } else { 0.0 });
                     }
+                    if let Some((w, _)) = &self.base {
+                        // + g · W
+                        with_f32(w, self.name(), |wd| {
+                            gemm_into(
+                                &mut dx,
+                                View::new(gd, n, false),
+                                View::new(wd, k, false),
+                                true,
+                            )
+                        })?;
+                    }
                     Some(Tensor::from_vec(dx, x.shape(), &Device::Cpu)?)
                 } else {
                     None
@@ -211,6 +282,18 @@ mod tests {
         for (o, t) in ours.iter().zip(&theirs) {
             let diff = (o - t)?.abs()?.max_all()?.to_scalar::<f32>()?;
             assert!(diff < 1e-5, "{diff}: {o} vs {t}");
+        }
+        // With the frozen base layer fused in.
+        let w = Tensor::randn(0f32, 1.0, (n, k), &dev)?;
+        let bias = Tensor::randn(0f32, 1.0, n, &dev)?;
+        let dropout = Some((keep.clone(), 1.25));
+        let (xt, at, bt) = (x.as_tensor(), a.as_tensor(), b.as_tensor());
+        let ours = run(lora_linear(xt, (&w, &bias), at, bt, 0.5, dropout)?)?;
+        let base = candle_nn::Linear::new(w, Some(bias));
+        let theirs = run((candle_core::Module::forward(&base, xt)? + plain()?)?)?;
+        for (o, t) in ours.iter().zip(&theirs) {
+            let diff = (o - t)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(diff < 1e-4, "{diff}: {o} vs {t}");
         }
         Ok(())
     }

@@ -6,6 +6,8 @@
 
 use candle_core::{bail, CpuStorage, DType, Layout, Result, Shape, Tensor, D};
 
+use rayon::prelude::*;
+
 use crate::model::gemm::Epilogue;
 
 mod attention;
@@ -14,13 +16,16 @@ pub(crate) use attention::attention;
 mod linear;
 mod lora;
 mod lstm;
-pub(crate) use lora::lora;
+pub(crate) use lora::{lora, lora_linear};
 pub(crate) use lstm::lstm_from_zero;
 mod matmul;
 pub(crate) use embedding::embedding;
 pub(crate) mod sink;
 use linear::gradient;
 pub(crate) use linear::{linear, linear_act};
+
+/// Element-wise work split into cache-sized chunks over the rayon threads.
+const CHUNK: usize = 1 << 14;
 
 /// Whether backprop could reach through an op on these tensors.
 pub(crate) fn needs_grad(ts: &[&Tensor]) -> bool {
@@ -96,14 +101,19 @@ impl candle_core::CustomOp3 for LayerNormOp {
             );
         }
         let mut out = vec![0f32; x.len()];
-        for (row, o) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
-            let mean = row.iter().sum::<f32>() / d as f32;
-            let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / d as f32;
-            let std = (var + self.eps).sqrt();
-            for i in 0..d {
-                o[i] = (row[i] - mean) / std * w[i] + b[i];
-            }
-        }
+        let rows = rows_per_chunk(d);
+        out.par_chunks_mut(rows * d)
+            .zip(x.par_chunks(rows * d))
+            .for_each(|(out, x)| {
+                for (row, o) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+                    let mean = row.iter().sum::<f32>() / d as f32;
+                    let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / d as f32;
+                    let std = (var + self.eps).sqrt();
+                    for i in 0..d {
+                        o[i] = (row[i] - mean) / std * w[i] + b[i];
+                    }
+                }
+            });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
@@ -118,44 +128,70 @@ impl candle_core::CustomOp3 for LayerNormOp {
         let g = g.contiguous()?;
         let d = w.elem_count();
         // One pass over the rows: dx = rstd · (ĝ − mean(ĝ) − x̂ · mean(ĝ · x̂)), ĝ = g · weight;
-        // the per-feature sums Σ g · x̂ (weight) and Σ g (bias) on the way.
-        let (mut dw, mut db) = (vec![0f32; d], vec![0f32; d]);
+        // the per-feature sums Σ g · x̂ (weight) and Σ g (bias) on the way, per chunk of rows in
+        // parallel and then added in chunk order (the same sums whatever the threads do).
+        let rows = rows_per_chunk(d);
         let mut dx = x.track_op().then(|| vec![0f32; x.elem_count()]);
-        with_f32(x, self.name(), |xd| {
+        let partials: Vec<(Vec<f32>, Vec<f32>)> = with_f32(x, self.name(), |xd| {
             with_f32(&g, self.name(), |gd| {
                 with_f32(w, self.name(), |wd| {
-                    let mut xhat = vec![0f32; d];
-                    for (r, (row, grow)) in xd.chunks_exact(d).zip(gd.chunks_exact(d)).enumerate() {
-                        let mean = row.iter().sum::<f32>() / d as f32;
-                        let var =
-                            row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / d as f32;
-                        let rstd = 1.0 / (var + self.eps).sqrt();
-                        let (mut m1, mut m2) = (0f32, 0f32);
-                        for i in 0..d {
-                            xhat[i] = (row[i] - mean) * rstd;
-                            let gh = grow[i] * wd[i];
-                            m1 += gh;
-                            m2 += gh * xhat[i];
-                            dw[i] += grow[i] * xhat[i];
-                            db[i] += grow[i];
-                        }
-                        let (m1, m2) = (m1 / d as f32, m2 / d as f32);
-                        if let Some(dx) = dx.as_mut() {
-                            let out = &mut dx[r * d..(r + 1) * d];
+                    let chunk = |(xc, gc, dxc): (&[f32], &[f32], Option<&mut [f32]>)| {
+                        let (mut dw, mut db) = (vec![0f32; d], vec![0f32; d]);
+                        let mut xhat = vec![0f32; d];
+                        let mut dxc = dxc;
+                        for (r, (row, grow)) in
+                            xc.chunks_exact(d).zip(gc.chunks_exact(d)).enumerate()
+                        {
+                            let mean = row.iter().sum::<f32>() / d as f32;
+                            let var =
+                                row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / d as f32;
+                            let rstd = 1.0 / (var + self.eps).sqrt();
+                            let (mut m1, mut m2) = (0f32, 0f32);
                             for i in 0..d {
-                                out[i] = rstd * (grow[i] * wd[i] - m1 - xhat[i] * m2);
+                                xhat[i] = (row[i] - mean) * rstd;
+                                let gh = grow[i] * wd[i];
+                                m1 += gh;
+                                m2 += gh * xhat[i];
+                                dw[i] += grow[i] * xhat[i];
+                                db[i] += grow[i];
+                            }
+                            let (m1, m2) = (m1 / d as f32, m2 / d as f32);
+                            if let Some(dx) = dxc.as_deref_mut() {
+                                let out = &mut dx[r * d..(r + 1) * d];
+                                for i in 0..d {
+                                    out[i] = rstd * (grow[i] * wd[i] - m1 - xhat[i] * m2);
+                                }
                             }
                         }
-                    }
-                    Ok(())
+                        (dw, db)
+                    };
+                    let (xs, gs) = (xd.par_chunks(rows * d), gd.par_chunks(rows * d));
+                    Ok(match dx.as_mut() {
+                        Some(dx) => xs
+                            .zip(gs)
+                            .zip(dx.par_chunks_mut(rows * d))
+                            .map(|((x, g), dx)| chunk((x, g, Some(dx))))
+                            .collect(),
+                        None => xs.zip(gs).map(|(x, g)| chunk((x, g, None))).collect(),
+                    })
                 })
             })
         })?;
+        let (mut dw, mut db) = (vec![0f32; d], vec![0f32; d]);
+        for (pw, pb) in &partials {
+            dw.iter_mut().zip(pw).for_each(|(s, v)| *s += v);
+            db.iter_mut().zip(pb).for_each(|(s, v)| *s += v);
+        }
         let dx = dx
             .map(|v| Tensor::from_vec(v, x.shape(), x.device()))
             .transpose()?;
         Ok((dx, gradient(w, add_sums(&dw))?, gradient(b, add_sums(&db))?))
     }
+}
+
+/// Rows of width `d` per parallel chunk: about [`CHUNK`] elements.
+fn rows_per_chunk(d: usize) -> usize {
+    (CHUNK / d.max(1)).max(1)
 }
 
 /// A gradient adder ([`gradient`]) of per-feature sums.

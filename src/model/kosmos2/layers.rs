@@ -61,6 +61,12 @@ impl Module for LayerNorm {
 /// `train::lora`). Training only: a trained model directory holds the merged weights.
 pub trait LinearAdapter: std::fmt::Debug + Send + Sync {
     fn forward(&self, xs: &Tensor) -> Result<Tensor>;
+
+    /// `base(xs) + self(xs)` as one op where the adapter has one for the case (a frozen base in
+    /// training); none otherwise.
+    fn forward_with_base(&self, _base: &candle_nn::Linear, _xs: &Tensor) -> Option<Result<Tensor>> {
+        None
+    }
 }
 
 /// Makes the adapter of the linear layer `name` (HF name, e.g. `text_model.model.layers.0.fc1`)
@@ -153,7 +159,10 @@ impl Module for Linear {
             }
             Self::Packed(p) => p.forward(xs),
             Self::Plain(l) => plain_forward(l, xs),
-            Self::Adapted(l, adapter) => plain_forward(l, xs)? + adapter.forward(xs)?,
+            Self::Adapted(l, adapter) => match adapter.forward_with_base(l, xs) {
+                Some(ys) => ys,
+                None => plain_forward(l, xs)? + adapter.forward(xs)?,
+            },
         }
     }
 }

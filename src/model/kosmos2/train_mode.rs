@@ -2,6 +2,8 @@
 //! checkpointing tape (each checkpointed layer's input, recomputed in [`TrainMode::backward`]).
 
 use std::collections::HashSet;
+
+use rayon::prelude::*;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 
@@ -180,24 +182,29 @@ impl TrainMode {
         let call = self.calls.fetch_add(1, Ordering::SeqCst);
         // SplitMix64, two 32-bit draws per output: dropout draws an element-sized mask per layer
         // (the attention probabilities' alone are millions), and a cryptographic stream costs a
-        // noticeable share of a training step.
-        let mut state = seed ^ call.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        let mut next = move || {
-            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = state;
+        // noticeable share of a training step. Output j is a function of (start, j) alone, so
+        // chunks of the mask are drawn in parallel and the mask is the same whatever the threads.
+        let start = seed ^ call.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let draw = |j: u64| {
+            let mut z = start.wrapping_add((j + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
             z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
             z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
             z ^ (z >> 31)
         };
         // Kept when the draw (uniform in [0, 2³²)) is at least p · 2³².
         let threshold = (p * 4_294_967_296.0).min(u64::MAX as f64) as u64;
-        let mut keep = Vec::with_capacity(n + 1);
-        while keep.len() < n {
-            let z = next();
-            keep.push(z & 0xFFFF_FFFF >= threshold);
-            keep.push(z >> 32 >= threshold);
-        }
-        keep.truncate(n);
+        const CHUNK: usize = 1 << 14; // even: a chunk starts on a draw's first half
+        let mut keep = vec![false; n];
+        keep.par_chunks_mut(CHUNK).enumerate().for_each(|(c, out)| {
+            let first = (c * CHUNK / 2) as u64;
+            for (j, pair) in out.chunks_mut(2).enumerate() {
+                let z = draw(first + j as u64);
+                pair[0] = z & 0xFFFF_FFFF >= threshold;
+                if let Some(second) = pair.get_mut(1) {
+                    *second = z >> 32 >= threshold;
+                }
+            }
+        });
         Some((keep, (1.0 / (1.0 - p)) as f32))
     }
 }

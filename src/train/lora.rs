@@ -7,9 +7,10 @@
 //! `y = W·x + b + scale · B·A·dropout(x)` with `scale = lora_alpha / r`, `A (r, in)` drawn as
 //! `nn.init.kaiming_uniform_(A, a=√5)` does (uniform in ±1/√in), `B (out, r)` zeros (so training
 //! starts from the base model), and dropout on the adapter's input only, in train mode only.
-//! `W` and `b` stay frozen plain tensors: autograd computes no gradient for them
-//! (`model::kosmos2`'s frozen-weight matmul). Which biases train (`lora_bias`) is decided with the
-//! other `requires_grad` rules in [`super::params`].
+//! `W` and `b` stay frozen plain tensors: no gradient is computed for them (`model::fused`'s
+//! training ops compute only tracked tensors' gradients, and fuse the frozen base layer into the
+//! adapter's op). Which biases train (`lora_bias`) is decided with the other `requires_grad` rules
+//! in [`super::params`].
 //!
 //! Adapter tensors are named after their layer, `<HF module name>.lora_A.weight` and
 //! `.lora_B.weight` (peft's names without its `base_model.model.` prefix and adapter name).

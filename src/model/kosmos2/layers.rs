@@ -381,9 +381,7 @@ impl Attention {
             Some(m) => scores.broadcast_add(m)?,
             None => scores,
         };
-        let probs = if needs_grad(&[&scores]) && fused::applies(&[&scores]) {
-            fused::softmax_last_dim(&scores)?
-        } else if needs_grad(&[&scores]) {
+        let probs = if needs_grad(&[&scores]) {
             candle_nn::ops::softmax(&scores, D::Minus1)?
         } else {
             candle_nn::ops::softmax_last_dim(&scores)?

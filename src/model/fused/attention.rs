@@ -286,6 +286,7 @@ fn softmax_row(row: &mut [f32], scale: f32, mask: Option<&[f32]>) {
 
 #[cfg(test)]
 mod tests {
+    use super::super::testing::{assert_close, value_and_grads};
     use super::*;
     use candle_core::{Var, D};
 
@@ -321,14 +322,7 @@ mod tests {
                 .contiguous()?
                 .reshape((b, tq, d))
         };
-        let run = |y: Tensor| -> Result<Vec<Tensor>> {
-            let grads = (&y * &probe)?.sum_all()?.backward()?;
-            let mut out = vec![y];
-            for x in [&q, &k, &v] {
-                out.push(grads.get(x.as_tensor()).expect("a gradient").clone());
-            }
-            Ok(out)
-        };
+        let run = |y: Tensor| value_and_grads(y, &probe, &[&q, &k, &v]);
         let dropout = Some((keep.clone(), 1.5));
         let ours = run(attention(
             q.as_tensor(),
@@ -340,10 +334,7 @@ mod tests {
             dropout,
         )?)?;
         let theirs = run(plain()?)?;
-        for (a, e) in ours.iter().zip(&theirs) {
-            let diff = (a - e)?.abs()?.max_all()?.to_scalar::<f32>()?;
-            assert!(diff < 1e-5, "{diff}: {a} vs {e}");
-        }
+        assert_close(&ours, &theirs, 1e-5)?;
         Ok(())
     }
 }

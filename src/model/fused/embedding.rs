@@ -65,6 +65,7 @@ impl candle_core::CustomOp1 for EmbeddingOp {
 
 #[cfg(test)]
 mod tests {
+    use super::super::testing::{assert_close, value_and_grads};
     use super::*;
     use candle_core::{Device, Var};
 
@@ -76,16 +77,10 @@ mod tests {
         let ids = Tensor::new(&[[1u32, 4, 1]], &dev)?;
         let probe = Tensor::randn(0f32, 1.0, (1, 3, 4), &dev)?;
         let plain = candle_nn::Embedding::new(table.as_tensor().clone(), 4);
-        let run = |y: Tensor| -> Result<(Tensor, Tensor)> {
-            let grads = (&y * &probe)?.sum_all()?.backward()?;
-            Ok((y, grads.get(table.as_tensor()).expect("a gradient").clone()))
-        };
+        let run = |y: Tensor| value_and_grads(y, &probe, &[&table]);
         let ours = run(embedding(table.as_tensor(), &ids)?)?;
         let theirs = run(candle_core::Module::forward(&plain, &ids)?)?;
-        for (a, e) in [(&ours.0, &theirs.0), (&ours.1, &theirs.1)] {
-            let diff = (a - e)?.abs()?.max_all()?.to_scalar::<f32>()?;
-            assert!(diff < 1e-6, "{diff}: {a} vs {e}");
-        }
+        assert_close(&ours, &theirs, 1e-6)?;
         Ok(())
     }
 }

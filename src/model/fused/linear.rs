@@ -12,7 +12,7 @@ use rayon::prelude::*;
 
 use crate::model::gemm::Epilogue;
 
-use super::matmul::{gemm_into, View};
+use super::matmul::{affine, gemm_into, View};
 use super::{f32_data, sink, with_f32, CHUNK};
 
 /// `xs (…, K) · weight (N, K)ᵀ + bias (N)` → `(…, N)`.
@@ -71,15 +71,7 @@ impl candle_core::CustomOp3 for LinearOp {
                 l3.dims()
             );
         }
-        let m = x.len() / k.max(1);
-        // The bias first, then the product added onto it: one pass over the output fewer.
-        let mut out: Vec<f32> = b.iter().copied().cycle().take(m * n).collect();
-        gemm_into(
-            &mut out,
-            View::new(x, k, false),
-            View::new(w, k, true),
-            true,
-        )?;
+        let mut out = affine(x, w, b)?;
         if let Some(act) = self.act {
             *self.pre.lock().unwrap_or_else(|e| e.into_inner()) = Some(out.clone());
             out.par_chunks_mut(CHUNK).for_each(|c| act.apply(c));
@@ -162,6 +154,7 @@ pub(super) fn gradient(
 
 #[cfg(test)]
 mod tests {
+    use super::super::testing::{assert_close, value_and_grads};
     use super::*;
     use candle_core::Var;
 
@@ -174,20 +167,10 @@ mod tests {
         let b = Var::from_tensor(&Tensor::randn(0f32, 1.0, 3, &dev)?)?;
         let probe = Tensor::randn(0f32, 1.0, (2, 5, 3), &dev)?;
         let plain = candle_nn::Linear::new(w.as_tensor().clone(), Some(b.as_tensor().clone()));
-        let run = |y: Tensor| -> Result<Vec<Tensor>> {
-            let grads = (&y * &probe)?.sum_all()?.backward()?;
-            let mut out = vec![y];
-            for v in [&x, &w, &b] {
-                out.push(grads.get(v.as_tensor()).expect("a gradient").clone());
-            }
-            Ok(out)
-        };
+        let run = |y: Tensor| value_and_grads(y, &probe, &[&x, &w, &b]);
         let ours = run(linear(x.as_tensor(), w.as_tensor(), b.as_tensor())?)?;
         let theirs = run(candle_core::Module::forward(&plain, x.as_tensor())?)?;
-        for (a, e) in ours.iter().zip(&theirs) {
-            let diff = (a - e)?.abs()?.max_all()?.to_scalar::<f32>()?;
-            assert!(diff < 1e-5, "{diff}: {a} vs {e}");
-        }
+        assert_close(&ours, &theirs, 1e-5)?;
         // A frozen weight and bias get no gradient, and their products are not computed.
         let frozen = linear(
             x.as_tensor(),

@@ -10,7 +10,7 @@ use candle_core::{bail, CpuStorage, Device, Layout, Result, Shape, Tensor};
 
 use rayon::prelude::*;
 
-use super::matmul::{gemm_into, View};
+use super::matmul::{affine, gemm_into, View};
 use super::CHUNK;
 use super::{f32_data, gradient, with_f32};
 
@@ -139,19 +139,10 @@ impl candle_core::CustomOp3 for LoraOp {
                         l3.dims()
                     );
                 }
-                // The bias, + x · Wᵀ, then the adapter's product added on.
-                let mut out: Vec<f32> = with_f32(bias, self.name(), |bd| {
-                    Ok(bd.iter().copied().cycle().take(m * n).collect())
-                })?;
+                // x · Wᵀ + bias, then the adapter's product added on.
                 with_f32(w, self.name(), |wd| {
-                    gemm_into(
-                        &mut out,
-                        View::new(x, k, false),
-                        View::new(wd, k, true),
-                        true,
-                    )
-                })?;
-                out
+                    with_f32(bias, self.name(), |bd| affine(x, wd, bd))
+                })?
             }
             None => vec![0f32; m * n],
         };
@@ -245,6 +236,7 @@ impl candle_core::CustomOp3 for LoraOp {
 
 #[cfg(test)]
 mod tests {
+    use super::super::testing::{assert_close, value_and_grads};
     use super::*;
     use candle_core::Var;
 
@@ -263,14 +255,7 @@ mod tests {
             let xd = x.mul(&Tensor::from_vec(mask, (1, m, k), &dev)?)?;
             xd.broadcast_matmul(&a.t()?)?.broadcast_matmul(&b.t()?)? * 0.5
         };
-        let run = |y: Tensor| -> Result<Vec<Tensor>> {
-            let grads = (&y * &probe)?.sum_all()?.backward()?;
-            let mut out = vec![y];
-            for v in [&x, &a, &b] {
-                out.push(grads.get(v.as_tensor()).expect("a gradient").clone());
-            }
-            Ok(out)
-        };
+        let run = |y: Tensor| value_and_grads(y, &probe, &[&x, &a, &b]);
         let ours = run(lora(
             x.as_tensor(),
             a.as_tensor(),
@@ -279,10 +264,7 @@ mod tests {
             Some((keep.clone(), 1.25)),
         )?)?;
         let theirs = run(plain()?)?;
-        for (o, t) in ours.iter().zip(&theirs) {
-            let diff = (o - t)?.abs()?.max_all()?.to_scalar::<f32>()?;
-            assert!(diff < 1e-5, "{diff}: {o} vs {t}");
-        }
+        assert_close(&ours, &theirs, 1e-5)?;
         // With the frozen base layer fused in.
         let w = Tensor::randn(0f32, 1.0, (n, k), &dev)?;
         let bias = Tensor::randn(0f32, 1.0, n, &dev)?;
@@ -291,10 +273,7 @@ mod tests {
         let ours = run(lora_linear(xt, (&w, &bias), at, bt, 0.5, dropout)?)?;
         let base = candle_nn::Linear::new(w, Some(bias));
         let theirs = run((candle_core::Module::forward(&base, xt)? + plain()?)?)?;
-        for (o, t) in ours.iter().zip(&theirs) {
-            let diff = (o - t)?.abs()?.max_all()?.to_scalar::<f32>()?;
-            assert!(diff < 1e-4, "{diff}: {o} vs {t}");
-        }
+        assert_close(&ours, &theirs, 1e-4)?;
         Ok(())
     }
 }

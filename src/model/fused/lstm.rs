@@ -198,6 +198,7 @@ impl candle_core::CustomOp3 for LstmOp {
 
 #[cfg(test)]
 mod tests {
+    use super::super::testing::{assert_close, value_and_grads};
     use super::*;
     use candle_core::{DType, Var, D};
 
@@ -227,24 +228,14 @@ mod tests {
             }
             Tensor::stack(&outs, 1)
         };
-        let run = |y: Tensor| -> Result<Vec<Tensor>> {
-            let grads = (&y * &probe)?.sum_all()?.backward()?;
-            let mut out = vec![y];
-            for x in [&gx, &w, &bias] {
-                out.push(grads.get(x.as_tensor()).expect("a gradient").clone());
-            }
-            Ok(out)
-        };
+        let run = |y: Tensor| value_and_grads(y, &probe, &[&gx, &w, &bias]);
         let ours = run(lstm_from_zero(
             gx.as_tensor(),
             w.as_tensor(),
             bias.as_tensor(),
         )?)?;
         let theirs = run(plain()?)?;
-        for (a, e) in ours.iter().zip(&theirs) {
-            let diff = (a - e)?.abs()?.max_all()?.to_scalar::<f32>()?;
-            assert!(diff < 1e-5, "{diff}: {a} vs {e}");
-        }
+        assert_close(&ours, &theirs, 1e-5)?;
         Ok(())
     }
 }

@@ -122,3 +122,19 @@ pub(super) fn gemm_with(
     }
     Ok(())
 }
+
+/// `x (M × K) · wᵀ + b` for `w (N × K)`, `b (N)`, row-major: the bias first, then the product
+/// added onto it (one pass over the output fewer).
+pub(super) fn affine(x: &[f32], w: &[f32], b: &[f32]) -> Result<Vec<f32>> {
+    let n = b.len();
+    let k = w.len() / n.max(1);
+    let m = x.len() / k.max(1);
+    let mut out: Vec<f32> = b.iter().copied().cycle().take(m * n).collect();
+    gemm_into(
+        &mut out,
+        View::new(x, k, false),
+        View::new(w, k, true),
+        true,
+    )?;
+    Ok(out)
+}

@@ -286,6 +286,32 @@ impl candle_core::CustomOp1 for DropoutOp {
     }
 }
 
+/// The ops' tests: each against the candle ops it replaces.
+#[cfg(test)]
+mod testing {
+    use candle_core::{Result, Tensor, Var};
+
+    /// `y` and the gradients of `vars` of `Σ y ⊙ probe` (a loss that weighs every output).
+    pub(super) fn value_and_grads(y: Tensor, probe: &Tensor, vars: &[&Var]) -> Result<Vec<Tensor>> {
+        let grads = (&y * probe)?.sum_all()?.backward()?;
+        let mut out = vec![y];
+        for v in vars {
+            out.push(grads.get(v.as_tensor()).expect("a gradient").clone());
+        }
+        Ok(out)
+    }
+
+    /// Every pair within `tol` (largest absolute difference).
+    pub(super) fn assert_close(ours: &[Tensor], theirs: &[Tensor], tol: f32) -> Result<()> {
+        assert_eq!(ours.len(), theirs.len());
+        for (a, e) in ours.iter().zip(theirs) {
+            let diff = (a - e)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(diff < tol, "{diff}: {a} vs {e}");
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -5,7 +5,9 @@
 mod common;
 
 use common::{action, frame, write_episode};
-use mobile_vla::data::episode::{list_episodes, recover_partials, EpisodeReader, WriteOptions};
+use mobile_vla::data::episode::{
+    list_episodes, recover_partials, EpisodeReader, WriteOptions, PARTIAL_SUFFIX,
+};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -60,10 +62,31 @@ fn sigkill_keeps_finished_episodes_and_recovers_or_discards_the_rest() {
         );
         std::thread::sleep(Duration::from_millis(5));
     }
-    // Somewhere inside the next episode.
+    // Somewhere inside the next episode: once its partial file is there (a loaded machine may
+    // take longer than the sleep below to start it), a few milliseconds in.
+    let partials = || {
+        std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                name.starts_with('.') && name.ends_with(PARTIAL_SUFFIX)
+            })
+            .count()
+    };
+    while partials() == 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "writer too slow"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
     std::thread::sleep(Duration::from_millis(37));
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
+    // Usually the episode seen starting; none if it finished just before the kill.
+    let in_flight = partials();
+    assert!(in_flight <= 1, "{in_flight} partial episodes");
 
     let finished = list_episodes(dir.path()).unwrap();
     assert!(finished.len() >= 3);
@@ -88,7 +111,7 @@ fn sigkill_keeps_finished_episodes_and_recovers_or_discards_the_rest() {
     let report = recover_partials(dir.path()).unwrap();
     assert_eq!(
         report.recovered.len() + report.discarded.len(),
-        1,
+        in_flight,
         "{report:?}"
     );
     for (p, n) in &report.recovered {

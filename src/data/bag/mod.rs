@@ -49,6 +49,8 @@ pub enum BagError {
         after: u64,
         source: mcap::McapError,
     },
+    #[error("{path}: corrupt MCAP after {after} message record(s): the MCAP reader failed on its chunk data; re-record the bag or convert it with `ros2 bag convert`")]
+    McapReader { path: PathBuf, after: u64 },
     #[error("{path}: corrupt or unreadable sqlite3 bag: {source}")]
     Sqlite {
         path: PathBuf,

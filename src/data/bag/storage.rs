@@ -167,7 +167,26 @@ impl McapFile {
             source: e,
         };
         loop {
-            let event = match self.reader.next_event()? {
+            // The mcap crate panics on some corrupt chunks (a record longer than what is left of
+            // its chunk underflows a length): a corrupt bag is an error that names the file, not
+            // a crash.
+            let reader = &mut self.reader;
+            // Moved into the closure (FnOnce), so the event may borrow the reader.
+            let next = move || {
+                let reader = reader;
+                reader.next_event()
+            };
+            let event = std::panic::catch_unwind(std::panic::AssertUnwindSafe(next));
+            let event = match event {
+                Ok(event) => event?,
+                Err(_) => {
+                    return Some(Err(BagError::McapReader {
+                        path: self.path.clone(),
+                        after: self.messages,
+                    }))
+                }
+            };
+            let event = match event {
                 Ok(ev) => ev,
                 Err(e) => return Some(Err(mcap_err(&self.path, self.messages, e))),
             };

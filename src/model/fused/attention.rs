@@ -10,7 +10,7 @@ use candle_core::{bail, CpuStorage, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::matmul::{gemm_with, View};
-use super::{f32_data, with_f32};
+use super::{drop_in_place, f32_data3, with_f32};
 
 /// Attention of `q (B, Tq, D)` over `k`, `v (B, Tk, D)` with `heads` heads → `(B, Tq, D)`.
 /// `mask`: additive `(Tq, Tk)`; `dropout`: each probability's keep flag, in `(B, H, Tq, Tk)`
@@ -110,11 +110,9 @@ impl AttentionOp {
     fn dropped(&self, p: &[f32], pair: usize) -> Vec<f32> {
         match &self.dropout {
             Some((keep, s)) => {
-                let keep = &keep[pair * p.len()..(pair + 1) * p.len()];
-                p.iter()
-                    .zip(keep)
-                    .map(|(&v, &k)| if k { v * s } else { 0.0 })
-                    .collect()
+                let mut out = p.to_vec();
+                drop_in_place(&mut out, &keep[pair * p.len()..(pair + 1) * p.len()], *s);
+                out
             }
             None => p.to_vec(),
         }
@@ -135,11 +133,7 @@ impl candle_core::CustomOp3 for AttentionOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (q, k, v) = (
-            f32_data(s1, l1, self.name())?,
-            f32_data(s2, l2, self.name())?,
-            f32_data(s3, l3, self.name())?,
-        );
+        let [q, k, v] = f32_data3(self.name(), (s1, l1), (s2, l2), (s3, l3))?;
         let dm = self.dims(l1, l2)?;
         if l3.dims() != l2.dims() {
             bail!("{}: k {:?} but v {:?}", self.name(), l2.dims(), l3.dims());
@@ -218,9 +212,7 @@ impl candle_core::CustomOp3 for AttentionOp {
                                 gemm_with(&mut ds, go, dm.head(vd, tk, pair).t(), false, 1)?;
                                 if let Some((keep, s)) = &self.dropout {
                                     let keep = &keep[pair * tq * tk..(pair + 1) * tq * tk];
-                                    ds.iter_mut().zip(keep).for_each(|(x, &k)| {
-                                        *x = if k { *x * s } else { 0.0 };
-                                    });
+                                    drop_in_place(&mut ds, keep, *s);
                                 }
                                 for (row, prow) in ds.chunks_exact_mut(tk).zip(p.chunks_exact(tk)) {
                                     let dot: f32 = row.iter().zip(prow).map(|(a, b)| a * b).sum();

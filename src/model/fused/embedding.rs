@@ -50,7 +50,7 @@ impl candle_core::CustomOp1 for EmbeddingOp {
         let d = table.dim(1)?;
         let g = g.contiguous()?;
         with_f32(&g, self.name(), |gd| {
-            gradient(table, |buf, _| {
+            gradient(table, |buf| {
                 for (&id, row) in self.ids.iter().zip(gd.chunks_exact(d)) {
                     buf[id * d..(id + 1) * d]
                         .iter_mut()

@@ -13,7 +13,7 @@ use rayon::prelude::*;
 use crate::model::gemm::Epilogue;
 
 use super::matmul::{affine, gemm_into, View};
-use super::{f32_data, sink, with_f32, CHUNK};
+use super::{add_rows, f32_data3, gradient, with_f32, CHUNK};
 
 /// `xs (…, K) · weight (N, K)ᵀ + bias (N)` → `(…, N)`.
 pub(crate) fn linear(xs: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
@@ -56,11 +56,7 @@ impl candle_core::CustomOp3 for LinearOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let x = f32_data(s1, l1, self.name())?;
-        let (w, b) = (
-            f32_data(s2, l2, self.name())?,
-            f32_data(s3, l3, self.name())?,
-        );
+        let [x, w, b] = f32_data3(self.name(), (s1, l1), (s2, l2), (s3, l3))?;
         let (n, k) = l2.shape().dims2()?;
         if l1.dims().last() != Some(&k) || b.len() != n {
             bail!(
@@ -123,33 +119,17 @@ impl candle_core::CustomOp3 for LinearOp {
                     None
                 };
                 // dW = Gᵀ · X, accumulated in place where a sink takes it.
-                let weight_grad = |buf: &mut [f32], fresh: bool| {
-                    gemm_into(buf, View::new(gd, n, true), View::new(xd, k, false), !fresh)
-                };
-                let dw = gradient(w, weight_grad)?;
-                let db = gradient(b, |buf, _| {
-                    gd.chunks_exact(n.max(1))
-                        .for_each(|row| buf.iter_mut().zip(row).for_each(|(s, v)| *s += v));
+                let dw = gradient(w, |buf| {
+                    gemm_into(buf, View::new(gd, n, true), View::new(xd, k, false), true)
+                })?;
+                let db = gradient(b, |buf| {
+                    add_rows(buf, gd);
                     Ok(())
                 })?;
                 Ok((dx, dw, db))
             })
         })
     }
-}
-
-/// `param`'s gradient by `add(buffer, fresh)` (see [`sink::add_to`]): into its sink when one is
-/// open, else as a fresh tensor for candle's backward; none when `param` is not tracked.
-pub(super) fn gradient(
-    param: &Tensor,
-    add: impl Fn(&mut [f32], bool) -> Result<()>,
-) -> Result<Option<Tensor>> {
-    if !param.track_op() || sink::add_to(param, &add)? {
-        return Ok(None);
-    }
-    let mut buf = vec![0f32; param.elem_count()];
-    add(&mut buf, true)?;
-    Tensor::from_vec(buf, param.shape(), &Device::Cpu).map(Some)
 }
 
 #[cfg(test)]

@@ -8,11 +8,8 @@ use std::sync::Mutex;
 
 use candle_core::{bail, CpuStorage, Device, Layout, Result, Shape, Tensor};
 
-use rayon::prelude::*;
-
 use super::matmul::{affine, gemm_into, View};
-use super::CHUNK;
-use super::{f32_data, gradient, with_f32};
+use super::{drop_in_place, f32_data3, gradient, with_f32};
 
 /// `scale · dropout(xs) · aᵀ · bᵀ` for `xs (…, in)`, `a (r, in)`, `b (out, r)` → `(…, out)`.
 /// `dropout`: each input element's keep flag and the kept ones' scale.
@@ -68,14 +65,8 @@ impl LoraOp {
     fn dropped<'a>(&self, x: &'a [f32]) -> std::borrow::Cow<'a, [f32]> {
         match &self.dropout {
             Some((keep, s)) => {
-                let mut out = vec![0f32; x.len()];
-                out.par_chunks_mut(CHUNK)
-                    .zip(x.par_chunks(CHUNK).zip(keep.par_chunks(CHUNK)))
-                    .for_each(|(o, (x, keep))| {
-                        for ((o, &v), &k) in o.iter_mut().zip(x).zip(keep) {
-                            *o = if k { v * s } else { 0.0 };
-                        }
-                    });
+                let mut out = x.to_vec();
+                drop_in_place(&mut out, keep, *s);
                 std::borrow::Cow::Owned(out)
             }
             None => std::borrow::Cow::Borrowed(x),
@@ -97,11 +88,7 @@ impl candle_core::CustomOp3 for LoraOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let x = f32_data(s1, l1, self.name())?;
-        let (a, b) = (
-            f32_data(s2, l2, self.name())?,
-            f32_data(s3, l3, self.name())?,
-        );
+        let [x, a, b] = f32_data3(self.name(), (s1, l1), (s2, l2), (s3, l3))?;
         let (r, k) = l2.shape().dims2()?;
         let (n, rb) = l3.shape().dims2()?;
         let keep_ok = self
@@ -177,7 +164,7 @@ impl candle_core::CustomOp3 for LoraOp {
         };
         with_f32(&g, self.name(), |gd| {
             // dB = gᵀ · u (u already carries the scale)
-            let db = gradient(b, |buf, _| {
+            let db = gradient(b, |buf| {
                 gemm_into(buf, View::new(gd, n, true), View::new(u, r, false), true)
             })?;
             // du = scale · g · B
@@ -194,7 +181,7 @@ impl candle_core::CustomOp3 for LoraOp {
             let (da, dx) = with_f32(x, self.name(), |xd| {
                 let xd = self.dropped(xd);
                 // dA = duᵀ · dropout(x)
-                let da = gradient(a, |buf, _| {
+                let da = gradient(a, |buf| {
                     gemm_into(buf, View::new(&du, r, true), View::new(&xd, k, false), true)
                 })?;
                 let dx = if x.track_op() {
@@ -208,9 +195,7 @@ impl candle_core::CustomOp3 for LoraOp {
                         )
                     })?;
                     if let Some((keep, s)) = &self.dropout {
-                        dx.iter_mut()
-                            .zip(keep)
-                            .for_each(|(v, &k)| *v = if k { *v * s } else { 0.0 });
+                        drop_in_place(&mut dx, keep, *s);
                     }
                     if let Some((w, _)) = &self.base {
                         // + g · W

@@ -9,7 +9,7 @@ use std::sync::Mutex;
 use candle_core::{bail, CpuStorage, Device, Layout, Result, Shape, Tensor};
 
 use super::matmul::{gemm_into, View};
-use super::{f32_data, gradient, with_f32};
+use super::{add_rows, f32_data3, gradient, with_f32};
 
 /// `gates_x (B, T, 4H)` (the input projections, `x · W_ihᵀ + b_ih`), `w_hh (4H, H)`,
 /// `b_hh (4H)`, gate order (i, f, g, o), zero initial state → every step's `[h | c]`, `(B, T, 2H)`.
@@ -46,11 +46,7 @@ impl candle_core::CustomOp3 for LstmOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let gx = f32_data(s1, l1, self.name())?;
-        let (w, bias) = (
-            f32_data(s2, l2, self.name())?,
-            f32_data(s3, l3, self.name())?,
-        );
+        let [gx, w, bias] = f32_data3(self.name(), (s1, l1), (s2, l2), (s3, l3))?;
         let (b, t, h4) = l1.shape().dims3()?;
         let (w4, h) = l2.shape().dims2()?;
         if w4 != h4 || h4 != 4 * h || bias.len() != h4 {
@@ -173,7 +169,7 @@ impl candle_core::CustomOp3 for LstmOp {
             })
         })?;
         let dw = with_f32(res, self.name(), |out| {
-            gradient(w, |buf, _| {
+            gradient(w, |buf| {
                 // dW_hh = Σ_{t ≥ 1} dpre_tᵀ · h_{t−1}, per sample: its steps are consecutive rows.
                 for bi in (0..b).filter(|_| t > 1) {
                     let dp = &dpre[(bi * t + 1) * h4..(bi * t + t) * h4];
@@ -183,9 +179,8 @@ impl candle_core::CustomOp3 for LstmOp {
                 Ok(())
             })
         })?;
-        let db = gradient(bias, |buf, _| {
-            dpre.chunks_exact(h4)
-                .for_each(|row| buf.iter_mut().zip(row).for_each(|(s, v)| *s += v));
+        let db = gradient(bias, |buf| {
+            add_rows(buf, &dpre);
             Ok(())
         })?;
         let dgx = gx

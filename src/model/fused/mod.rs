@@ -15,17 +15,18 @@ use crate::model::gemm::Epilogue;
 
 mod attention;
 mod embedding;
-pub(crate) use attention::attention;
 mod linear;
 mod lora;
 mod lstm;
+mod matmul;
+pub(crate) mod sink;
+
+pub(crate) use attention::attention;
+pub(crate) use embedding::embedding;
+pub(crate) use linear::{linear, linear_act};
 pub(crate) use lora::{lora, lora_linear};
 pub(crate) use lstm::lstm_from_zero;
-mod matmul;
-pub(crate) use embedding::embedding;
-pub(crate) mod sink;
-use linear::gradient;
-pub(crate) use linear::{linear, linear_act};
+use sink::gradient;
 
 /// Element-wise work split into cache-sized chunks over the rayon threads.
 const CHUNK: usize = 1 << 14;
@@ -55,6 +56,38 @@ fn with_f32<R>(t: &Tensor, op: &str, f: impl FnOnce(&[f32]) -> Result<R>) -> Res
         candle_core::Storage::Cpu(s) => f(f32_data(s, layout, op)?),
         _ => bail!("{op}: needs a contiguous f32 tensor on the CPU"),
     }
+}
+
+/// The three inputs of a [`candle_core::CustomOp3`] as contiguous f32 slices.
+fn f32_data3<'a>(
+    op: &str,
+    (s1, l1): (&'a CpuStorage, &Layout),
+    (s2, l2): (&'a CpuStorage, &Layout),
+    (s3, l3): (&'a CpuStorage, &Layout),
+) -> Result<[&'a [f32]; 3]> {
+    Ok([
+        f32_data(s1, l1, op)?,
+        f32_data(s2, l2, op)?,
+        f32_data(s3, l3, op)?,
+    ])
+}
+
+/// `sums += Σ rows` over the rows of `data` (each `sums.len()` wide): a per-feature gradient.
+fn add_rows(sums: &mut [f32], data: &[f32]) {
+    for row in data.chunks_exact(sums.len().max(1)) {
+        sums.iter_mut().zip(row).for_each(|(s, v)| *s += v);
+    }
+}
+
+/// Dropout applied in place: kept elements scaled by `scale`, the others zeroed.
+fn drop_in_place(xs: &mut [f32], keep: &[bool], scale: f32) {
+    xs.par_chunks_mut(CHUNK)
+        .zip(keep.par_chunks(CHUNK))
+        .for_each(|(xs, keep)| {
+            for (x, &k) in xs.iter_mut().zip(keep) {
+                *x = if k { *x * scale } else { 0.0 };
+            }
+        });
 }
 
 fn last_dim(l: &Layout) -> Result<usize> {
@@ -90,11 +123,7 @@ impl candle_core::CustomOp3 for LayerNormOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let x = f32_data(s1, l1, self.name())?;
-        let (w, b) = (
-            f32_data(s2, l2, self.name())?,
-            f32_data(s3, l3, self.name())?,
-        );
+        let [x, w, b] = f32_data3(self.name(), (s1, l1), (s2, l2), (s3, l3))?;
         let d = last_dim(l1)?;
         if w.len() != d || b.len() != d {
             bail!(
@@ -180,29 +209,32 @@ impl candle_core::CustomOp3 for LayerNormOp {
                 })
             })
         })?;
-        let (mut dw, mut db) = (vec![0f32; d], vec![0f32; d]);
-        for (pw, pb) in &partials {
-            dw.iter_mut().zip(pw).for_each(|(s, v)| *s += v);
-            db.iter_mut().zip(pb).for_each(|(s, v)| *s += v);
-        }
         let dx = dx
             .map(|v| Tensor::from_vec(v, x.shape(), x.device()))
             .transpose()?;
-        Ok((dx, gradient(w, add_sums(&dw))?, gradient(b, add_sums(&db))?))
+        // The chunks' sums, added in chunk order, then into the gradients.
+        let (mut dw, mut db) = (vec![0f32; d], vec![0f32; d]);
+        for (pw, pb) in &partials {
+            add_rows(&mut dw, pw);
+            add_rows(&mut db, pb);
+        }
+        let (dw, db) = (
+            gradient(w, |buf| {
+                add_rows(buf, &dw);
+                Ok(())
+            })?,
+            gradient(b, |buf| {
+                add_rows(buf, &db);
+                Ok(())
+            })?,
+        );
+        Ok((dx, dw, db))
     }
 }
 
 /// Rows of width `d` per parallel chunk: about [`CHUNK`] elements.
 fn rows_per_chunk(d: usize) -> usize {
     (CHUNK / d.max(1)).max(1)
-}
-
-/// A gradient adder ([`gradient`]) of per-feature sums.
-fn add_sums(sums: &[f32]) -> impl Fn(&mut [f32], bool) -> Result<()> + '_ {
-    move |buf, _| {
-        buf.iter_mut().zip(sums).for_each(|(s, v)| *s += v);
-        Ok(())
-    }
 }
 
 /// `act(xs)` (GELU or CLIP's quick-GELU); the backward recomputes from the input.

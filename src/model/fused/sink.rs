@@ -6,37 +6,42 @@
 //! it) and hand candle none: one buffer per parameter for the whole accumulation group.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{LazyLock, Mutex, MutexGuard};
 
-use candle_core::{Result, Tensor, TensorId};
+use candle_core::{Device, Result, Tensor, TensorId};
+
+type Buffers = HashMap<TensorId, Option<Vec<f32>>>;
 
 /// The open scopes' buffers by parameter. Tensor ids are unique in the process, so scopes of
 /// different models (tests run in parallel) never meet.
-static SINKS: Mutex<Option<HashMap<TensorId, Option<Vec<f32>>>>> = Mutex::new(None);
+static SINKS: LazyLock<Mutex<Buffers>> = LazyLock::new(Mutex::default);
 
-fn sinks() -> std::sync::MutexGuard<'static, Option<HashMap<TensorId, Option<Vec<f32>>>>> {
+fn sinks() -> MutexGuard<'static, Buffers> {
     // Buffers are only added to whole or taken whole: a panic cannot leave one torn.
     SINKS.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Adds `param`'s gradient with `add(buffer, fresh)` when a scope is open for it (`fresh`: the
-/// buffer is all zeros, so `add` may overwrite it); returns false, having done nothing, otherwise.
-pub(crate) fn add_to(
+/// `param`'s gradient by `add(buffer)`, which adds it into a buffer of `param`'s size: into its
+/// sink when a scope is open for it, else into zeros handed to candle's backward as a fresh
+/// tensor; none when `param` is not tracked.
+pub(crate) fn gradient(
     param: &Tensor,
-    add: impl FnOnce(&mut [f32], bool) -> Result<()>,
-) -> Result<bool> {
-    if !param.is_variable() {
-        return Ok(false);
+    add: impl Fn(&mut [f32]) -> Result<()>,
+) -> Result<Option<Tensor>> {
+    if !param.track_op() {
+        return Ok(None);
     }
-    let mut guard = sinks();
-    let Some(slot) = guard.as_mut().and_then(|m| m.get_mut(&param.id())) else {
-        return Ok(false);
-    };
-    let fresh = slot.is_none();
-    // Zeroed by the allocator: pages a sparse gradient (an embedding's) never touches cost nothing.
-    let buf = slot.get_or_insert_with(|| vec![0f32; param.elem_count()]);
-    add(buf, fresh)?;
-    Ok(true)
+    if param.is_variable() {
+        if let Some(slot) = sinks().get_mut(&param.id()) {
+            // Zeroed by the allocator: pages a sparse gradient (an embedding's) never touches
+            // cost nothing.
+            add(slot.get_or_insert_with(|| vec![0f32; param.elem_count()]))?;
+            return Ok(None);
+        }
+    }
+    let mut buf = vec![0f32; param.elem_count()];
+    add(&mut buf)?;
+    Tensor::from_vec(buf, param.shape(), &Device::Cpu).map(Some)
 }
 
 /// Routes the gradients of `params` to in-place buffers until [`SinkScope::take`] or drop.
@@ -47,8 +52,7 @@ pub struct SinkScope {
 impl SinkScope {
     pub fn open<'a>(params: impl IntoIterator<Item = &'a Tensor>) -> Self {
         let ids: Vec<TensorId> = params.into_iter().map(Tensor::id).collect();
-        let mut guard = sinks();
-        let map = guard.get_or_insert_with(HashMap::new);
+        let mut map = sinks();
         for &id in &ids {
             map.insert(id, None);
         }
@@ -57,10 +61,7 @@ impl SinkScope {
 
     /// The gradient the ops added for `param` (shaped like it), if any, leaving its buffer empty.
     pub fn take(&self, param: &Tensor) -> Result<Option<Tensor>> {
-        let buf = sinks()
-            .as_mut()
-            .and_then(|m| m.get_mut(&param.id()))
-            .and_then(Option::take);
+        let buf = sinks().get_mut(&param.id()).and_then(Option::take);
         buf.map(|b| Tensor::from_vec(b, param.shape(), param.device()))
             .transpose()
     }
@@ -68,10 +69,9 @@ impl SinkScope {
 
 impl Drop for SinkScope {
     fn drop(&mut self) {
-        if let Some(map) = sinks().as_mut() {
-            for id in &self.ids {
-                map.remove(id);
-            }
+        let mut map = sinks();
+        for id in &self.ids {
+            map.remove(id);
         }
     }
 }

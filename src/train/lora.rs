@@ -57,7 +57,7 @@ impl LinearAdapter for Adapter {
             && !fused::needs_grad(&[w, bias])
             && fused::applies(&[xs, a, b, w, bias]);
         fits.then(|| {
-            let dropout = self.train.dropout_mask(xs.elem_count(), self.dropout);
+            let dropout = self.train.dropout_mask(self.dropout);
             fused::lora_linear(xs, (w, bias), a, b, self.scale as f32, dropout)
         })
     }
@@ -65,7 +65,7 @@ impl LinearAdapter for Adapter {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let (a, b) = (self.a.weight(), self.b.weight());
         if fused::needs_grad(&[xs, a, b]) && fused::applies(&[xs, a, b]) {
-            let dropout = self.train.dropout_mask(xs.elem_count(), self.dropout);
+            let dropout = self.train.dropout_mask(self.dropout);
             return fused::lora(xs, a, b, self.scale as f32, dropout);
         }
         let x = self.train.dropout(xs, self.dropout)?;

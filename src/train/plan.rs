@@ -16,7 +16,8 @@
 //!
 //! Per-layer activation counts (tensors kept per token, by kind) come from the training ops in
 //! `model::fused` (each keeps its output and what its backward needs: the attention op its
-//! probabilities, fc1 + activation its pre-activation, dropout a bit mask);
+//! probabilities, fc1 + activation its pre-activation, dropout its output: masks are drawn again
+//! in the backward, not kept);
 //! `benches/train_memory.rs` checks the totals against measured peak RSS.
 //! The per-part counts (layer shapes, the LSTM head, LoRA's parameters) are in `parts`;
 //! how they add up for each strategy is one account, here.
@@ -301,16 +302,14 @@ pub fn estimate(
     } else {
         0
     };
-    // Per adapted layer and token: each adapter op keeps x·Aᵀ (r), its output (out) and its
-    // dropout's byte mask of the input; the frozen base linear's output (out) is kept beside the
-    // sum (counted with the layer). Frozen layer norms and linears compute no gradient for their
-    // weights. Adapters: q, k, v, out (d → d), fc1 (d → f), fc2 (f → d).
+    // Per adapted layer and token: each adapter op keeps x·Aᵀ (r) and its output (out); the
+    // frozen base linear's output (out) is kept beside the sum (counted with the layer). Dropout
+    // masks are drawn again in the backward. Frozen layer norms and linears compute no gradient for
+    // their weights. Adapters: q, k, v, out (d → d), fc1 (d → f), fc2 (f → d).
     let lora_kept = match lora {
         Some(l) => {
             let r = l.r as u64;
-            let drop = u64::from(l.dropout > 0.0);
-            let per_layer =
-                |seq: u64, d: u64, f: u64| seq * (drop * (5 * d + f) / 4 + 6 * r + 10 * d + 2 * f);
+            let per_layer = |seq: u64, d: u64, f: u64| seq * (6 * r + 10 * d + 2 * f);
             let (vl, vs, vd, vf) = (
                 backbone.vision_config.num_hidden_layers as u64,
                 vision.seq,

@@ -10,11 +10,10 @@ use candle_core::{bail, CpuStorage, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::matmul::{gemm_with, View};
-use super::{drop_in_place, f32_data3, with_f32};
+use super::{f32_data3, with_f32, Mask};
 
 /// Attention of `q (B, Tq, D)` over `k`, `v (B, Tk, D)` with `heads` heads → `(B, Tq, D)`.
-/// `mask`: additive `(Tq, Tk)`; `dropout`: each probability's keep flag, in `(B, H, Tq, Tk)`
-/// order, and the kept ones' scale.
+/// `mask`: additive `(Tq, Tk)`; `dropout`: on the probabilities, in `(B, H, Tq, Tk)` order.
 pub(crate) fn attention(
     q: &Tensor,
     k: &Tensor,
@@ -22,7 +21,7 @@ pub(crate) fn attention(
     heads: usize,
     scale: f32,
     mask: Option<&Tensor>,
-    dropout: Option<(Vec<bool>, f32)>,
+    dropout: Option<Mask>,
 ) -> Result<Tensor> {
     let mask = mask
         .map(|m| {
@@ -46,7 +45,7 @@ struct AttentionOp {
     heads: usize,
     scale: f32,
     mask: Option<Vec<f32>>,
-    dropout: Option<(Vec<bool>, f32)>,
+    dropout: Option<Mask>,
     /// The forward's softmax output `(B, H, Tq, Tk)`, before dropout: what the backward needs.
     probs: Mutex<Option<Vec<f32>>>,
 }
@@ -109,11 +108,7 @@ impl AttentionOp {
     /// Probabilities after dropout (a copy of `p` when there is none).
     fn dropped(&self, p: &[f32], pair: usize) -> Vec<f32> {
         match &self.dropout {
-            Some((keep, s)) => {
-                let mut out = p.to_vec();
-                drop_in_place(&mut out, &keep[pair * p.len()..(pair + 1) * p.len()], *s);
-                out
-            }
+            Some(mask) => mask.applied(pair * p.len(), p),
             None => p.to_vec(),
         }
     }
@@ -137,11 +132,6 @@ impl candle_core::CustomOp3 for AttentionOp {
         let dm = self.dims(l1, l2)?;
         if l3.dims() != l2.dims() {
             bail!("{}: k {:?} but v {:?}", self.name(), l2.dims(), l3.dims());
-        }
-        if let Some((keep, _)) = &self.dropout {
-            if keep.len() != dm.b * dm.heads * dm.tq * dm.tk {
-                bail!("{}: a dropout mask of {} elements", self.name(), keep.len());
-            }
         }
         let mut probs = vec![0f32; dm.b * dm.heads * dm.tq * dm.tk];
         let blocks = probs
@@ -210,9 +200,8 @@ impl candle_core::CustomOp3 for AttentionOp {
                                 // dS = P ⊙ (dP − Σ dP ⊙ P) · scale
                                 let mut ds = vec![0f32; tq * tk];
                                 gemm_with(&mut ds, go, dm.head(vd, tk, pair).t(), false, 1)?;
-                                if let Some((keep, s)) = &self.dropout {
-                                    let keep = &keep[pair * tq * tk..(pair + 1) * tq * tk];
-                                    drop_in_place(&mut ds, keep, *s);
+                                if let Some(mask) = &self.dropout {
+                                    mask.apply(pair * tq * tk, &mut ds);
                                 }
                                 for (row, prow) in ds.chunks_exact_mut(tk).zip(p.chunks_exact(tk)) {
                                     let dot: f32 = row.iter().zip(prow).map(|(a, b)| a * b).sum();
@@ -294,7 +283,8 @@ mod tests {
             .map(|i| if i % tk > i / tk + 2 { f32::MIN } else { 0.0 })
             .collect();
         let mask = Tensor::from_vec(mask, (tq, tk), &dev)?;
-        let keep: Vec<bool> = (0..b * heads * tq * tk).map(|i| i % 4 != 1).collect();
+        // Tq · Tk is odd: heads after the first start their mask at odd offsets.
+        let drop = Mask::new(3, 0, 0.3);
         let probe = Tensor::randn(0f32, 1.0, (b, tq, d), &dev)?;
         let scale = 0.5f32;
         let plain = || -> Result<Tensor> {
@@ -303,9 +293,9 @@ mod tests {
             let s = (split(q.as_tensor(), tq)? * scale as f64)?
                 .matmul(&split(k.as_tensor(), tk)?.t()?.contiguous()?)?
                 .broadcast_add(&mask)?;
-            let keep: Vec<f32> = keep.iter().map(|&k| if k { 1.5 } else { 0.0 }).collect();
+            let factors = drop.factors(b * heads * tq * tk);
             let p = candle_nn::ops::softmax(&s, D::Minus1)?.mul(&Tensor::from_vec(
-                keep,
+                factors,
                 (b, heads, tq, tk),
                 &dev,
             )?)?;
@@ -315,7 +305,7 @@ mod tests {
                 .reshape((b, tq, d))
         };
         let run = |y: Tensor| value_and_grads(y, &probe, &[&q, &k, &v]);
-        let dropout = Some((keep.clone(), 1.5));
+        let dropout = Some(drop);
         let ours = run(attention(
             q.as_tensor(),
             k.as_tensor(),

@@ -1,24 +1,23 @@
 //! A LoRA adapter's update for training, `scale · dropout(x) · Aᵀ · Bᵀ`, as one op. Written with
 //! candle's `Linear`s, the adapter's two matrices are multiplied per batch element (the backward
 //! then sums per-element weight gradients) and dropout keeps an input-sized f32 mask; here each
-//! product is one GEMM, the dropout mask is a bit per element, and the gradients of `A` and `B` go
-//! to their sinks.
+//! product is one GEMM, the dropout mask is drawn again in the backward rather than stored, and the
+//! gradients of `A` and `B` go to their sinks.
 
 use std::sync::Mutex;
 
 use candle_core::{bail, CpuStorage, Device, Layout, Result, Shape, Tensor};
 
 use super::matmul::{affine, gemm_into, View};
-use super::{drop_in_place, f32_data3, gradient, with_f32};
+use super::{f32_data3, gradient, with_f32, Mask};
 
 /// `scale · dropout(xs) · aᵀ · bᵀ` for `xs (…, in)`, `a (r, in)`, `b (out, r)` → `(…, out)`.
-/// `dropout`: each input element's keep flag and the kept ones' scale.
 pub(crate) fn lora(
     xs: &Tensor,
     a: &Tensor,
     b: &Tensor,
     scale: f32,
-    dropout: Option<(Vec<bool>, f32)>,
+    dropout: Option<Mask>,
 ) -> Result<Tensor> {
     let op = LoraOp {
         base: None,
@@ -39,7 +38,7 @@ pub(crate) fn lora_linear(
     a: &Tensor,
     b: &Tensor,
     scale: f32,
-    dropout: Option<(Vec<bool>, f32)>,
+    dropout: Option<Mask>,
 ) -> Result<Tensor> {
     let op = LoraOp {
         base: Some((weight.contiguous()?, bias.contiguous()?)),
@@ -55,7 +54,7 @@ struct LoraOp {
     /// The frozen base layer's weight `(out, in)` and bias, when fused in.
     base: Option<(Tensor, Tensor)>,
     scale: f32,
-    dropout: Option<(Vec<bool>, f32)>,
+    dropout: Option<Mask>,
     /// The forward's `dropout(x) · aᵀ`, `(M, r)`.
     rank_out: Mutex<Option<Vec<f32>>>,
 }
@@ -64,11 +63,7 @@ impl LoraOp {
     /// `dropout(x)`, or `x` itself.
     fn dropped<'a>(&self, x: &'a [f32]) -> std::borrow::Cow<'a, [f32]> {
         match &self.dropout {
-            Some((keep, s)) => {
-                let mut out = x.to_vec();
-                drop_in_place(&mut out, keep, *s);
-                std::borrow::Cow::Owned(out)
-            }
+            Some(mask) => std::borrow::Cow::Owned(mask.applied(0, x)),
             None => std::borrow::Cow::Borrowed(x),
         }
     }
@@ -91,11 +86,7 @@ impl candle_core::CustomOp3 for LoraOp {
         let [x, a, b] = f32_data3(self.name(), (s1, l1), (s2, l2), (s3, l3))?;
         let (r, k) = l2.shape().dims2()?;
         let (n, rb) = l3.shape().dims2()?;
-        let keep_ok = self
-            .dropout
-            .as_ref()
-            .is_none_or(|(keep, _)| keep.len() == x.len());
-        if l1.dims().last() != Some(&k) || rb != r || !keep_ok {
+        if l1.dims().last() != Some(&k) || rb != r {
             bail!(
                 "{}: x {:?}, A {:?}, B {:?}",
                 self.name(),
@@ -194,8 +185,8 @@ impl candle_core::CustomOp3 for LoraOp {
                             false,
                         )
                     })?;
-                    if let Some((keep, s)) = &self.dropout {
-                        drop_in_place(&mut dx, keep, *s);
+                    if let Some(mask) = &self.dropout {
+                        mask.apply(0, &mut dx);
                     }
                     if let Some((w, _)) = &self.base {
                         // + g · W
@@ -233,11 +224,10 @@ mod tests {
         let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (1, m, k), &dev)?)?;
         let a = Var::from_tensor(&Tensor::randn(0f32, 1.0, (r, k), &dev)?)?;
         let b = Var::from_tensor(&Tensor::randn(0f32, 1.0, (n, r), &dev)?)?;
-        let keep: Vec<bool> = (0..m * k).map(|i| i % 5 != 2).collect();
+        let drop = Mask::new(5, 1, 0.2);
         let probe = Tensor::randn(0f32, 1.0, (1, m, n), &dev)?;
         let plain = || -> Result<Tensor> {
-            let mask: Vec<f32> = keep.iter().map(|&k| if k { 1.25 } else { 0.0 }).collect();
-            let xd = x.mul(&Tensor::from_vec(mask, (1, m, k), &dev)?)?;
+            let xd = x.mul(&Tensor::from_vec(drop.factors(m * k), (1, m, k), &dev)?)?;
             xd.broadcast_matmul(&a.t()?)?.broadcast_matmul(&b.t()?)? * 0.5
         };
         let run = |y: Tensor| value_and_grads(y, &probe, &[&x, &a, &b]);
@@ -246,14 +236,14 @@ mod tests {
             a.as_tensor(),
             b.as_tensor(),
             0.5,
-            Some((keep.clone(), 1.25)),
+            Some(drop),
         )?)?;
         let theirs = run(plain()?)?;
         assert_close(&ours, &theirs, 1e-5)?;
         // With the frozen base layer fused in.
         let w = Tensor::randn(0f32, 1.0, (n, k), &dev)?;
         let bias = Tensor::randn(0f32, 1.0, n, &dev)?;
-        let dropout = Some((keep.clone(), 1.25));
+        let dropout = Some(drop);
         let (xt, at, bt) = (x.as_tensor(), a.as_tensor(), b.as_tensor());
         let ours = run(lora_linear(xt, (&w, &bias), at, bt, 0.5, dropout)?)?;
         let base = candle_nn::Linear::new(w, Some(bias));

@@ -4,8 +4,8 @@
 //! activation-sized intermediates, attention some fifteen nodes, and a `Linear` on a 3-D input
 //! computes one weight gradient per batch element. Each op here keeps its output and what its
 //! backward needs, computes only the gradients of tracked inputs, and adds parameter gradients in
-//! place where a [`sink`] is open. Layer norm, activations and dropout are here; linear,
-//! attention, embedding, the LSTM recurrence and LoRA have a file each; `matmul` is their GEMM.
+//! place where a [`sink`] is open. Layer norm and activations are here; linear, attention,
+//! embedding, the LSTM recurrence, LoRA and dropout have a file each; `matmul` is their GEMM.
 
 use candle_core::{bail, CpuStorage, DType, Layout, Result, Shape, Tensor};
 
@@ -14,6 +14,7 @@ use rayon::prelude::*;
 use crate::model::gemm::Epilogue;
 
 mod attention;
+mod dropout;
 mod embedding;
 mod linear;
 mod lora;
@@ -22,6 +23,7 @@ mod matmul;
 pub(crate) mod sink;
 
 pub(crate) use attention::attention;
+pub(crate) use dropout::{dropout, Mask};
 pub(crate) use embedding::embedding;
 pub(crate) use linear::{linear, linear_act};
 pub(crate) use lora::{lora, lora_linear};
@@ -77,17 +79,6 @@ fn add_rows(sums: &mut [f32], data: &[f32]) {
     for row in data.chunks_exact(sums.len().max(1)) {
         sums.iter_mut().zip(row).for_each(|(s, v)| *s += v);
     }
-}
-
-/// Dropout applied in place: kept elements scaled by `scale`, the others zeroed.
-fn drop_in_place(xs: &mut [f32], keep: &[bool], scale: f32) {
-    xs.par_chunks_mut(CHUNK)
-        .zip(keep.par_chunks(CHUNK))
-        .for_each(|(xs, keep)| {
-            for (x, &k) in xs.iter_mut().zip(keep) {
-                *x = if k { *x * scale } else { 0.0 };
-            }
-        });
 }
 
 fn last_dim(l: &Layout) -> Result<usize> {
@@ -265,59 +256,6 @@ impl candle_core::CustomOp1 for ActivationOp {
     }
 }
 
-/// Dropout with a kept-elements bit mask: `x · keep · scale`.
-pub(crate) fn dropout(xs: &Tensor, keep: Vec<bool>, scale: f32) -> Result<Tensor> {
-    if keep.len() != xs.elem_count() {
-        bail!(
-            "dropout: a mask of {} for {} elements",
-            keep.len(),
-            xs.elem_count()
-        );
-    }
-    let mut bits = vec![0u64; keep.len().div_ceil(64)];
-    for (i, _) in keep.iter().enumerate().filter(|(_, &k)| k) {
-        bits[i / 64] |= 1 << (i % 64);
-    }
-    xs.contiguous()?.apply_op1(DropoutOp { bits, scale })
-}
-
-struct DropoutOp {
-    bits: Vec<u64>,
-    scale: f32,
-}
-
-impl DropoutOp {
-    fn apply(&self, x: &[f32]) -> Vec<f32> {
-        x.iter()
-            .enumerate()
-            .map(|(i, &v)| {
-                if self.bits[i / 64] >> (i % 64) & 1 == 1 {
-                    v * self.scale
-                } else {
-                    0.0
-                }
-            })
-            .collect()
-    }
-}
-
-impl candle_core::CustomOp1 for DropoutOp {
-    fn name(&self) -> &'static str {
-        "train-dropout"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = f32_data(s, l, self.name())?;
-        Ok((CpuStorage::F32(self.apply(x)), l.shape().clone()))
-    }
-
-    fn bwd(&self, _arg: &Tensor, res: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
-        let g = g.contiguous()?.to_dtype(DType::F32)?.flatten_all()?;
-        let dx = self.apply(&g.to_vec1::<f32>()?);
-        Ok(Some(Tensor::from_vec(dx, res.shape(), g.device())?))
-    }
-}
-
 /// The ops' tests: each against the candle ops it replaces.
 #[cfg(test)]
 mod testing {
@@ -416,16 +354,6 @@ mod tests {
         check(
             |x, _, _| activation(x, Epilogue::GeluErf),
             |x, _, _| x.gelu_erf(),
-        );
-    }
-
-    #[test]
-    fn dropout_matches_a_mask_multiply() {
-        let keep: Vec<bool> = (0..42).map(|i| i % 3 != 0).collect();
-        let mask: Vec<f32> = keep.iter().map(|&k| if k { 1.25 } else { 0.0 }).collect();
-        check(
-            |x, _, _| dropout(x, keep.clone(), 1.25),
-            |x, _, _| x.mul(&Tensor::from_vec(mask.clone(), (2, 3, 7), &Device::Cpu)?),
         );
     }
 }

@@ -365,8 +365,7 @@ impl Attention {
         let (b, tq, d) = q.dims3()?;
         let scale = (self.head_dim as f64).powf(-0.5);
         if needs_grad(&[&q, &k, &v]) && fused::applies(&[&q, &k, &v]) {
-            let n = b * self.num_heads * tq * k.dim(1)?;
-            let dropout = self.dropout.1.dropout_mask(n, self.dropout.0);
+            let dropout = self.dropout.1.dropout_mask(self.dropout.0);
             let out = fused::attention(&q, &k, &v, self.num_heads, scale as f32, mask, dropout)?;
             return self.project(out);
         }

@@ -3,7 +3,6 @@
 
 use std::collections::HashSet;
 
-use rayon::prelude::*;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 
@@ -161,50 +160,25 @@ impl TrainMode {
     /// `nn.functional.dropout(xs, p, training)`: zeroes elements with probability `p` and scales
     /// the rest by `1 / (1 − p)`; the identity when off or `p == 0`.
     pub(crate) fn dropout(&self, xs: &Tensor, p: f64) -> Result<Tensor> {
-        let Some((keep, scale)) = self.dropout_mask(xs.elem_count(), p) else {
+        let Some(mask) = self.dropout_mask(p) else {
             return Ok(xs.clone());
         };
         if fused::applies(&[xs]) {
-            return fused::dropout(xs, keep, scale);
+            return fused::dropout(xs, mask);
         }
-        let mask: Vec<f32> = keep.iter().map(|&k| if k { scale } else { 0.0 }).collect();
-        let mask = Tensor::from_vec(mask, xs.shape(), xs.device())?.to_dtype(xs.dtype())?;
-        xs.mul(&mask)
+        let factors = Tensor::from_vec(mask.factors(xs.elem_count()), xs.shape(), xs.device())?;
+        xs.mul(&factors.to_dtype(xs.dtype())?)
     }
 
-    /// The kept elements of the next dropout of `n` elements with probability `p`, and the scale
-    /// `1 / (1 − p)` of those kept; none when off or `p == 0`.
-    pub(crate) fn dropout_mask(&self, n: usize, p: f64) -> Option<(Vec<bool>, f32)> {
+    /// The mask of the next dropout with probability `p`; none when off or `p == 0`. Each call
+    /// draws a new one: a function of (seed, call number, element index) alone, so it is the same
+    /// whatever the threads do.
+    pub(crate) fn dropout_mask(&self, p: f64) -> Option<fused::Mask> {
         let seed = self.seed.load(Ordering::SeqCst);
         if seed == 0 || p <= 0.0 {
             return None;
         }
         let call = self.calls.fetch_add(1, Ordering::SeqCst);
-        // SplitMix64, two 32-bit draws per output: dropout draws an element-sized mask per layer
-        // (the attention probabilities' alone are millions), and a cryptographic stream costs a
-        // noticeable share of a training step. Output j is a function of (start, j) alone, so
-        // chunks of the mask are drawn in parallel and the mask is the same whatever the threads.
-        let start = seed ^ call.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        let draw = |j: u64| {
-            let mut z = start.wrapping_add((j + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^ (z >> 31)
-        };
-        // Kept when the draw (uniform in [0, 2³²)) is at least p · 2³².
-        let threshold = (p * 4_294_967_296.0).min(u64::MAX as f64) as u64;
-        const CHUNK: usize = 1 << 14; // even: a chunk starts on a draw's first half
-        let mut keep = vec![false; n];
-        keep.par_chunks_mut(CHUNK).enumerate().for_each(|(c, out)| {
-            let first = (c * CHUNK / 2) as u64;
-            for (j, pair) in out.chunks_mut(2).enumerate() {
-                let z = draw(first + j as u64);
-                pair[0] = z & 0xFFFF_FFFF >= threshold;
-                if let Some(second) = pair.get_mut(1) {
-                    *second = z >> 32 >= threshold;
-                }
-            }
-        });
-        Some((keep, (1.0 / (1.0 - p)) as f32))
+        Some(fused::Mask::new(seed, call, p))
     }
 }

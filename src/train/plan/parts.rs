@@ -12,8 +12,8 @@ pub(super) struct LayerShape {
     pub(super) dim: u64,
     pub(super) ffn: u64,
     pub(super) heads: u64,
-    /// Tensors of `seq × dim`, `seq × ffn` and `heads × seq²` floats kept (a dropout's byte or
-    /// bit mask as the fraction of a float it is).
+    /// Tensors of `seq × dim`, `seq × ffn` and `heads × seq²` floats kept (dropout masks are drawn
+    /// again in the backward, not kept).
     pub(super) counts: (f64, f64, f64),
 }
 
@@ -34,31 +34,18 @@ fn dropout_on(p: f64) -> f64 {
     f64::from(u8::from(p > 0.0))
 }
 
-/// A dropout op keeps its output and a bit mask.
-const DROPOUT: f64 = 1.0 + 1.0 / 32.0;
-/// Attention dropout: a byte per probability, inside the attention op.
-const ATTENTION_MASK: f64 = 0.25;
-
 /// Text decoder layer: two layer norms, q/k/v, the attention op's output and probabilities, the
 /// inner attention norm, out_proj, dropout, the residual; fc1 + GELU keeps its pre-activation and
 /// output, the activation dropout and the FFN norm theirs, then fc2, dropout, the residual.
 pub(super) fn text_layer(cfg: &Kosmos2Config, seq: usize) -> LayerShape {
     let t = &cfg.text_config;
-    let (d, a, act) = (
-        dropout_on(t.dropout),
-        dropout_on(t.attention_dropout),
-        dropout_on(t.activation_dropout),
-    );
+    let (d, act) = (dropout_on(t.dropout), dropout_on(t.activation_dropout));
     LayerShape {
         seq: seq as u64,
         dim: t.embed_dim as u64,
         ffn: t.ffn_dim as u64,
         heads: t.attention_heads as u64,
-        counts: (
-            10.0 + 2.0 * d * DROPOUT,
-            3.0 + act * DROPOUT,
-            1.0 + a * ATTENTION_MASK,
-        ),
+        counts: (10.0 + 2.0 * d, 3.0 + act, 1.0),
     }
 }
 
@@ -66,13 +53,12 @@ pub(super) fn text_layer(cfg: &Kosmos2Config, seq: usize) -> LayerShape {
 /// residuals, fc1 + quick-GELU (pre-activation and output), fc2.
 pub(super) fn vision_layer(cfg: &Kosmos2Config) -> LayerShape {
     let v = &cfg.vision_config;
-    let a = dropout_on(v.attention_dropout);
     LayerShape {
         seq: v.num_patches() as u64 + 1,
         dim: v.hidden_size as u64,
         ffn: v.intermediate_size as u64,
         heads: v.num_attention_heads as u64,
-        counts: (10.0, 2.0, 1.0 + a * ATTENTION_MASK),
+        counts: (10.0, 2.0, 1.0),
     }
 }
 

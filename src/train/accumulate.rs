@@ -85,11 +85,14 @@ impl Accumulator {
                 });
             }
         }
-        let norm = match clip {
-            Some(max_norm) => Some(clip_grad_norm(&mut self.grads, max_norm)?),
-            None => None,
+        let (norm, scale) = match clip {
+            Some(max_norm) => {
+                let (norm, scale) = clip_grad_norm(&self.grads, max_norm)?;
+                (Some(norm), scale)
+            }
+            None => (None, 1.0),
         };
-        opt.step(params, &self.grads, lr)?;
+        opt.step(params, &self.grads, lr, scale)?;
         let loss = self.losses.iter().sum::<f64>() / self.losses.len().max(1) as f64;
         Ok((loss, norm))
     }

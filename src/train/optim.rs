@@ -48,7 +48,15 @@ impl AdamW {
     /// of the policy gets a gradient from every batch).
     /// torch: `p *= 1 − lr·wd; m = lerp(m, g, 1−β1); v = β2·v + (1−β2)·g²;
     /// p −= lr/(1−β1ᵗ) · m / (√v / √(1−β2ᵗ) + eps)`.
-    pub fn step(&mut self, params: &[Var], grads: &[Option<Tensor>], lr: f64) -> Result<()> {
+    /// `grad_scale` multiplies every gradient as it is read (the clipping factor of
+    /// [`clip_grad_norm`]; 1 when not clipping).
+    pub fn step(
+        &mut self,
+        params: &[Var],
+        grads: &[Option<Tensor>],
+        lr: f64,
+        grad_scale: f64,
+    ) -> Result<()> {
         self.step += 1;
         let t = self.step as i32;
         let bc1 = 1.0 - BETA1.powi(t);
@@ -60,9 +68,14 @@ impl AdamW {
             let g = &g.contiguous()?;
             if in_place::applies(&[p.as_tensor(), g, &m.exp_avg, &m.exp_avg_sq]) {
                 let decay = 1.0 - lr * self.weight_decay;
-                in_place::adamw(p, g, m, decay, step_size, bc2_sqrt)?;
+                in_place::adamw(p, g, m, (decay, step_size, bc2_sqrt), grad_scale)?;
                 continue;
             }
+            let g = &if grad_scale != 1.0 {
+                (g * grad_scale)?
+            } else {
+                g.clone()
+            };
             let mut value = p.as_tensor().clone();
             if self.weight_decay != 0.0 {
                 value = (value * (1.0 - lr * self.weight_decay))?;
@@ -179,20 +192,28 @@ mod in_place {
         Ok(Some(partial.iter().sum()))
     }
 
+    /// `grad_scale`: the clipping factor, applied to each gradient element as it is read (the
+    /// same f32 product as scaling the gradient first, without a scaled copy of it).
     pub fn adamw(
         p: &Var,
         g: &Tensor,
         m: &Moments,
-        decay: f64,
-        step_size: f64,
-        bc2_sqrt: f64,
+        (decay, step_size, bc2_sqrt): (f64, f64, f64),
+        grad_scale: f64,
     ) -> Result<()> {
         let (w1, b2, w2) = ((1.0 - BETA1) as f32, BETA2 as f32, (1.0 - BETA2) as f32);
-        m.exp_avg
-            .inplace_op2(g, &Elementwise(|m: &mut f32, g: f32| *m += (g - *m) * w1))?;
+        let c = grad_scale as f32;
+        let scaled = move |g: f32| if c != 1.0 { g * c } else { g };
+        m.exp_avg.inplace_op2(
+            g,
+            &Elementwise(|m: &mut f32, g: f32| *m += (scaled(g) - *m) * w1),
+        )?;
         m.exp_avg_sq.inplace_op2(
             g,
-            &Elementwise(|v: &mut f32, g: f32| *v = *v * b2 + g * g * w2),
+            &Elementwise(|v: &mut f32, g: f32| {
+                let g = scaled(g);
+                *v = *v * b2 + g * g * w2
+            }),
         )?;
         let (decay, step, inv_bc2, eps) = (
             decay as f32,
@@ -211,9 +232,11 @@ mod in_place {
     }
 }
 
-/// `clip_grad_norm_(params, max_norm)`: the L2 norm of all gradients together; when above
-/// `max_norm`, every gradient is scaled by `max_norm / (norm + 1e-6)`. Returns the norm before.
-pub fn clip_grad_norm(grads: &mut [Option<Tensor>], max_norm: f64) -> Result<f64> {
+/// `clip_grad_norm_(params, max_norm)`: the L2 norm of all gradients together, and the factor
+/// torch scales every gradient by, `max_norm / (norm + 1e-6)` when the norm is above `max_norm`
+/// (else 1). [`AdamW::step`] applies the factor as it reads each gradient: a scaled copy of every
+/// gradient would be one more pass and a gradient-sized allocation per step.
+pub fn clip_grad_norm(grads: &[Option<Tensor>], max_norm: f64) -> Result<(f64, f64)> {
     let mut sq = 0f64;
     for g in grads.iter().flatten() {
         sq += match in_place::sum_of_squares(g)? {
@@ -226,13 +249,7 @@ pub fn clip_grad_norm(grads: &mut [Option<Tensor>], max_norm: f64) -> Result<f64
         };
     }
     let norm = sq.sqrt();
-    let coef = (max_norm / (norm + 1e-6)).min(1.0);
-    if coef < 1.0 {
-        for g in grads.iter_mut().flatten() {
-            *g = (&*g * coef)?;
-        }
-    }
-    Ok(norm)
+    Ok((norm, (max_norm / (norm + 1e-6)).min(1.0)))
 }
 
 /// The per-step learning-rate factor of RoboVLMs' scheduler choice.
@@ -321,14 +338,23 @@ mod tests {
     #[test]
     fn clipping_scales_to_max_norm() {
         let dev = candle_core::Device::Cpu;
-        let mut g = vec![
+        let g = vec![
             Some(Tensor::new(&[3f32, 0.0], &dev).unwrap()),
             None,
             Some(Tensor::new(&[4f32], &dev).unwrap()),
         ];
-        let n = clip_grad_norm(&mut g, 1.0).unwrap();
+        let (n, coef) = clip_grad_norm(&g, 1.0).unwrap();
         assert!((n - 5.0).abs() < 1e-9);
-        let v = g[0].as_ref().unwrap().to_vec1::<f32>().unwrap();
-        assert!((v[0] - 0.6).abs() < 1e-6);
+        assert!((coef - 0.2).abs() < 1e-6);
+        assert_eq!(clip_grad_norm(&g, 10.0).unwrap().1, 1.0);
+        // AdamW with the factor steps as it would on the scaled gradients.
+        let p = || Var::new(&[1f32, -2.0], &dev).unwrap();
+        let (a, b) = (p(), p());
+        let scaled = vec![Some((g[0].as_ref().unwrap() * coef).unwrap())];
+        let mut opt_a = AdamW::new(&[a.clone()], 0.1).unwrap();
+        let mut opt_b = AdamW::new(&[b.clone()], 0.1).unwrap();
+        opt_a.step(&[a.clone()], &g[..1], 1e-2, coef).unwrap();
+        opt_b.step(&[b.clone()], &scaled, 1e-2, 1.0).unwrap();
+        assert_eq!(a.to_vec1::<f32>().unwrap(), b.to_vec1::<f32>().unwrap());
     }
 }

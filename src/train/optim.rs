@@ -349,12 +349,15 @@ mod tests {
         assert_eq!(clip_grad_norm(&g, 10.0).unwrap().1, 1.0);
         // AdamW with the factor steps as it would on the scaled gradients.
         let p = || Var::new(&[1f32, -2.0], &dev).unwrap();
-        let (a, b) = (p(), p());
+        let (a, b) = ([p()], [p()]);
         let scaled = vec![Some((g[0].as_ref().unwrap() * coef).unwrap())];
-        let mut opt_a = AdamW::new(&[a.clone()], 0.1).unwrap();
-        let mut opt_b = AdamW::new(&[b.clone()], 0.1).unwrap();
-        opt_a.step(&[a.clone()], &g[..1], 1e-2, coef).unwrap();
-        opt_b.step(&[b.clone()], &scaled, 1e-2, 1.0).unwrap();
-        assert_eq!(a.to_vec1::<f32>().unwrap(), b.to_vec1::<f32>().unwrap());
+        let mut opt_a = AdamW::new(&a, 0.1).unwrap();
+        let mut opt_b = AdamW::new(&b, 0.1).unwrap();
+        opt_a.step(&a, &g[..1], 1e-2, coef).unwrap();
+        opt_b.step(&b, &scaled, 1e-2, 1.0).unwrap();
+        assert_eq!(
+            a[0].to_vec1::<f32>().unwrap(),
+            b[0].to_vec1::<f32>().unwrap()
+        );
     }
 }

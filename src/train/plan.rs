@@ -22,7 +22,14 @@
 //! The per-part counts (layer shapes, the LSTM head, LoRA's parameters) are in `parts`;
 //! how they add up for each strategy is one account, here.
 
+mod memory;
 mod parts;
+mod report;
+
+pub use memory::{
+    available_memory, gib, parse_bytes, peak_resident_memory, peak_resident_memory_of,
+    resident_memory,
+};
 
 use super::params::{Group, TrainableRules};
 use super::strategy::Strategy;
@@ -35,7 +42,6 @@ use crate::model::model_dir;
 use crate::model::{LstmSpec, PolicyConfig};
 use candle_core::safetensors::MmapedSafetensors;
 use parts::{lora_params, lstm_kept, text_layer, vision_layer};
-use std::fmt::Write as _;
 use std::path::Path;
 
 const F32: u64 = 4;
@@ -359,10 +365,6 @@ pub struct NothingFits {
     pub need: String,
 }
 
-pub fn gib(bytes: u64) -> String {
-    format!("{:.2} GiB", bytes as f64 / (1u64 << 30) as f64)
-}
-
 /// Estimates every rung and picks the strongest that fits `budget`.
 pub fn plan(
     cfg: &TrainConfig,
@@ -397,81 +399,6 @@ impl Plan {
             need: gib(cheapest.map_or(0, Estimate::peak)),
         })
     }
-
-    /// Why the choice was made, for the log and `metrics.jsonl`.
-    pub fn reason(&self) -> String {
-        match self.chosen() {
-            Ok(e) => {
-                let stronger: Vec<String> = self.estimates[..self.choice.unwrap_or(0)]
-                    .iter()
-                    .map(|s| format!("{} needs ~{}", s.rung.name(), gib(s.peak())))
-                    .collect();
-                let mut why = format!(
-                    "auto: {} is the strongest that fits: ~{} of the {} budget",
-                    e.rung.name(),
-                    gib(e.peak()),
-                    gib(self.budget)
-                );
-                if !stronger.is_empty() {
-                    let _ = write!(why, " ({})", stronger.join("; "));
-                }
-                why
-            }
-            Err(e) => e.to_string(),
-        }
-    }
-
-    /// The per-strategy table `mobile_vla plan` prints.
-    pub fn table(&self) -> String {
-        let w = self.work;
-        let mut out = format!(
-            "batch {} × window {} × {} tokens per frame, accumulate {}; budget {}\n",
-            w.batch,
-            w.window,
-            w.prompt_tokens,
-            w.accumulate,
-            gib(self.budget)
-        );
-        let _ = writeln!(
-            out,
-            "{:<22} {:>12} {:>10} {:>10} {:>10} {:>11} {:>10} {:>10} {:>10} {:>10}  note",
-            "strategy",
-            "trainable",
-            "weights",
-            "grads",
-            "adamw",
-            "activations",
-            "workspace",
-            "adamw step",
-            "load",
-            "peak"
-        );
-        let m = |b: u64| format!("{:.0}M", b as f64 / MIB as f64);
-        for (i, e) in self.estimates.iter().enumerate() {
-            let note = if Some(i) == self.choice {
-                "<- chosen"
-            } else if e.peak() > self.budget {
-                "over budget"
-            } else {
-                ""
-            };
-            let _ = writeln!(
-                out,
-                "{:<22} {:>12} {:>10} {:>10} {:>10} {:>11} {:>10} {:>10} {:>10} {:>10}  {note}",
-                e.rung.name(),
-                e.trainable,
-                m(e.weights),
-                m(e.gradients),
-                m(e.optimiser),
-                m(e.activations),
-                m(e.workspace),
-                m(e.step),
-                m(e.load),
-                m(e.peak()),
-            );
-        }
-        out
-    }
 }
 
 /// What a requested precision really runs as on this CPU build, when that differs.
@@ -483,58 +410,6 @@ pub fn precision_note(requested: Precision) -> Option<String> {
             requested.name()
         )
     })
-}
-
-/// `MemAvailable` of /proc/meminfo, if readable.
-pub fn available_memory() -> Option<u64> {
-    meminfo_field("/proc/meminfo", "MemAvailable:")
-}
-
-/// This process's resident memory (`VmRSS`).
-pub fn resident_memory() -> Option<u64> {
-    meminfo_field("/proc/self/status", "VmRSS:")
-}
-
-/// Peak resident memory of this process (`VmHWM`).
-pub fn peak_resident_memory() -> Option<u64> {
-    meminfo_field("/proc/self/status", "VmHWM:")
-}
-
-/// Peak resident memory (`VmHWM`) of process `pid`, e.g. a child's.
-pub fn peak_resident_memory_of(pid: u32) -> Option<u64> {
-    meminfo_field(&format!("/proc/{pid}/status"), "VmHWM:")
-}
-
-fn meminfo_field(file: &str, key: &str) -> Option<u64> {
-    let text = std::fs::read_to_string(file).ok()?;
-    let line = text.lines().find(|l| l.starts_with(key))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
-}
-
-/// `8GiB`, `512MiB`, `8G`, `1.5GB`, or plain bytes.
-pub fn parse_bytes(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let value: f64 = num
-        .parse()
-        .map_err(|_| format!("`{s}` is not a size (e.g. 8GiB, 512MiB)"))?;
-    let scale: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kib" | "kb" => 1 << 10,
-        "m" | "mib" | "mb" => 1 << 20,
-        "g" | "gib" | "gb" => 1 << 30,
-        "t" | "tib" | "tb" => 1 << 40,
-        other => {
-            return Err(format!(
-                "unknown size unit `{other}` in `{s}` (B, KiB, MiB, GiB)"
-            ))
-        }
-    };
-    Ok((value * scale as f64) as u64)
 }
 
 #[cfg(test)]

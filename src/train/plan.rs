@@ -205,8 +205,8 @@ pub struct Estimate {
     /// The process base, plus backward's transient gradients: about one layer's activations.
     pub workspace: u64,
     /// AdamW's per-tensor temporaries during the step (after backward, activations freed): AdamW
-    /// updates in place, so one copy of the largest trainable tensor (a transposed gradient made
-    /// contiguous, or clipping's per-tensor square and rescale).
+    /// updates in place and applies clipping's factor as it reads, so at most one copy of the
+    /// largest trainable tensor (a transposed gradient made contiguous).
     pub step: u64,
     /// While loading: the weight file read whole + its f32 tensors.
     pub load: u64,

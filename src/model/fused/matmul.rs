@@ -153,7 +153,7 @@ pub(super) fn affine(x: &[f32], w: &[f32], b: &[f32]) -> Result<Vec<f32>> {
     let m = x.len() / k.max(1);
     // Row copies, in parallel: collecting a cycling iterator took a quarter of the product's time.
     let mut out = vec![0f32; m * n];
-    out.par_chunks_mut(n.max(1) * (super::CHUNK / n.max(1)).max(1))
+    out.par_chunks_mut(n.max(1) * super::rows_per_chunk(n))
         .for_each(|rows| rows.chunks_exact_mut(n).for_each(|r| r.copy_from_slice(b)));
     gemm_into(
         &mut out,

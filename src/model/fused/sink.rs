@@ -26,7 +26,7 @@ fn sinks() -> MutexGuard<'static, Buffers> {
 /// tensor; none when `param` is not tracked.
 pub(crate) fn gradient(
     param: &Tensor,
-    add: impl Fn(&mut [f32]) -> Result<()>,
+    add: impl FnOnce(&mut [f32]) -> Result<()>,
 ) -> Result<Option<Tensor>> {
     if !param.track_op() {
         return Ok(None);
